@@ -1,0 +1,155 @@
+"""The plugin mechanism: named ops with a fast ``forward``, a plain-torch ``reference`` and a fake.
+
+A plugin is a class decorated with ``@kiln.plugins.plugin("name", kind="...")``. It declares its op
+``schema`` (torch.library syntax) and implements three methods with that signature:
+
+- ``shape_dtype_inference``: the fake (meta) implementation; shapes and dtypes only.
+- ``forward``: the fast path (Triton or CUDA).
+- ``reference``: plain torch; runs anywhere, the ground truth in tests.
+
+Each plugin becomes two torch custom ops, ``kiln::<name>`` (forward) and ``kiln::<name>_reference``,
+so torch.compile and CUDA graphs see a shape-known opaque op. Models never import plugins: they get
+a ``PluginSet`` that maps a *kind* (``"attention"``, ``"rms_norm"``, ...) to the op chosen for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+BACKENDS = ("forward", "reference")
+
+
+class Plugin:
+    """Base class of every plugin. Subclasses set ``schema`` and may set ``mutates_args``."""
+
+    name: str = ""
+    kind: str = ""
+    schema: str = ""
+    mutates_args: tuple[str, ...] = ()
+
+    def shape_dtype_inference(self, *args: Any) -> Any:
+        raise NotImplementedError
+
+    def forward(self, *args: Any) -> Any:
+        raise NotImplementedError
+
+    def reference(self, *args: Any) -> Any:
+        raise NotImplementedError
+
+
+@dataclass
+class RegisteredPlugin:
+    plugin: Plugin
+    forward_op: Callable[..., Any]
+    reference_op: Callable[..., Any]
+
+    def op(self, backend: str) -> Callable[..., Any]:
+        if backend not in BACKENDS:
+            raise ValueError(f"plugin backend must be one of {BACKENDS}, got {backend!r}")
+        return self.forward_op if backend == "forward" else self.reference_op
+
+
+_REGISTRY: dict[str, RegisteredPlugin] = {}
+# The schema every plugin of a kind must share, so that one can replace another.
+_KIND_SCHEMAS: dict[str, str] = {}
+
+
+def plugin(name: str, *, kind: str) -> Callable[[type[Plugin]], type[Plugin]]:
+    """Register ``cls`` as plugin ``name`` of ``kind``; returns the class unchanged."""
+
+    def register(cls: type[Plugin]) -> type[Plugin]:
+        if not name.isidentifier():
+            raise ValueError(f"plugin name must be a Python identifier, got {name!r}")
+        if name in _REGISTRY:
+            raise ValueError(f"a plugin named {name!r} is already registered")
+        inst = cls()
+        inst.name, inst.kind = name, kind
+        if not inst.schema:
+            raise ValueError(f"plugin {name!r} must declare a schema, e.g. '(Tensor x) -> Tensor'")
+        expected = _KIND_SCHEMAS.setdefault(kind, inst.schema)
+        if _normalise(expected) != _normalise(inst.schema):
+            raise ValueError(
+                f"plugin {name!r} of kind {kind!r} has schema {inst.schema!r}; "
+                f"plugins of this kind must have schema {expected!r}"
+            )
+        ops = []
+        for suffix, impl in (("", inst.forward), ("_reference", inst.reference)):
+            op = torch.library.custom_op(
+                f"kiln::{name}{suffix}", impl, mutates_args=inst.mutates_args, schema=inst.schema
+            )
+            op.register_fake(inst.shape_dtype_inference)
+            ops.append(op)
+        _REGISTRY[name] = RegisteredPlugin(inst, ops[0], ops[1])
+        return cls
+
+    return register
+
+
+def _normalise(schema: str) -> str:
+    # Argument names may differ between plugins of a kind; types and order may not.
+    import re
+
+    return re.sub(r"\s+\w+(?=[,)=])", "", schema.replace(" ", " "))
+
+
+def get_plugin(name: str) -> RegisteredPlugin:
+    _load_builtins()
+    if name not in _REGISTRY:
+        raise KeyError(f"no plugin named {name!r}; registered: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def registered_plugins() -> dict[str, RegisteredPlugin]:
+    _load_builtins()
+    return dict(_REGISTRY)
+
+
+def _load_builtins() -> None:
+    import kiln.plugins.builtin  # noqa: F401  (registers the built-in plugins on import)
+
+
+# The built-in plugin chosen for each kind unless the user picks another.
+DEFAULT_PLUGINS = {
+    "attention": "paged_attention",
+    "rope_kv_write": "rope_kv_write",
+    "rms_norm": "rms_norm",
+    "fused_add_rms_norm": "fused_add_rms_norm",
+    "silu_and_mul": "silu_and_mul",
+}
+
+
+class PluginSet:
+    """The op chosen for each kind, resolved once when the engine is built.
+
+    ``backend`` is "forward" (Triton/CUDA kernels) or "reference" (plain torch); ``overrides`` maps a
+    kind to a plugin name, or to ``(name, backend)``.
+    """
+
+    def __init__(self, backend: str = "reference", overrides: dict[str, Any] | None = None) -> None:
+        _load_builtins()
+        if backend not in BACKENDS:
+            raise ValueError(f"plugin backend must be one of {BACKENDS}, got {backend!r}")
+        overrides = dict(overrides or {})
+        unknown = set(overrides) - set(DEFAULT_PLUGINS)
+        if unknown:
+            raise ValueError(f"unknown plugin kinds {sorted(unknown)}; kinds are {sorted(DEFAULT_PLUGINS)}")
+        self.choice: dict[str, tuple[str, str]] = {}
+        self._ops: dict[str, Callable[..., Any]] = {}
+        for kind, default in DEFAULT_PLUGINS.items():
+            sel = overrides.get(kind, default)
+            name, be = (sel, backend) if isinstance(sel, str) else tuple(sel)
+            reg = get_plugin(name)
+            if reg.plugin.kind != kind:
+                raise ValueError(f"plugin {name!r} is of kind {reg.plugin.kind!r}, not {kind!r}")
+            self.choice[kind] = (name, be)
+            self._ops[kind] = reg.op(be)
+
+    def __getattr__(self, kind: str) -> Callable[..., Any]:
+        ops = self.__dict__.get("_ops", {})
+        if kind in ops:
+            return ops[kind]
+        raise AttributeError(f"no plugin kind {kind!r}; kinds are {sorted(DEFAULT_PLUGINS)}")
