@@ -40,6 +40,8 @@ class SlotInit:
     # Key of the counter-based RNG: (seed, seq_index, position) decides every random draw.
     seed: int
     seq_index: int
+    # Ids that end the sequence (EOS unless ignore_eos, plus stop_token_ids): masked until min_tokens.
+    stop_ids: tuple[int, ...] = ()
 
 
 @dataclass
