@@ -31,7 +31,8 @@ class KvCacheConfig:
         )
         _check(
             self.max_tokens is None or self.max_tokens >= self.tokens_per_block,
-            f"max_tokens must be None or >= tokens_per_block ({self.tokens_per_block}), got {self.max_tokens}",
+            f"max_tokens must be None or >= tokens_per_block ({self.tokens_per_block}), "
+            f"got {self.max_tokens}",
         )
         _check(
             self.tokens_per_block in (8, 16, 32, 64, 128),

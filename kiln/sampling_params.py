@@ -75,7 +75,9 @@ class SamplingParams:
         if self.logit_bias is not None:
             _check(isinstance(self.logit_bias, dict), "logit_bias must be a dict of token id -> bias")
             for tok, bias in self.logit_bias.items():
-                _check(isinstance(tok, int) and tok >= 0, f"logit_bias keys must be token ids >= 0, got {tok!r}")
+                _check(
+                    isinstance(tok, int) and tok >= 0, f"logit_bias keys must be token ids >= 0, got {tok!r}"
+                )
                 _check(
                     _finite(bias) and -100 <= bias <= 100,
                     f"logit_bias values must be in [-100, 100], got {bias!r} for token {tok}",
@@ -110,9 +112,7 @@ class SamplingParams:
 
     @property
     def uses_penalties(self) -> bool:
-        return (
-            self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
-        )
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 def _finite(x: object) -> bool:

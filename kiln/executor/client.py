@@ -1,0 +1,174 @@
+"""Executor clients: the same submit/abort/shutdown interface over a thread or a worker process."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from kiln.executor import codec
+from kiln.executor.engine_core import EngineCore, EngineCoreConfig, run_engine_loop
+from kiln.executor.messages import Request
+
+OnOutput = Callable[[tuple[Any, ...]], None]
+
+
+class ExecutorClient:
+    """Sends requests to the engine loop; the loop's outputs arrive through ``on_output``."""
+
+    info: dict[str, Any]
+
+    def submit(self, req: Request) -> None:
+        self._send(("add", req))
+
+    def abort(
+        self,
+        request_id: str,
+        seq_index: int | None = None,
+        reason: str = "abort",
+        stop_reason: str | None = None,
+    ) -> None:
+        self._send(("abort", request_id, seq_index, reason, stop_reason))
+
+    def _send(self, msg: tuple[Any, ...]) -> None:
+        raise NotImplementedError
+
+    def shutdown(self) -> None:
+        raise NotImplementedError
+
+
+class ThreadExecutor(ExecutorClient):
+    """The engine loop in a daemon thread of this process (CPU and tests)."""
+
+    def __init__(self, cfg: EngineCoreConfig, on_output: OnOutput) -> None:
+        self._core = EngineCore(cfg)  # built here so that construction errors reach the caller
+        self.info = self._core.info()
+        self._inbox: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        self._thread = threading.Thread(
+            target=run_engine_loop,
+            args=(self._core, self._receive, on_output),
+            name="kiln-engine",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def _receive(self, block: bool) -> list[tuple[Any, ...]]:
+        msgs = []
+        try:
+            msgs.append(self._inbox.get(block=block))
+            while True:
+                msgs.append(self._inbox.get_nowait())
+        except queue.Empty:
+            pass
+        return msgs
+
+    def _send(self, msg: tuple[Any, ...]) -> None:
+        self._inbox.put(msg)
+
+    def shutdown(self) -> None:
+        if self._thread.is_alive():
+            self._inbox.put(("shutdown",))
+            self._thread.join(timeout=30)
+        self._core.close()
+
+
+def _worker_main(cfg_bytes: bytes, inbox: Any, outbox: Any) -> None:
+    """Entry point of the worker process: build the engine, report ready, run the loop."""
+
+    def send(msg: tuple[Any, ...]) -> None:
+        outbox.send_bytes(codec.encode(msg))
+
+    def receive(block: bool) -> list[tuple[Any, ...]]:
+        msgs = []
+        try:
+            if block or inbox.poll(0):
+                msgs.append(tuple(codec.decode(inbox.recv_bytes())))
+            while inbox.poll(0):
+                msgs.append(tuple(codec.decode(inbox.recv_bytes())))
+        except (EOFError, OSError):  # the front end is gone: stop
+            msgs.append(("shutdown",))
+        return msgs
+
+    try:
+        core = EngineCore(codec.decode(cfg_bytes))
+    except Exception as e:  # noqa: BLE001 - the front end raises it
+        import traceback
+
+        send(("fatal", f"engine start-up failed: {e}\n{traceback.format_exc()}"))
+        return
+    send(("ready", core.info()))
+    run_engine_loop(core, receive, send)
+    core.close()
+
+
+class ProcessExecutor(ExecutorClient):
+    """The engine loop in its own process, so the front end's Python never holds the step loop."""
+
+    def __init__(self, cfg: EngineCoreConfig, on_output: OnOutput, startup_timeout: float = 1800.0) -> None:
+        ctx = mp.get_context("spawn")
+        worker_in, self._to_worker = ctx.Pipe(duplex=False)
+        self._from_worker, worker_out = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(
+            target=_worker_main,
+            args=(codec.encode(cfg), worker_in, worker_out),
+            name="kiln-engine",
+            daemon=True,
+        )
+        self._proc.start()
+        worker_in.close()
+        worker_out.close()
+        self._lock = threading.Lock()
+        self._closing = False
+        if not self._from_worker.poll(startup_timeout):
+            self._kill()
+            raise RuntimeError(f"the engine process did not start within {startup_timeout:.0f} s")
+        try:
+            first = tuple(codec.decode(self._from_worker.recv_bytes()))
+        except EOFError:
+            self._kill()
+            raise RuntimeError(
+                f"the engine process exited during start-up (exit code {self._proc.exitcode})"
+            ) from None
+        if first[0] != "ready":
+            self._kill()
+            raise RuntimeError(first[1])
+        self.info = first[1]
+        self._on_output = on_output
+        self._reader = threading.Thread(target=self._read, name="kiln-engine-reader", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                msg = tuple(codec.decode(self._from_worker.recv_bytes()))
+            except (EOFError, OSError):
+                if not self._closing:
+                    self._on_output(("fatal", f"the engine process died (exit code {self._proc.exitcode})"))
+                return
+            self._on_output(msg)
+            if msg[0] == "fatal":
+                return
+
+    def _send(self, msg: tuple[Any, ...]) -> None:
+        data = codec.encode(msg)
+        with self._lock:
+            try:
+                self._to_worker.send_bytes(data)
+            except (BrokenPipeError, OSError):
+                pass  # the reader reports the dead engine to every caller
+
+    def shutdown(self) -> None:
+        self._closing = True
+        if self._proc.is_alive():
+            self._send(("shutdown",))
+            self._proc.join(timeout=30)
+        self._kill()
+
+    def _kill(self) -> None:
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(timeout=10)
+        for conn in (self._to_worker, self._from_worker):
+            conn.close()

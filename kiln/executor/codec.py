@@ -1,0 +1,78 @@
+"""msgpack encoding of the executor's messages, for the pipe between front end and worker process.
+
+Only dataclasses registered here, numpy arrays and plain containers cross; nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from kiln.config import EngineLimits, KvCacheConfig, SchedulerConfig
+from kiln.executor.engine_core import EngineCoreConfig
+from kiln.executor.messages import PromptLogprobs, Request, SequenceUpdate
+from kiln.executor.stats import EngineStats
+from kiln.sampling_params import SamplingParams
+
+_TYPES: dict[str, type] = {
+    cls.__name__: cls
+    for cls in (
+        Request,
+        SamplingParams,
+        SequenceUpdate,
+        PromptLogprobs,
+        EngineLimits,
+        KvCacheConfig,
+        SchedulerConfig,
+        EngineStats,
+        EngineCoreConfig,
+    )
+}
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        name = type(obj).__name__
+        assert name in _TYPES, f"{name} is not a registered message type"
+        out = {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
+        out["__t"] = name
+        return out
+    if isinstance(obj, np.ndarray):
+        return {"__nd": obj.dtype.str, "shape": list(obj.shape), "data": obj.tobytes()}
+    if isinstance(obj, dict):
+        return {"__d": [[_to_plain(k), _to_plain(v)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(x) for x in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def _from_plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        if "__t" in obj:
+            cls = _TYPES[obj.pop("__t")]
+            kwargs = {k: _from_plain(v) for k, v in obj.items()}
+            for f in dataclasses.fields(cls):  # tuples travel as lists
+                if f.name in kwargs and isinstance(kwargs[f.name], list) and "tuple" in str(f.type):
+                    kwargs[f.name] = tuple(kwargs[f.name])
+            return cls(**kwargs)
+        if "__nd" in obj:
+            return np.frombuffer(obj["data"], dtype=np.dtype(obj["__nd"])).reshape(obj["shape"]).copy()
+        if "__d" in obj:
+            return {_from_plain(k): _from_plain(v) for k, v in obj["__d"]}
+        return {k: _from_plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_from_plain(x) for x in obj]
+    return obj
+
+
+def encode(msg: Any) -> bytes:
+    return msgpack.packb(_to_plain(msg), use_bin_type=True)
+
+
+def decode(data: bytes) -> Any:
+    return _from_plain(msgpack.unpackb(data, raw=False, strict_map_key=False))

@@ -1,0 +1,23 @@
+"""Engine statistics, published by the executor after every step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_usage: float = 0.0  # used blocks / usable blocks
+    num_free_blocks: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of which served from it
+    num_preemptions: int = 0
+    prompt_tokens_total: int = 0  # prompt tokens computed (excluding prefix hits)
+    generation_tokens_total: int = 0
+    steps: int = 0
+    last_step_time: float = 0.0  # seconds, whole step (host + device)
+    last_host_time: float = 0.0  # seconds spent outside forward + sampling
+    last_batch_size: int = 0
+    last_num_tokens: int = 0

@@ -1,0 +1,395 @@
+"""LLM: the Python face of kiln. Tokenizes, validates, submits to the executor, detokenizes."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+from kiln.config import EngineLimits, KvCacheConfig, SchedulerConfig
+from kiln.errors import ContextLengthExceededError, EngineDeadError, InvalidRequestError, RequestFailedError
+from kiln.executor.engine_core import EngineCoreConfig
+from kiln.executor.messages import Request
+from kiln.executor.stats import EngineStats
+from kiln.model_files import read_model_files
+from kiln.output_processor import RequestState
+from kiln.outputs import RequestOutput
+from kiln.sampling_params import SamplingParams
+from kiln.tokenizer import Tokenizer
+
+PromptType = str | list[int] | dict[str, Any]
+Sink = Callable[[RequestOutput | Exception], None]
+
+
+class LLM:
+    """An engine over one model. ``model=None`` serves the embedded demo model.
+
+    On a GPU the executor runs in a worker process; on the CPU in a thread (``executor`` picks).
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        tokenizer: str | None = None,
+        dtype: str = "auto",
+        device: str | None = None,
+        max_batch_size: int = 256,
+        max_num_tokens: int = 8192,
+        max_seq_len: int | None = None,
+        kv_cache_config: KvCacheConfig | None = None,
+        scheduler_config: SchedulerConfig | None = None,
+        seed: int = 0,
+        plugins: dict[str, str] | None = None,
+        plugin_backend: str | None = None,
+        executor: str = "auto",
+    ) -> None:
+        if model is None:
+            from kiln.demo import demo_model_path
+
+            model = demo_model_path()
+        files = read_model_files(model)
+        if dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
+        device = device or _default_device()
+        if not (device == "cpu" or device.startswith("cuda")):
+            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+        if executor not in ("auto", "thread", "process"):
+            raise ValueError(f"executor must be 'auto', 'thread' or 'process', got {executor!r}")
+        if max_seq_len is None:
+            max_seq_len = files.max_position_embeddings
+        elif max_seq_len > files.max_position_embeddings:
+            raise ValueError(
+                f"max_seq_len ({max_seq_len}) exceeds the model's max_position_embeddings "
+                f"({files.max_position_embeddings})"
+            )
+        limits = EngineLimits(
+            max_batch_size=max_batch_size, max_num_tokens=max_num_tokens, max_seq_len=max_seq_len
+        )
+        cfg = EngineCoreConfig(
+            model=model,
+            dtype=dtype,
+            device=device,
+            limits=limits,
+            kv_config=kv_cache_config or KvCacheConfig(),
+            scheduler_config=scheduler_config or SchedulerConfig(),
+            seed=seed,
+            plugin_backend=plugin_backend or ("forward" if device.startswith("cuda") else "reference"),
+            plugins=plugins,
+        )
+        self.model_path = model
+        self.model_name = files.name
+        self.limits = limits
+        self.max_seq_len = max_seq_len
+        self._files = files
+        self.tokenizer = Tokenizer(tokenizer or model, eos_token_ids=files.eos_token_ids)
+        self._states: dict[str, RequestState] = {}
+        self._sinks: dict[str, tuple[Sink, bool]] = {}  # request id -> (sink, wants every update)
+        self._lock = threading.RLock()
+        self._ids = itertools.count()
+        self._dead: str | None = None
+        self._closed = False
+        self._stats = EngineStats()
+        use_process = executor == "process" or (executor == "auto" and device.startswith("cuda"))
+        from kiln.executor.client import ProcessExecutor, ThreadExecutor
+
+        self._executor = (ProcessExecutor if use_process else ThreadExecutor)(cfg, self._on_output)
+        self.vocab_size: int = int(self._executor.info["vocab_size"])
+        self.engine_info: dict[str, Any] = dict(self._executor.info)
+
+    # ------------------------------------------------------------------ public API
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Run prompts to completion; outputs come back in the order of the prompts."""
+        prompt_list = _as_prompt_list(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params or self.default_sampling_params()] * len(prompt_list)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompt_list):
+                raise ValueError(
+                    f"got {len(params_list)} sampling params for {len(prompt_list)} prompts; "
+                    "pass one SamplingParams or one per prompt"
+                )
+        prepared = [self._prepare(p, sp) for p, sp in zip(prompt_list, params_list, strict=True)]
+        results: dict[str, RequestOutput | Exception] = {}
+        done = threading.Condition()
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=len(prepared), desc="generate", unit="req", disable=not use_tqdm or len(prepared) < 2
+        )
+        t0, n_out = time.perf_counter(), 0
+
+        def sink_for(rid: str) -> Sink:
+            def sink(item: RequestOutput | Exception) -> None:
+                with done:
+                    results[rid] = item
+                    done.notify_all()
+                bar.update(1)
+
+            return sink
+
+        ids = []
+        for prompt_text, token_ids, sp in prepared:
+            rid = self._next_id()
+            ids.append(rid)
+            self._submit(rid, prompt_text, token_ids, sp, sink_for(rid), stream=False)
+        with done:
+            while len(results) < len(ids):
+                done.wait(timeout=0.5)
+                if self._dead is not None and len(results) < len(ids):
+                    break
+        bar.close()
+        outs: list[RequestOutput] = []
+        for rid in ids:
+            item = results.get(rid) or EngineDeadError(self._dead_message())
+            if isinstance(item, Exception):
+                raise item
+            outs.append(item)
+            n_out += sum(len(c.token_ids) for c in item.outputs)
+        self.last_generate_summary = (len(outs), n_out, time.perf_counter() - t0)
+        return outs
+
+    async def generate_async(
+        self,
+        prompt: PromptType,
+        sampling_params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+        streaming: bool = False,
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield cumulative outputs (every update if ``streaming``, else only the final one).
+
+        Closing the generator before the end aborts the request and frees its KV cache.
+        """
+        prompt_text, token_ids, sp = self._prepare(prompt, sampling_params or self.default_sampling_params())
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[RequestOutput | Exception] = asyncio.Queue()
+        rid = request_id or self._next_id()
+
+        def sink(item: RequestOutput | Exception) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        self._submit(rid, prompt_text, token_ids, sp, sink, stream=streaming)
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, Exception):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(rid)
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        chat_template: str | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Apply the chat template to one conversation (or a list of them) and generate replies."""
+        if not messages:
+            raise InvalidRequestError("messages must not be empty", param="messages")
+        conversations = [messages] if isinstance(messages[0], dict) else messages
+        prompts = [self.tokenizer.apply_chat_template(c, chat_template=chat_template) for c in conversations]  # type: ignore[arg-type]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            known = self._states.pop(request_id, None) is not None
+            self._sinks.pop(request_id, None)
+        if known and self._dead is None and not self._closed:
+            self._executor.abort(request_id)
+
+    def default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the model's generation_config.json defaults."""
+        return SamplingParams(**self._files.sampling_defaults)
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            return replace(self._stats)
+
+    def is_alive(self) -> bool:
+        return self._dead is None and not self._closed
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._executor.shutdown()
+        self._fail_all(EngineDeadError("the engine was shut down"))
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def __del__(self) -> None:
+        try:
+            self.shutdown()
+        except Exception:  # noqa: BLE001 - interpreter teardown
+            pass
+
+    # ------------------------------------------------------------------ internals
+    def _next_id(self) -> str:
+        return f"req-{next(self._ids)}"
+
+    def _dead_message(self) -> str:
+        return f"the engine loop stopped: {self._dead}" if self._dead else "the engine was shut down"
+
+    def _prepare(
+        self, prompt: PromptType, sp: SamplingParams
+    ) -> tuple[str | None, list[int], SamplingParams]:
+        """Tokenize and validate one prompt; raise InvalidRequestError before anything is submitted."""
+        if not isinstance(sp, SamplingParams):
+            raise InvalidRequestError(f"sampling_params must be a SamplingParams, got {type(sp).__name__}")
+        text: str | None = None
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                prompt = list(prompt["prompt_token_ids"])
+            elif "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise InvalidRequestError(
+                    "a prompt dict needs 'prompt' or 'prompt_token_ids'", param="prompt"
+                )
+        if isinstance(prompt, str):
+            if prompt == "":
+                raise InvalidRequestError("prompt must not be empty", param="prompt")
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)
+        else:
+            raise InvalidRequestError(
+                f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}",
+                param="prompt",
+            )
+        if not ids:
+            raise InvalidRequestError("prompt must not be empty (it has no tokens)", param="prompt")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"token ids must be in [0, {self.vocab_size}); got {bad[:5]}", param="prompt"
+            )
+        for name, toks in (
+            ("logit_bias", list(sp.logit_bias or {})),
+            ("stop_token_ids", sp.stop_token_ids or []),
+        ):
+            bad = [t for t in toks if not 0 <= t < self.vocab_size]
+            if bad:
+                raise InvalidRequestError(
+                    f"{name} token ids must be in [0, {self.vocab_size}); got {bad[:5]}", name
+                )
+        if sp.n > self.limits.max_batch_size:
+            raise InvalidRequestError(
+                f"n must be <= max_batch_size ({self.limits.max_batch_size}), got {sp.n}", "n"
+            )
+        budget = len(ids) + (sp.max_tokens or 1)
+        if len(ids) >= self.max_seq_len or budget > self.max_seq_len:
+            raise ContextLengthExceededError(
+                f"This model's maximum context length is {self.max_seq_len} tokens. However, you requested "
+                f"{budget} tokens ({len(ids)} in the prompt, {sp.max_tokens or 1} for the completion). "
+                "Please reduce the length of the prompt or the completion.",
+                param="max_tokens" if len(ids) < self.max_seq_len else "prompt",
+            )
+        return text, ids, sp
+
+    def _submit(
+        self, rid: str, text: str | None, ids: list[int], sp: SamplingParams, sink: Sink, stream: bool
+    ) -> None:
+        if self._closed or self._dead is not None:
+            raise EngineDeadError(self._dead_message())
+        state = RequestState(rid, text, ids, sp, self.tokenizer)
+        with self._lock:
+            if rid in self._states:
+                raise InvalidRequestError(f"request id {rid!r} is already running", param="request_id")
+            self._states[rid] = state
+            self._sinks[rid] = (sink, stream)
+        self._executor.submit(
+            Request(
+                rid,
+                ids,
+                sp,
+                eos_token_ids=self.tokenizer.eos_token_ids,
+                arrival_time=state.metrics.arrival_time,
+            )
+        )
+
+    def _on_output(self, msg: tuple[Any, ...]) -> None:
+        """Called from the executor's thread (or the reader of the worker process)."""
+        kind = msg[0]
+        if kind == "fatal":
+            self._dead = str(msg[1])
+            self._fail_all(EngineDeadError(self._dead_message()))
+            return
+        if kind != "updates":
+            return
+        deliveries: list[tuple[Sink, RequestOutput | Exception]] = []
+        with self._lock:
+            self._stats = msg[2]
+            touched: dict[str, RequestState] = {}
+            for up in msg[1]:
+                state = self._states.get(up.request_id)
+                if state is None:
+                    continue
+                if up.error is not None:
+                    deliveries.append((self._sinks[up.request_id][0], RequestFailedError(up.error)))
+                    del self._states[up.request_id], self._sinks[up.request_id]
+                    touched.pop(up.request_id, None)
+                    continue
+
+                def abort_seq(seq_index: int, stop: str, rid: str = up.request_id) -> None:
+                    self._executor.abort(rid, seq_index=seq_index, reason="stop", stop_reason=stop)
+
+                state.apply(up, abort_seq)
+                touched[up.request_id] = state
+            for rid, state in touched.items():
+                sink, stream = self._sinks[rid]
+                if state.finished:
+                    deliveries.append((sink, state.output()))
+                    del self._states[rid], self._sinks[rid]
+                elif stream:
+                    deliveries.append((sink, state.output()))
+        for sink, item in deliveries:
+            sink(item)
+
+    def _fail_all(self, err: Exception) -> None:
+        with self._lock:
+            sinks = [s for s, _ in self._sinks.values()]
+            self._states.clear()
+            self._sinks.clear()
+        for sink in sinks:
+            sink(err)
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    if isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]  # one prompt of token ids
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise InvalidRequestError(
+            "prompts must be a non-empty list of strings or token-id lists", param="prompt"
+        )
+    return list(prompts)

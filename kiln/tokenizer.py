@@ -1,0 +1,102 @@
+"""Tokenizer: HF AutoTokenizer behind a small interface, plus incremental detokenization."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kiln.errors import InvalidRequestError
+
+# How many prompt tokens seed a detokenizer: enough context for tokenizers (SentencePiece) whose
+# decoding of a token depends on its left neighbour.
+_CONTEXT_TOKENS = 5
+
+
+class Tokenizer:
+    """Wraps a Hugging Face tokenizer loaded from a model directory (or a tokenizer directory)."""
+
+    def __init__(
+        self, path: str, eos_token_ids: tuple[int, ...] = (), trust_remote_code: bool = False
+    ) -> None:
+        from transformers import AutoTokenizer
+
+        try:
+            self.hf = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except Exception as e:  # noqa: BLE001 - re-raised with the path and the cause
+            raise ValueError(f"could not load a tokenizer from {path!r}: {e}") from e
+        ids = list(eos_token_ids)
+        if self.hf.eos_token_id is not None and self.hf.eos_token_id not in ids:
+            ids.append(self.hf.eos_token_id)
+        self.eos_token_ids: tuple[int, ...] = tuple(ids)
+        self.vocab_size: int = len(self.hf)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        **kwargs: Any,
+    ) -> list[int]:
+        if chat_template is None and not getattr(self.hf, "chat_template", None):
+            raise InvalidRequestError(
+                "this model's tokenizer has no chat template; pass chat_template= (a Jinja template) "
+                "or use plain completions",
+                param="messages",
+            )
+        try:
+            out = self.hf.apply_chat_template(
+                messages,
+                chat_template=chat_template,
+                add_generation_prompt=add_generation_prompt,
+                tokenize=True,
+                **kwargs,
+            )
+        except Exception as e:  # noqa: BLE001 - template errors are the caller's input errors
+            raise InvalidRequestError(
+                f"could not apply the chat template to these messages: {e}", "messages"
+            ) from e
+        if isinstance(out, dict) or hasattr(out, "keys"):  # BatchEncoding in newer transformers
+            out = out["input_ids"]
+        return [int(t) for t in out]
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas that never split a UTF-8 character.
+
+    Invariant: the concatenation of everything ``add`` and ``flush`` returned equals the decoded
+    text of all output tokens (decoded with the prompt's last tokens as left context).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], skip_special_tokens: bool = True) -> None:
+        self._tok = tokenizer
+        self._skip = skip_special_tokens
+        self._ids: list[int] = list(prompt_ids[-_CONTEXT_TOKENS:])
+        self._prefix = 0  # start of the window decoded for context
+        self._read = len(self._ids)  # tokens before this are already emitted
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=self._skip)
+
+    def add(self, new_ids: list[int]) -> str:
+        self._ids.extend(new_ids)
+        prefix_text = self._decode(self._ids[self._prefix : self._read])
+        full_text = self._decode(self._ids[self._prefix :])
+        # A trailing U+FFFD means a multi-byte character is incomplete: wait for more tokens.
+        if len(full_text) > len(prefix_text) and not full_text.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self._ids)
+            return full_text[len(prefix_text) :]
+        return ""
+
+    def flush(self) -> str:
+        """At the end: whatever is still held back (possibly a replacement character)."""
+        if self._read >= len(self._ids):
+            return ""
+        prefix_text = self._decode(self._ids[self._prefix : self._read])
+        full_text = self._decode(self._ids[self._prefix :])
+        self._prefix = self._read = len(self._ids)
+        return full_text[len(prefix_text) :] if full_text.startswith(prefix_text) else ""
