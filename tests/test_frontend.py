@@ -1,0 +1,157 @@
+"""Front-end pieces on their own: sampling params validation, detokenizer, stop strings, codec."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kiln.config import EngineLimits, KvCacheConfig, SchedulerConfig
+from kiln.executor import codec
+from kiln.executor.messages import PromptLogprobs, Request, SequenceUpdate
+from kiln.output_processor import RequestState
+from kiln.sampling_params import SamplingParams
+from kiln.tokenizer import IncrementalDetokenizer, Tokenizer
+from tiny_tokenizer import save_tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory) -> Tokenizer:
+    path = tmp_path_factory.mktemp("tok")
+    save_tiny_tokenizer(path)
+    return Tokenizer(str(path))
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"temperature": -1}, "temperature must be >= 0, got -1"),
+        ({"temperature": math.nan}, "temperature must be >= 0"),
+        ({"top_p": 0}, "top_p must be in (0, 1]"),
+        ({"top_p": 1.5}, "top_p must be in (0, 1]"),
+        ({"top_k": -2}, "top_k must be -1"),
+        ({"min_p": 2}, "min_p must be in [0, 1]"),
+        ({"n": 0}, "n must be an integer >= 1"),
+        ({"max_tokens": 0}, "max_tokens must be an integer >= 1"),
+        ({"min_tokens": 5, "max_tokens": 2}, "min_tokens (5) must be <= max_tokens (2)"),
+        ({"presence_penalty": 3}, "presence_penalty must be in [-2, 2]"),
+        ({"repetition_penalty": 0}, "repetition_penalty must be > 0"),
+        ({"logprobs": 21}, "logprobs must be None or an integer in [0, 20]"),
+        ({"stop": [""]}, "stop strings must be non-empty"),
+        ({"logit_bias": {1: 200.0}}, "logit_bias values must be in [-100, 100]"),
+        ({"seed": -1}, "seed must be None or an integer"),
+    ],
+)
+def test_sampling_params_rejects_bad_values(kwargs, fragment):
+    with pytest.raises(ValueError) as e:
+        SamplingParams(**kwargs)
+    assert fragment in str(e.value)
+
+
+def test_configs_reject_bad_values():
+    with pytest.raises(ValueError, match="tokens_per_block must be one of"):
+        KvCacheConfig(tokens_per_block=24)
+    with pytest.raises(ValueError, match="free_gpu_memory_fraction must be in"):
+        KvCacheConfig(free_gpu_memory_fraction=0)
+    with pytest.raises(ValueError, match="policy must be"):
+        SchedulerConfig(policy="fifo")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_num_tokens .* must be >= max_batch_size"):
+        EngineLimits(max_batch_size=64, max_num_tokens=32)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ids=st.lists(st.integers(0, 319), min_size=1, max_size=40), chunk=st.integers(1, 4))
+def test_detokenizer_deltas_concatenate_to_decoded_text(tok, ids, chunk):
+    d = IncrementalDetokenizer(tok, [], skip_special_tokens=False)
+    pieces = [d.add(ids[i : i + chunk]) for i in range(0, len(ids), chunk)] + [d.flush()]
+    assert "".join(pieces) == tok.decode(ids, skip_special_tokens=False)
+    # No piece but the last may end inside a multi-byte character.
+    assert all(not p.endswith("\ufffd") for p in pieces[:-2] if p)
+
+
+def test_detokenizer_holds_back_split_utf8(tok):
+    ids = tok.encode("東")
+    assert len(ids) > 1, "the test needs a character split over several byte tokens"
+    d = IncrementalDetokenizer(tok, tok.encode("x"), skip_special_tokens=True)
+    assert [d.add([i]) for i in ids[:-1]] == [""] * (len(ids) - 1)
+    assert d.add(ids[-1:]) == "東"
+
+
+def _state(tok, **kw) -> RequestState:
+    return RequestState("r", "p", tok.encode("p"), SamplingParams(**kw), tok)
+
+
+def _feed(state: RequestState, tok, text: str, finished_at_end: bool = False) -> list[tuple[int, str]]:
+    aborted: list[tuple[int, str]] = []
+    ids = tok.encode(text)
+    for i, t in enumerate(ids):
+        last = finished_at_end and i == len(ids) - 1
+        up = SequenceUpdate("r", 0, [t], [-0.5], finished=last, finish_reason="length" if last else None)
+        state.apply(up, lambda s, stop: aborted.append((s, stop)))
+    return aborted
+
+
+def test_stop_string_across_token_boundaries_is_trimmed(tok):
+    state = _state(tok, stop=["brown fox"], max_tokens=100)
+    aborted = _feed(state, tok, "The quick brown fox jumps")
+    out = state.output()
+    assert aborted == [(0, "brown fox")]
+    assert out.outputs[0].text == "The quick "
+    assert out.outputs[0].finish_reason == "stop" and out.outputs[0].stop_reason == "brown fox"
+    assert out.finished
+
+
+def test_stop_string_included_when_asked(tok):
+    state = _state(tok, stop=["fox"], include_stop_str_in_output=True)
+    _feed(state, tok, "The quick brown fox jumps")
+    assert state.output().outputs[0].text == "The quick brown fox"
+
+
+def test_streamed_text_holds_back_possible_stop_prefix(tok):
+    state = _state(tok, stop=["lazy dog"])
+    _feed(state, tok, "over the lazy")
+    running = state.output().outputs[0]
+    assert running.finish_reason is None
+    assert not running.text.endswith("lazy"), "a prefix of a stop string must not be streamed yet"
+    _feed(state, tok, " cat", finished_at_end=True)
+    done = state.output().outputs[0]
+    assert done.text == "over the lazy cat" and done.finish_reason == "length"
+
+
+def test_logprobs_entries_put_sampled_token_first(tok):
+    state = _state(tok, logprobs=2)
+    up = SequenceUpdate("r", 0, [5], [-1.0], new_top=[[(7, -0.1), (5, -1.0)]], finished=True, finish_reason="length")
+    state.apply(up, lambda *a: None)
+    out = state.output().outputs[0]
+    assert list(out.logprobs[0].items()) == [(5, -1.0), (7, -0.1)]
+    assert out.cumulative_logprob == -1.0
+
+
+def test_prompt_logprobs_assembled_from_chunks(tok):
+    prompt = tok.encode("The quick brown")
+    state = RequestState("r", None, prompt, SamplingParams(prompt_logprobs=1), tok)
+    n = len(prompt) - 1
+    lps = -np.arange(1, n + 1, dtype=np.float32)
+    chunks = [
+        PromptLogprobs(0, 0, lps[:2], np.zeros((2, 1), np.int32), np.zeros((2, 1), np.float32)),
+        PromptLogprobs(0, 2, lps[2:], np.zeros((n - 2, 1), np.int32), np.zeros((n - 2, 1), np.float32)),
+    ]
+    state.apply(SequenceUpdate("r", 0, [], [], prompt_logprobs=chunks), lambda *a: None)
+    pl = state.output().prompt_logprobs
+    assert pl[0] is None and len(pl) == len(prompt)
+    assert [d[prompt[i + 1]] for i, d in enumerate(pl[1:])] == pytest.approx(lps.tolist())
+
+
+def test_codec_round_trips_messages():
+    req = Request("a", [1, 2, 3], SamplingParams(n=2, stop=["x"], logit_bias={3: 1.5}, seed=7), (0, 2), 1.5)
+    back = codec.decode(codec.encode(("add", req)))
+    assert back[0] == "add" and back[1].params.logit_bias == {3: 1.5} and back[1].eos_token_ids == (0, 2)
+    assert back[1].params.stop_list == ["x"] and back[1].prompt_token_ids == [1, 2, 3]
+    pl = PromptLogprobs(1, 0, np.ones(3, np.float32), np.ones((3, 2), np.int32), np.ones((3, 2), np.float32))
+    up = SequenceUpdate("a", 1, [4], [-0.1], new_top=[[(4, -0.1)]], prompt_logprobs=[pl], finished=True)
+    got = codec.decode(codec.encode(up))
+    assert got.prompt_logprobs[0].top_ids.dtype == np.int32 and got.prompt_logprobs[0].top_ids.shape == (3, 2)
+    assert got.finished and got.new_token_ids == [4]
