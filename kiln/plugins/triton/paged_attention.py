@@ -1,0 +1,317 @@
+"""Paged attention over a ragged packed batch: decode rows and context chunks in one launch.
+
+Work decomposition (grid = (query tiles, kv heads, kv splits)):
+
+- A *query tile* is up to ``TOKENS_PER_TILE`` consecutive new tokens of one sequence times the
+  ``GROUP`` query heads that share one kv head, flattened into ``BLOCK_M`` rows
+  (row r = token r // GROUP, head r % GROUP). Every K/V tile is loaded once per kv-head group and
+  serves all its query heads (GQA packing); decode rows of a GQA model fill the MMA with heads.
+- Tiles map to sequences either statically (``tiles_per_seq`` tiles per sequence, from
+  max_query_len) or, when that would launch many idle programs (a long chunk among many decode rows),
+  through a binary search over ``tile_start(s) = query_start_loc[s] // TOKENS_PER_TILE + s``, which
+  gives every sequence at least the tiles it needs with ``T // TOKENS_PER_TILE + S`` programs in all.
+- The visible key range of a tile, [lo, hi), is cut into ``num_splits`` equal parts (flash-decoding):
+  with one split the kernel writes the normalised output; with several it writes fp32 partials
+  (acc, running max, running sum) and a second kernel merges them.
+
+The grid depends only on shapes and the int arguments (max_query_len, max_seq_len), never on device
+data, so a captured CUDA graph stays valid while seq_lens / block_tables change between replays.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from kiln.plugins.triton._common import check_last_dim_contiguous, dot_precision, next_pow2, num_sms
+
+SUPPORTED_HEAD_DIMS = (32, 64, 96, 128, 256)
+# Each kv split should cover at least this many keys; shorter splits cost more in merging than they gain.
+_MIN_KEYS_PER_SPLIT = 256
+_MAX_SPLITS = 32
+
+
+@triton.jit
+def _attention_tile_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
+    out_ptr, part_acc_ptr, part_ml_ptr,
+    num_seqs, tiles_per_seq, search_steps, num_splits, scale_log2, sliding_window,
+    stride_qt, stride_qh, stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh,
+    stride_bt, stride_ot, stride_oh, stride_pas, stride_pat, stride_pah, stride_pms, stride_pmt,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, TOKENS_PER_TILE: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    USE_SEARCH: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+
+    # -- which sequence and which of its query tiles this program owns
+    if USE_SEARCH:
+        lo = pid * 0
+        hi = num_seqs
+        for _ in range(search_steps):
+            mid = (lo + hi + 1) // 2
+            go = tl.load(query_start_loc_ptr + mid) // TOKENS_PER_TILE + mid <= pid
+            lo = tl.where(go, mid, lo)
+            hi = tl.where(go, hi, mid - 1)
+        seq = lo  # largest s with tile_start(s) <= pid; == num_seqs for the padding programs
+        local_tile = pid - (tl.load(query_start_loc_ptr + seq) // TOKENS_PER_TILE + seq)
+    else:
+        seq = pid // tiles_per_seq
+        local_tile = pid % tiles_per_seq
+    seq_c = tl.minimum(seq, num_seqs - 1)  # keep the loads in bounds; `active` below masks the rest
+    q_start = tl.load(query_start_loc_ptr + seq_c)
+    q_len = tl.load(query_start_loc_ptr + seq_c + 1) - q_start
+    kv_len = tl.load(seq_lens_ptr + seq_c)
+    t0 = local_tile * TOKENS_PER_TILE
+    active = (seq < num_seqs) & (t0 < q_len)
+
+    if active:
+        ctx = kv_len - q_len  # position of the sequence's first new token
+        rows = tl.arange(0, BLOCK_M)
+        tok = t0 + rows // GROUP
+        head = kvh * GROUP + rows % GROUP
+        row_ok = (rows < TOKENS_PER_TILE * GROUP) & (tok < q_len)
+        q_pos = ctx + tok  # [BLOCK_M]
+        # keys visible to a row: (win_lo, q_pos]; win_lo = -1 without a sliding window
+        win_lo = tl.where(sliding_window > 0, q_pos - sliding_window, -1)
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < HEAD_DIM
+        tok64 = (q_start + tok).to(tl.int64)
+        q_off = tok64[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
+        q = tl.load(q_ptr + q_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+
+        # -- this tile's key range, then this split's share of it (a multiple of BLOCK_N)
+        last_tok = tl.minimum(t0 + TOKENS_PER_TILE, q_len) - 1
+        hi_key = ctx + last_tok + 1
+        lo_key = tl.where(sliding_window > 0, tl.maximum(ctx + t0 - sliding_window + 1, 0), 0)
+        if SPLIT:
+            per_split = tl.cdiv(tl.cdiv(hi_key - lo_key, num_splits), BLOCK_N) * BLOCK_N
+            start = lo_key + split * per_split
+            end = tl.minimum(hi_key, start + per_split)
+        else:
+            start = lo_key
+            end = hi_key
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max, log2 domain
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(score - m_i)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        bt_row = block_tables_ptr + seq_c.to(tl.int64) * stride_bt
+        k_base = k_cache_ptr + kvh * stride_kh
+        v_base = v_cache_ptr + kvh * stride_vh
+        for n0 in range(start, end, BLOCK_N):
+            kpos = n0 + tl.arange(0, BLOCK_N)
+            k_ok = kpos < end
+            page = tl.load(bt_row + kpos // PAGE_SIZE, mask=k_ok, other=0).to(tl.int64)
+            slot = kpos % PAGE_SIZE
+            k = tl.load(
+                k_base + page[None, :] * stride_kb + slot[None, :] * stride_ko + d[:, None],
+                mask=k_ok[None, :] & d_ok[:, None], other=0.0,
+            )  # [BLOCK_D, BLOCK_N]
+            s = tl.dot(q, k.to(q.dtype), input_precision=PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
+            visible = (kpos[None, :] <= q_pos[:, None]) & (kpos[None, :] > win_lo[:, None])
+            visible = visible & k_ok[None, :] & row_ok[:, None]
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            # rows with nothing visible yet keep m = -inf; shift by 0 so exp2 gives 0, not NaN
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_shift)
+            p = tl.exp2(s - m_shift[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(
+                v_base + page[:, None] * stride_vb + slot[:, None] * stride_vo + d[None, :],
+                mask=k_ok[:, None] & d_ok[None, :], other=0.0,
+            )  # [BLOCK_N, BLOCK_D]
+            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
+            m_i = m_new
+
+        if SPLIT:
+            pa = part_acc_ptr + split * stride_pas + tok64[:, None] * stride_pat + head[:, None] * stride_pah
+            tl.store(pa + d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
+            pm = part_ml_ptr + split * stride_pms + tok64 * stride_pmt + head * 2
+            tl.store(pm, m_i, mask=row_ok)
+            tl.store(pm + 1, l_i, mask=row_ok)
+        else:
+            out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+            o_off = tok64[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
+            tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _merge_splits_kernel(
+    part_acc_ptr, part_ml_ptr, out_ptr, query_start_loc_ptr,
+    num_seqs, num_heads, num_splits,
+    stride_pas, stride_pat, stride_pah, stride_pms, stride_pmt, stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    # tokens past query_start_loc[-1] are padding that no tile wrote
+    if t < tl.load(query_start_loc_ptr + num_seqs):
+        h_ok = h < num_heads
+        d = tl.arange(0, BLOCK_D)
+        mask = h_ok[:, None] & (d < HEAD_DIM)[None, :]
+        pm = part_ml_ptr + t * stride_pmt + h * 2
+        m_max = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+        for j in range(num_splits):
+            m_max = tl.maximum(m_max, tl.load(pm + j * stride_pms, mask=h_ok, other=float("-inf")))
+        m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+        l_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+        pa = part_acc_ptr + t * stride_pat + h[:, None] * stride_pah + d[None, :]
+        for j in range(num_splits):
+            w = tl.exp2(tl.load(pm + j * stride_pms, mask=h_ok, other=float("-inf")) - m_max)  # 0 if empty
+            l_sum += w * tl.load(pm + j * stride_pms + 1, mask=h_ok, other=0.0)
+            acc += w[:, None] * tl.load(pa + j * stride_pas, mask=mask, other=0.0)
+        out = acc / tl.where(l_sum == 0.0, 1.0, l_sum)[:, None]
+        o = out_ptr + t * stride_ot + h[:, None] * stride_oh + d[None, :]
+        tl.store(o, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@dataclass(frozen=True)
+class AttentionLaunch:
+    """Block sizes and grid of one paged_attention call (a pure function of shapes and int args)."""
+
+    block_m: int
+    block_n: int
+    tokens_per_tile: int
+    num_tiles: int
+    use_search: bool
+    tiles_per_seq: int
+    num_splits: int
+    num_warps: int
+    num_stages: int
+
+
+def plan_launch(
+    num_tokens: int, num_seqs: int, num_kv_heads: int, group: int, head_dim: int, dtype: torch.dtype,
+    max_query_len: int, max_seq_len: int, device: torch.device,
+    *, num_splits: int | None = None, block_m: int | None = None, block_n: int | None = None,
+) -> AttentionLaunch:  # fmt: skip
+    """Heuristic launch choice. ``num_splits`` / ``block_m`` / ``block_n`` override the heuristics."""
+    block_d = next_pow2(head_dim)
+    wide = block_d > 128 or dtype == torch.float32  # more bytes per row: smaller tiles fit on chip
+    if block_m is None:
+        if max_query_len <= 1:
+            block_m = 16  # decode: the rows are the group's heads
+        else:
+            block_m = 64 if wide else 128
+    block_m = max(block_m, 16, next_pow2(group))
+    if block_n is None:
+        block_n = 32 if wide else 64
+    tokens_per_tile = block_m // group
+    tiles_per_seq = max(1, triton.cdiv(max(max_query_len, 1), tokens_per_tile))
+    static_tiles = num_seqs * tiles_per_seq
+    search_tiles = num_tokens // tokens_per_tile + num_seqs
+    use_search = search_tiles < static_tiles
+    num_tiles = search_tiles if use_search else static_tiles
+    if num_splits is None:
+        base = num_tiles * num_kv_heads
+        sms = num_sms(device)
+        if base >= sms:
+            num_splits = 1
+        else:
+            num_splits = min(triton.cdiv(2 * sms, base), max_seq_len // _MIN_KEYS_PER_SPLIT, _MAX_SPLITS)
+    num_splits = max(1, num_splits)
+    num_warps = 8 if block_m >= 128 else 4
+    return AttentionLaunch(
+        block_m, block_n, tokens_per_tile, num_tiles, use_search, tiles_per_seq, num_splits, num_warps, 2
+    )
+
+
+def _validate(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc) -> None:
+    if q.dim() != 3:
+        raise ValueError(f"q must be [T, Hq, D], got shape {tuple(q.shape)}")
+    head_dim = q.shape[2]
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"paged_attention supports head dims {SUPPORTED_HEAD_DIMS}, got {head_dim}")
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape or k_cache.shape[3] != head_dim:
+        raise ValueError(
+            f"k_cache and v_cache must both be [num_blocks, block_size, Hkv, {head_dim}], "
+            f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
+    if q.shape[1] % k_cache.shape[2] != 0:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of kv heads ({k_cache.shape[2]})")
+    num_seqs = seq_lens.shape[0]
+    bad_tables = block_tables.dim() != 2 or block_tables.shape[0] < num_seqs
+    if bad_tables or query_start_loc.shape != (num_seqs + 1,):
+        raise ValueError(
+            f"need block_tables [S, max_blocks], seq_lens [S], query_start_loc [S+1]; got "
+            f"{tuple(block_tables.shape)}, {tuple(seq_lens.shape)}, {tuple(query_start_loc.shape)}"
+        )
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("block_tables", block_tables)):
+        check_last_dim_contiguous(name, t)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    max_query_len: int,
+    max_seq_len: int,
+    scale: float,
+    sliding_window: int,
+    *,
+    num_splits: int | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+) -> torch.Tensor:
+    """Causal paged attention; see ``kiln.plugins.attention.PagedAttention`` for the contract.
+
+    max_query_len must bound every sequence's new-token count; max_seq_len only sizes the kv
+    splits (pass a fixed upper bound when capturing a CUDA graph). Keyword overrides are for tests
+    and tuning. Rows past query_start_loc[-1] (padding) are left unwritten, as in the reference.
+    """
+    _validate(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc)
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads, page_size = k_cache.shape[2], k_cache.shape[1]
+    group = num_q_heads // num_kv_heads
+    num_seqs = seq_lens.shape[0]
+    out = torch.empty_like(q)
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    seq_lens, query_start_loc = seq_lens.contiguous(), query_start_loc.contiguous()
+    plan = plan_launch(
+        num_tokens, num_seqs, num_kv_heads, group, head_dim, q.dtype, max_query_len, max_seq_len, q.device,
+        num_splits=num_splits, block_m=block_m, block_n=block_n,
+    )  # fmt: skip
+    split = plan.num_splits > 1
+    if split:
+        # fp32 partials: acc [splits, T, Hq, D] (unnormalised), (max, sum) [splits, T, Hq, 2]
+        part_acc = q.new_empty((plan.num_splits, num_tokens, num_q_heads, head_dim), dtype=torch.float32)
+        part_ml = q.new_empty((plan.num_splits, num_tokens, num_q_heads, 2), dtype=torch.float32)
+    else:
+        part_acc = part_ml = out  # never touched when SPLIT is off
+    block_d = next_pow2(head_dim)
+    grid = (plan.num_tiles, num_kv_heads, plan.num_splits)
+    wrap_triton(_attention_tile_kernel)[grid](
+        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, part_acc, part_ml,
+        num_seqs, plan.tiles_per_seq, num_seqs.bit_length(), plan.num_splits, scale * math.log2(math.e),
+        sliding_window,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        part_acc.stride(0), part_acc.stride(1), part_acc.stride(2), part_ml.stride(0), part_ml.stride(1),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
+        TOKENS_PER_TILE=plan.tokens_per_tile, PAGE_SIZE=page_size, USE_SEARCH=plan.use_search, SPLIT=split,
+        PRECISION=dot_precision(q.dtype), num_warps=plan.num_warps, num_stages=plan.num_stages,
+    )  # fmt: skip
+    if split:
+        block_h = min(next_pow2(num_q_heads), max(1, 4096 // block_d))
+        wrap_triton(_merge_splits_kernel)[(num_tokens, triton.cdiv(num_q_heads, block_h))](
+            part_acc, part_ml, out, query_start_loc,
+            num_seqs, num_q_heads, plan.num_splits,
+            part_acc.stride(0), part_acc.stride(1), part_acc.stride(2), part_ml.stride(0), part_ml.stride(1),
+            out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_H=block_h, num_warps=4,
+        )  # fmt: skip
+    return out

@@ -1,0 +1,386 @@
+"""The Triton kernels of the built-in plugins against their plain-torch references.
+
+Without CUDA the kernels run on CPU tensors through Triton's interpreter (fp32 and fp16 only);
+with CUDA the same tests run compiled kernels, and the ``gpu`` tests add bf16, long contexts,
+large shapes, CUDA-graph replay and torch.compile.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# The interpreter must be chosen before triton is first imported (kernels are decorated at import).
+ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
+if not ON_GPU:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+triton = pytest.importorskip("triton", reason="triton is not installed (pip install 'kiln[test]')")
+if not ON_GPU and tuple(int(p) for p in np.__version__.split(".")[:2]) >= (2, 4):
+    pytest.skip("Triton's interpreter needs numpy < 2.4 (its loops fail)", allow_module_level=True)
+
+from kiln.plugins import get_plugin  # noqa: E402
+from kiln.plugins.triton.activation import silu_and_mul  # noqa: E402
+from kiln.plugins.triton.norms import fused_add_rms_norm, rms_norm  # noqa: E402
+from kiln.plugins.triton.paged_attention import paged_attention, plan_launch  # noqa: E402
+from kiln.plugins.triton.rope_kv_write import rope_kv_write  # noqa: E402
+
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+# the interpreter converts 1-element arrays to ints in loop bounds; numpy 2.3 warns about it each time
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device (compiled Triton kernels)")
+
+# Tolerances against the fp32-accumulating references; bf16/fp16 allow for rounding p to the
+# input dtype before P @ V (and one output ulp); fp32 must be exact up to summation order.
+TOL = {
+    torch.float32: dict(atol=2e-5, rtol=2e-5),
+    torch.float16: dict(atol=3e-3, rtol=3e-3),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def _poison_allocator(nbytes: int, count: int = 3) -> None:
+    """Leave NaN-filled blocks of ``nbytes`` in the allocator so kernel outputs reuse them:
+    an element the kernel fails to write then shows up as NaN instead of a lucky leftover."""
+    blocks = [torch.full((max(nbytes // 4, 1),), float("nan"), device=DEVICE) for _ in range(count)]
+    del blocks
+
+
+def _ref(name: str):
+    return get_plugin(name).plugin.reference
+
+
+# ----------------------------------------------------------------------------- norms, activation
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(7, 64), (3, 5, 96), (2, 10000)])  # 10000 > one tile: two sweeps
+def test_rms_norm(dtype, shape):
+    x = torch.randn(shape, dtype=dtype, device=DEVICE) * 3
+    w = torch.randn(shape[-1], dtype=dtype, device=DEVICE)
+    _poison_allocator(x.numel() * x.element_size())
+    out = rms_norm(x, w, 1e-6)
+    torch.testing.assert_close(out, _ref("rms_norm")(x, w, 1e-6), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(7, 64), (3, 5, 96), (2, 10000)])
+def test_fused_add_rms_norm(dtype, shape):
+    x = torch.randn(shape, dtype=dtype, device=DEVICE)
+    res = torch.randn(shape, dtype=dtype, device=DEVICE) * 4
+    w = torch.randn(shape[-1], dtype=dtype, device=DEVICE)
+    _poison_allocator(x.numel() * x.element_size())
+    out, res_out = fused_add_rms_norm(x, res, w, 1e-5)
+    ref_out, ref_res = _ref("fused_add_rms_norm")(x, res, w, 1e-5)
+    assert torch.equal(res_out, ref_res)  # one rounded add, as torch does it
+    torch.testing.assert_close(out, ref_out, **TOL[dtype])
+
+
+def test_rms_norm_rejects_mismatched_weight():
+    x = torch.randn(4, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        rms_norm(x, torch.ones(32, device=DEVICE), 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(5, 128), (2, 3, 200), (3, 2 * 1500)])  # 1500 > one column block
+def test_silu_and_mul(dtype, shape):
+    x = torch.randn(shape, dtype=dtype, device=DEVICE) * 3
+    _poison_allocator(x.numel() * x.element_size() // 2)
+    out = silu_and_mul(x)
+    assert out.shape == (*shape[:-1], shape[-1] // 2)
+    torch.testing.assert_close(out, _ref("silu_and_mul")(x), **TOL[dtype])
+
+
+# ----------------------------------------------------------------------------- rope + kv write
+
+
+def _cos_sin_cache(max_pos: int, head_dim: int) -> torch.Tensor:
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    freqs = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv_freq)  # [max_pos, D/2]
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(DEVICE)  # [max_pos, D]
+
+
+def _check_rope_kv_write(num_tokens, num_q_heads, num_kv_heads, head_dim, block_size, dtype):
+    num_blocks = 8
+    q = torch.randn(num_tokens, num_q_heads, head_dim, dtype=dtype, device=DEVICE)
+    # k and v as strided views of one fused qkv-like buffer, as a model's projection produces them
+    kv = torch.randn(num_tokens, 2 * num_kv_heads, head_dim, dtype=dtype, device=DEVICE)
+    k, v = kv[:, :num_kv_heads], kv[:, num_kv_heads:]
+    positions = torch.randint(0, 500, (num_tokens,), device=DEVICE)
+    cache = _cos_sin_cache(512, head_dim)
+    slots = torch.randperm(num_blocks * block_size, device=DEVICE)[:num_tokens]
+    slots[::3] = -1  # padded / already cached tokens: never written
+    caches = [torch.full((num_blocks, block_size, num_kv_heads, head_dim), float("nan"), dtype=dtype,
+                         device=DEVICE) for _ in range(4)]  # fmt: skip
+    _poison_allocator(q.numel() * q.element_size())
+    q_rot = rope_kv_write(q, k, v, positions, cache, caches[0], caches[1], slots)
+    ref_q = _ref("rope_kv_write")(q, k, v, positions, cache, caches[2], caches[3], slots)
+    written = torch.zeros(num_blocks * block_size, dtype=torch.bool, device=DEVICE)
+    written[slots[slots >= 0]] = True
+    exact = dtype != torch.float32  # fp32 may contract a*b - c*d into an fma on the GPU
+    tol = dict(atol=0, rtol=0) if exact else dict(atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(q_rot, ref_q, **tol)
+    for mine, ref in ((caches[0], caches[2]), (caches[1], caches[3])):
+        flat, flat_ref = mine.view(-1, num_kv_heads, head_dim), ref.view(-1, num_kv_heads, head_dim)
+        torch.testing.assert_close(flat[written], flat_ref[written], **tol)
+        assert flat[~written].isnan().all(), "a slot that slot_mapping skips was written"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "num_q_heads,num_kv_heads,head_dim,block_size",
+    [(4, 4, 64, 16), (8, 4, 128, 32), (8, 2, 64, 32), (12, 3, 128, 16), (4, 2, 96, 16)],
+)
+def test_rope_kv_write(dtype, num_q_heads, num_kv_heads, head_dim, block_size):
+    _check_rope_kv_write(11, num_q_heads, num_kv_heads, head_dim, block_size, dtype)
+
+
+# ----------------------------------------------------------------------------- paged attention
+
+
+def _paged_batch(seqs, num_q_heads, num_kv_heads, head_dim, block_size, dtype, extra_tokens=0):
+    """seqs: [(q_len, kv_len)] in packed order. Builds shuffled block tables over a NaN-filled
+    cache (only the first kv_len positions of each sequence hold data, so any read past them, or of
+    another sequence's blocks, poisons the result) and returns the attention arguments."""
+    need = [-(-kv // block_size) for _, kv in seqs]
+    num_blocks = sum(need) + 2
+    perm = torch.randperm(num_blocks, device=DEVICE).to(torch.int32)
+    # unused table entries point far out of the cache: a kernel that reads them faults or fails
+    tables = torch.full((len(seqs), max(need) + 2), 1 << 30, dtype=torch.int32, device=DEVICE)
+    k_cache = torch.full((num_blocks, block_size, num_kv_heads, head_dim), float("nan"), dtype=dtype,
+                         device=DEVICE)  # fmt: skip
+    v_cache = k_cache.clone()
+    flat_k, flat_v = k_cache.view(-1, num_kv_heads, head_dim), v_cache.view(-1, num_kv_heads, head_dim)
+    used = 0
+    for s, (_, kv_len) in enumerate(seqs):
+        tables[s, : need[s]] = perm[used : used + need[s]]
+        used += need[s]
+        pos = torch.arange(kv_len, device=DEVICE)
+        slots = tables[s, pos // block_size].long() * block_size + pos % block_size
+        flat_k[slots] = torch.randn(kv_len, num_kv_heads, head_dim, device=DEVICE).to(dtype)
+        flat_v[slots] = torch.randn(kv_len, num_kv_heads, head_dim, device=DEVICE).to(dtype)
+    q_lens = [q for q, _ in seqs]
+    num_tokens = sum(q_lens)
+    q = torch.randn(num_tokens + extra_tokens, num_q_heads, head_dim, device=DEVICE).to(dtype)
+    query_start_loc = torch.tensor([0, *q_lens], device=DEVICE).cumsum(0).to(torch.int32)
+    seq_lens = torch.tensor([kv for _, kv in seqs], dtype=torch.int32, device=DEVICE)
+    return (q, k_cache, v_cache, tables, seq_lens, query_start_loc, max(q_lens), max(kv for _, kv in seqs),
+            head_dim**-0.5)  # fmt: skip
+
+
+def _check_attention(seqs, num_q_heads, num_kv_heads, head_dim, block_size, dtype, window=0, **overrides):
+    args = _paged_batch(seqs, num_q_heads, num_kv_heads, head_dim, block_size, dtype)
+    q = args[0]
+    _poison_allocator(q.numel() * q.element_size())
+    out = paged_attention(*args, window, **overrides)
+    ref = _ref("paged_attention")(*args, window)
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+    return args
+
+
+# decode rows first, then context chunks whose cached prefixes cross block boundaries; one sequence
+# has no new tokens this step
+MIXED = [(1, 17), (1, 33), (1, 5), (0, 9), (12, 40), (20, 20), (7, 70)]
+DECODE = [(1, 150), (1, 7), (1, 64), (1, 97)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "head_dim,group,block_size",
+    [(64, 1, 16), (64, 2, 32), (64, 4, 16), (128, 1, 32), (128, 2, 16), (128, 4, 32)],
+)
+def test_attention_mixed_batch(dtype, head_dim, group, block_size):
+    _check_attention(MIXED, 2 * group, 2, head_dim, block_size, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("num_splits", [2, 5])
+@pytest.mark.parametrize("seqs", [DECODE, MIXED], ids=["decode", "mixed"])
+def test_attention_split_kv(dtype, num_splits, seqs):
+    # 5 splits of a short sequence leave some splits without keys: the merge must ignore them
+    _check_attention(seqs, 4, 2, 64, 16, dtype, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("window,num_splits", [(8, 1), (33, 1), (8, 3), (1, 1)])
+def test_attention_sliding_window(dtype, window, num_splits):
+    _check_attention(MIXED, 4, 2, 64, 16, dtype, window=window, num_splits=num_splits, block_m=16)
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_attention_tile_search(group):
+    # small tiles: chunks span several query tiles and the tile -> sequence map is searched
+    plan = plan_launch(sum(q for q, _ in MIXED), len(MIXED), 2, group, 64, torch.float32, 20, 70, DEVICE,
+                       block_m=16)  # fmt: skip
+    assert plan.use_search and plan.tokens_per_tile == 16 // group
+    _check_attention(MIXED, 2 * group, 2, 64, 16, torch.float32, block_m=16)
+
+
+@pytest.mark.parametrize("head_dim", [32, 96, 256])
+def test_attention_other_head_dims(head_dim):
+    _check_attention(MIXED[:5], 4, 2, head_dim, 16, torch.float32)
+
+
+def test_attention_padded_tokens_left_alone():
+    # a graph-padded batch: q has rows past query_start_loc[-1]; the real rows must be right and the
+    # padding programs must not write over them (searched tiles and split merges both see padding)
+    args = _paged_batch(MIXED, 4, 2, 64, 16, torch.float32, extra_tokens=9)
+    num_real = int(args[5][-1])
+    ref = _ref("paged_attention")(*args, 0)
+    for overrides in ({}, {"block_m": 16, "num_splits": 3}):
+        out = paged_attention(*args, 0, **overrides)
+        torch.testing.assert_close(out[:num_real], ref[:num_real], **TOL[torch.float32])
+
+
+def test_attention_rejects_bad_shapes():
+    args = list(_paged_batch(DECODE, 4, 2, 64, 16, torch.float32))
+    with pytest.raises(ValueError, match="head dims"):
+        paged_attention(args[0][..., :48].contiguous(), *args[1:], 0)
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        paged_attention(args[0][:, :3].contiguous(), *args[1:], 0)
+
+
+# ----------------------------------------------------------------------------- custom-op checks
+
+
+def test_opcheck_norms_activation():
+    x = torch.randn(3, 64, device=DEVICE)
+    w = torch.randn(64, device=DEVICE)
+    torch.library.opcheck(get_plugin("rms_norm").forward_op, (x, w, 1e-6))
+    torch.library.opcheck(get_plugin("fused_add_rms_norm").forward_op, (x, torch.randn_like(x), w, 1e-6))
+    torch.library.opcheck(get_plugin("silu_and_mul").forward_op, (torch.randn(3, 128, device=DEVICE),))
+
+
+def test_opcheck_rope_kv_write():
+    q, k, v = (torch.randn(5, h, 64, device=DEVICE) for h in (4, 2, 2))
+    caches = [torch.zeros(2, 16, 2, 64, device=DEVICE) for _ in range(2)]
+    slots = torch.tensor([3, -1, 17, 0, 30], device=DEVICE)
+    positions = torch.arange(5, device=DEVICE)
+    torch.library.opcheck(
+        get_plugin("rope_kv_write").forward_op, (q, k, v, positions, _cos_sin_cache(16, 64), *caches, slots)
+    )
+
+
+def test_opcheck_paged_attention():
+    args = _paged_batch([(1, 20), (3, 9)], 4, 2, 64, 16, torch.float32)
+    torch.library.opcheck(get_plugin("paged_attention").forward_op, (*args, 0))
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_bf16_norms_activation_rope():
+    dtype = torch.bfloat16
+    x = torch.randn(37, 4096, dtype=dtype, device=DEVICE)
+    res = torch.randn_like(x)
+    w = torch.randn(4096, dtype=dtype, device=DEVICE)
+    torch.testing.assert_close(rms_norm(x, w, 1e-6), _ref("rms_norm")(x, w, 1e-6), **TOL[dtype])
+    out, res_out = fused_add_rms_norm(x, res, w, 1e-6)
+    ref_out, ref_res = _ref("fused_add_rms_norm")(x, res, w, 1e-6)
+    assert torch.equal(res_out, ref_res)
+    torch.testing.assert_close(out, ref_out, **TOL[dtype])
+    g = torch.randn(37, 2 * 14336, dtype=dtype, device=DEVICE)
+    torch.testing.assert_close(silu_and_mul(g), _ref("silu_and_mul")(g), **TOL[dtype])
+    _check_rope_kv_write(300, 32, 8, 128, 16, dtype)  # bit-exact in bf16
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim,group,block_size", [(64, 1, 16), (128, 4, 32), (128, 8, 16), (256, 2, 16)])
+@pytest.mark.parametrize("window", [0, 40])
+def test_gpu_attention_mixed(dtype, head_dim, group, block_size, window):
+    seqs = [(1, 1), (1, 300), (1, 77), (1, 1025), (64, 64), (100, 612), (333, 1000), (5, 129)]
+    _check_attention(seqs, 2 * group, 2, head_dim, block_size, dtype, window=window)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_attention_fp32_is_ieee():
+    # TF32 dots would miss by ~1e-3; ieee dots agree with the fp32 reference to summation order
+    _check_attention([(1, 500), (1, 33), (200, 700)], 8, 2, 128, 16, torch.float32)
+    _check_attention([(1, 500), (1, 2000)], 8, 2, 128, 16, torch.float32, num_splits=4)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_attention_long_context(dtype):
+    # small batch, long contexts: the split-kv path chosen by the heuristic
+    seqs = [(1, 32768), (1, 20001), (1, 4097)]
+    plan = plan_launch(3, 3, 8, 4, 128, dtype, 1, 32768, DEVICE)
+    assert plan.num_splits > 1
+    _check_attention(seqs, 32, 8, 128, 16, dtype)
+    _check_attention([(1, 30000), (512, 16384)], 32, 8, 128, 32, dtype)
+    _check_attention([(1, 32768), (1, 9000)], 32, 8, 128, 16, dtype, window=4096)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("window", [0, 256])
+def test_gpu_attention_large_prefill(window):
+    seqs = [(1, 3000), (1, 50), (2048, 2048), (1024, 3000), (700, 701)]
+    _check_attention(seqs, 32, 8, 128, 16, torch.bfloat16, window=window)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_attention_cuda_graph_replay():
+    # The grid depends only on shapes and int args: a graph captured once stays right while the
+    # device-side seq_lens, block tables and cache contents change between replays.
+    dtype = torch.bfloat16
+    full_lens = [1500, 31, 3999, 64]
+    q, k_cache, v_cache, tables, seq_lens, qsl, _, _, scale = _paged_batch(
+        [(1, n) for n in full_lens], 16, 4, 128, 16, dtype
+    )
+    seq_lens.copy_(torch.tensor([900, 30, 2000, 5]))  # first capture: shorter histories
+    max_seq_len = 4096  # a fixed bound, as a graph runner passes it
+    paged_attention(q, k_cache, v_cache, tables, seq_lens, qsl, 1, max_seq_len, scale, 0)  # compile
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = paged_attention(q, k_cache, v_cache, tables, seq_lens, qsl, 1, max_seq_len, scale, 0)
+    for step in range(3):
+        if step == 1:
+            seq_lens.copy_(torch.tensor(full_lens))
+        if step == 2:  # move every physical block and remap the tables
+            perm = torch.randperm(k_cache.shape[0], device=DEVICE)
+            k_cache.copy_(k_cache[perm].clone())
+            v_cache.copy_(v_cache[perm].clone())
+            inverse = torch.empty_like(perm)
+            inverse[perm] = torch.arange(perm.numel(), device=DEVICE)
+            valid = tables < k_cache.shape[0]
+            tables[valid] = inverse[tables[valid].long()].to(tables.dtype)
+            q.copy_(torch.randn_like(q))
+        graph.replay()
+        ref = _ref("paged_attention")(q, k_cache, v_cache, tables, seq_lens, qsl, 1, max_seq_len, scale, 0)
+        torch.testing.assert_close(static_out, ref, **TOL[dtype])
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_torch_compile():
+    dtype = torch.bfloat16
+    attention = get_plugin("paged_attention").forward_op
+    norm = get_plugin("rms_norm").forward_op
+    act = get_plugin("silu_and_mul").forward_op
+    args = _paged_batch([(1, 100), (1, 37), (30, 300)], 8, 2, 128, 16, dtype)
+    w = torch.randn(128, dtype=dtype, device=DEVICE)
+
+    def block(q):
+        h = attention(norm(q, w, 1e-6), *args[1:], 0)
+        return act(torch.cat((h, h), dim=-1))
+
+    compiled = torch.compile(block, fullgraph=True, dynamic=True)
+    torch.testing.assert_close(compiled(args[0]), block(args[0]), atol=0, rtol=0)
