@@ -1,0 +1,290 @@
+"""ModelEngine: runs one forward step of the model for a ScheduledBatch.
+
+It owns the model weights, the paged KV cache and the device-side block table (one row per
+persistent slot, appended to by ``batch.block_updates``). Each step it builds the packed inputs and
+the AttentionMetadata with vectorised numpy, moves them to the device in a single copy, applies the
+step's block-table updates and block copies, runs the model, and computes logits only for the rows
+that sample (and, when asked, prompt logprobs in bounded slices).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from kiln.builder.loader import load_model
+from kiln.builder.model_config import ModelInfo
+from kiln.config import EngineLimits, KvCacheConfig
+from kiln.engine.attention_metadata import AttentionMetadata
+from kiln.engine.kv_cache import (
+    KvCache,
+    KvCacheSpec,
+    blocks_for_tokens,
+    cpu_default_num_blocks,
+    num_blocks_for_bytes,
+)
+from kiln.engine.prompt_logprobs import PromptLogprobsComputer
+from kiln.engine.staging import HostStaging
+from kiln.executor.messages import PromptLogprobs, ScheduledBatch
+from kiln.plugins import PluginSet
+
+
+@dataclass
+class ForwardOutput:
+    logits: torch.Tensor  # [R, V] float32, row r = last token of sequence batch.sample_rows[r]
+    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
+
+
+@dataclass
+class StepInputs:
+    """Device tensors of one step (what the model and the logits gather need)."""
+
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    attn: AttentionMetadata
+    sample_token_idx: torch.Tensor  # [Ru] int64: packed index of each distinct sampling row's last token
+    sample_inverse: torch.Tensor | None  # [R] int64 into [Ru]; None when rows are distinct and in order
+    copy_src: torch.Tensor | None  # [C] int64
+    copy_dst: torch.Tensor | None
+
+
+class ModelEngine:
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        dtype: str | torch.dtype = "auto",
+        device: str | torch.device = "cpu",
+        limits: EngineLimits,
+        kv_config: KvCacheConfig,
+        plugins: PluginSet | None = None,
+    ) -> None:
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.limits, self.kv_config = limits, kv_config
+        self.plugins = plugins or PluginSet("reference")
+        self.info: ModelInfo
+        self.model, self.info = load_model(
+            model_dir, dtype=dtype, device=self.device, plugins=self.plugins, max_positions=limits.max_seq_len
+        )
+        self.dtype = self.info.dtype
+        self.vocab_size = self.info.vocab_size
+        self.tokens_per_block = kv_config.tokens_per_block
+        self.max_blocks_per_seq = math.ceil(limits.max_seq_len / self.tokens_per_block)
+        # [max_batch_size, max_blocks_per_seq] int32 by slot; 0 (the null block) where unassigned
+        self.block_table = torch.zeros(
+            limits.max_batch_size, self.max_blocks_per_seq, dtype=torch.int32, device=self.device
+        )
+        self._staging = HostStaging(self.device)
+        self._prompt_logprobs = PromptLogprobsComputer(self.model.compute_logits, self.vocab_size)
+        cfg = self.info.config
+        assert cfg is not None
+        self.kv_spec = KvCacheSpec(
+            cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.tokens_per_block, self.dtype
+        )
+        self.num_blocks = 0
+        self.kv_cache: KvCache | None = None
+        num_blocks = self._plan_num_blocks()
+        self.kv_cache = KvCache(self.kv_spec, num_blocks, self.device)
+        self.num_blocks = num_blocks
+
+    # ------------------------------------------------------------------ sizing
+
+    def _plan_num_blocks(self) -> int:
+        if self.kv_config.max_tokens is not None:
+            return blocks_for_tokens(self.kv_config.max_tokens, self.tokens_per_block)
+        if self.device.type != "cuda":
+            return cpu_default_num_blocks(self.kv_spec, self.limits)
+        return self._profile_num_blocks()
+
+    def _profile_num_blocks(self) -> int:
+        """Run a warm-up step at max_num_tokens on a temporary cache, measure the activation peak, then
+        give free_gpu_memory_fraction of what is left (after weights and that peak) to the KV pool."""
+        batch, blocks_needed = profile_batch(self.limits, self.tokens_per_block)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        self.kv_cache = KvCache(self.kv_spec, blocks_needed, self.device)
+        self.num_blocks = blocks_needed
+        temp_bytes = self.kv_cache.nbytes
+        self.forward(batch)
+        torch.cuda.synchronize(self.device)
+        activation_peak = torch.cuda.max_memory_allocated(self.device) - base - temp_bytes
+        self.kv_cache.close()
+        self.kv_cache = None
+        self.block_table.zero_()
+        torch.cuda.empty_cache()
+        free, _total = torch.cuda.mem_get_info(self.device)
+        budget = int((free - activation_peak) * self.kv_config.free_gpu_memory_fraction)
+        num_blocks = num_blocks_for_bytes(self.kv_spec, budget)
+        if num_blocks < 2:
+            raise RuntimeError(
+                f"no GPU memory left for the KV cache: {free / 2**30:.2f} GiB free after loading weights, "
+                f"warm-up activations need {activation_peak / 2**30:.2f} GiB; lower max_num_tokens or "
+                "max_batch_size, or use a smaller dtype"
+            )
+        return num_blocks
+
+    # ------------------------------------------------------------------ one step
+
+    @torch.no_grad()
+    def forward(self, batch: ScheduledBatch) -> ForwardOutput:
+        assert self.kv_cache is not None, "forward() after close()"
+        self._validate(batch)
+        self._prompt_logprobs.record_slots(batch.slot_inits)
+        step = self._prepare(batch)
+        if step.copy_src is not None and step.copy_dst is not None:
+            self.kv_cache.copy_blocks(step.copy_src, step.copy_dst)  # before this step's KV writes
+        hidden = self.model(step.input_ids, step.positions, step.attn, self.kv_cache.layers)  # [T, H]
+        logits = self.model.compute_logits(hidden.index_select(0, step.sample_token_idx))  # [Ru, V]
+        if step.sample_inverse is not None:
+            logits = logits.index_select(0, step.sample_inverse)  # [R, V]
+        prompt_lps = self._prompt_logprobs.compute(batch, hidden) if len(batch.prompt_logprob_rows) else []
+        return ForwardOutput(logits=logits, prompt_logprobs=prompt_lps)
+
+    def _validate(self, batch: ScheduledBatch) -> None:
+        lim = self.limits
+        num_new = np.asarray(batch.num_new_tokens)
+        if batch.num_seqs > lim.max_batch_size or batch.num_tokens > lim.max_num_tokens:
+            raise ValueError(
+                f"batch of {batch.num_seqs} sequences / {batch.num_tokens} tokens exceeds the engine limits "
+                f"(max_batch_size={lim.max_batch_size}, max_num_tokens={lim.max_num_tokens})"
+            )
+        if num_new.size and (num_new.min() < 1 or int(num_new.sum()) != batch.num_tokens):
+            raise ValueError(
+                "every scheduled sequence needs >= 1 new token, and input_ids must hold all of them"
+            )
+        if num_new.size and int((np.asarray(batch.num_computed) + num_new).max()) > lim.max_seq_len:
+            raise ValueError(f"a sequence exceeds max_seq_len={lim.max_seq_len}")
+        slots = np.asarray(batch.slots)
+        if slots.size and (slots.min() < 0 or slots.max() >= lim.max_batch_size):
+            raise ValueError(f"slots must be in [0, {lim.max_batch_size})")
+        upd = np.asarray(batch.block_updates).reshape(-1, 3)
+        if upd.size and (
+            upd.min() < 0
+            or upd[:, 0].max() >= lim.max_batch_size
+            or upd[:, 1].max() >= self.max_blocks_per_seq
+            or upd[:, 2].max() >= self.num_blocks
+        ):
+            raise ValueError(
+                f"block update out of range (block index < {self.max_blocks_per_seq}, id < {self.num_blocks})"
+            )
+        cp = np.asarray(batch.copy_blocks).reshape(-1, 2)
+        if cp.size and (cp.min() < 1 or cp.max() >= self.num_blocks):
+            raise ValueError(f"copy_blocks ids must be in [1, {self.num_blocks})")
+
+    def _prepare(self, batch: ScheduledBatch) -> StepInputs:
+        num_seqs, num_tokens = batch.num_seqs, batch.num_tokens
+        num_new = np.asarray(batch.num_new_tokens, dtype=np.int64)
+        num_computed = np.asarray(batch.num_computed, dtype=np.int64)
+        slots = np.asarray(batch.slots, dtype=np.int64)
+        query_start = np.zeros(num_seqs + 1, dtype=np.int64)
+        np.cumsum(num_new, out=query_start[1:])
+        seq_lens = num_computed + num_new
+        # position of packed token t = its sequence's first position + its offset in the chunk
+        offsets = np.repeat(num_computed - query_start[:-1], num_new)
+        positions = np.arange(num_tokens, dtype=np.int64) + offsets
+        token_slots = np.repeat(slots, num_new)
+        sample_rows = np.asarray(batch.sample_rows, dtype=np.int64)
+        uniq, inverse = np.unique(sample_rows, return_inverse=True)
+        in_order = uniq.size == sample_rows.size and bool(np.all(uniq == sample_rows))
+        sample_token_idx = query_start[1:][uniq] - 1  # last token of each distinct sampling sequence
+        updates = np.asarray(batch.block_updates, dtype=np.int64).reshape(-1, 3)
+        copies = np.asarray(batch.copy_blocks, dtype=np.int64).reshape(-1, 2)
+        segments = [
+            np.asarray(batch.input_ids, dtype=np.int64),
+            positions,
+            token_slots,
+            slots,
+            seq_lens,
+            query_start,
+            sample_token_idx,
+            inverse.reshape(-1),
+            updates.T.reshape(-1),  # slot row | block index row | block id row
+            copies.T.reshape(-1),  # src row | dst row
+        ]
+        (input_ids, positions_d, token_slots_d, slots_d, seq_lens_d, query_start_d, sample_idx_d,
+         inverse_d, updates_d, copies_d) = self._staging.to_device(segments)  # fmt: skip
+
+        if updates.shape[0]:
+            upd = updates_d.view(3, -1)
+            self.block_table[upd[0], upd[1]] = upd[2].to(torch.int32)  # vectorised index_put
+        block_tables = self.block_table.index_select(0, slots_d)  # [S, max_blocks] int32
+        tpb = self.tokens_per_block
+        token_blocks = self.block_table[token_slots_d, positions_d // tpb]  # [T] int32
+        slot_mapping = token_blocks.to(torch.int64) * tpb + positions_d % tpb  # [T] int64
+        attn = AttentionMetadata(
+            slot_mapping=slot_mapping,
+            block_tables=block_tables,
+            seq_lens=seq_lens_d.to(torch.int32),
+            query_start_loc=query_start_d.to(torch.int32),
+            max_query_len=int(num_new.max()) if num_seqs else 0,
+            max_seq_len=int(seq_lens.max()) if num_seqs else 0,
+            num_decode_seqs=int(batch.num_decode),
+            num_decode_tokens=int(batch.num_decode),
+        )
+        copy_src = copy_dst = None
+        if copies.shape[0]:
+            cp = copies_d.view(2, -1)
+            copy_src, copy_dst = cp[0], cp[1]
+        return StepInputs(
+            input_ids=input_ids,
+            positions=positions_d,
+            attn=attn,
+            sample_token_idx=sample_idx_d,
+            sample_inverse=None if in_order else inverse_d,
+            copy_src=copy_src,
+            copy_dst=copy_dst,
+        )
+
+    # ------------------------------------------------------------------ teardown
+
+    def close(self) -> None:
+        """Free the KV cache and the weights; the engine cannot run afterwards."""
+        if self.kv_cache is not None:
+            self.kv_cache.close()
+            self.kv_cache = None
+        self.model = None  # type: ignore[assignment]
+        self.block_table = torch.empty(0, dtype=torch.int32)
+        self._staging.close()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def profile_batch(limits: EngineLimits, tokens_per_block: int) -> tuple[ScheduledBatch, int]:
+    """The largest step the engine can be asked to run: max_num_tokens tokens of fresh context chunks
+    over as many sequences as fit (each <= max_seq_len), every one of them sampling. Returns the batch
+    and the number of KV blocks (incl. the null block) it needs."""
+    total = limits.max_num_tokens
+    num_seqs = min(limits.max_batch_size, total)
+    total = min(total, num_seqs * limits.max_seq_len)
+    lens = np.full(num_seqs, total // num_seqs, dtype=np.int64)
+    lens[: total % num_seqs] += 1
+    blocks_per_seq = -(-lens // tokens_per_block)
+    first_block = 1 + np.concatenate(([0], np.cumsum(blocks_per_seq)[:-1]))
+    seq_of_block = np.repeat(np.arange(num_seqs), blocks_per_seq)
+    index_in_seq = np.arange(int(blocks_per_seq.sum())) - np.repeat(first_block - 1, blocks_per_seq)
+    block_ids = np.arange(1, int(blocks_per_seq.sum()) + 1)
+    rows = np.arange(num_seqs, dtype=np.int32)
+    batch = ScheduledBatch(
+        step_id=-1,
+        seq_ids=rows,
+        slots=rows,
+        num_computed=np.zeros(num_seqs, np.int32),
+        num_new_tokens=lens.astype(np.int32),
+        num_decode=0,
+        input_ids=np.zeros(total, np.int32),
+        block_updates=np.stack([seq_of_block, index_in_seq, block_ids], axis=1).astype(np.int32),
+        copy_blocks=np.zeros((0, 2), np.int32),
+        sample_rows=rows,
+        sample_slots=rows,
+        sample_seq_ids=rows,
+        sample_positions=lens.astype(np.int32),
+        sample_num_output=np.zeros(num_seqs, np.int32),
+    )
+    return batch, int(blocks_per_seq.sum()) + 1

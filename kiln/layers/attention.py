@@ -1,0 +1,59 @@
+"""The paged-attention layer: RoPE + KV-cache write, then attention over the paged cache.
+
+Projections (and q/k norms) belong to the model; this layer only runs the two plugins on
+already-projected q, k, v.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kiln.engine.attention_metadata import AttentionMetadata
+from kiln.plugins import PluginSet
+
+
+class PagedAttention(nn.Module):
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        plugins: PluginSet,
+        sliding_window: int = 0,
+    ) -> None:
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = scale
+        self.sliding_window = sliding_window  # 0 = full attention
+        self.rope_kv_write_op = plugins.rope_kv_write
+        self.attention_op = plugins.attention
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, Hq, D]
+        k: torch.Tensor,  # [T, Hkv, D]
+        v: torch.Tensor,  # [T, Hkv, D]
+        positions: torch.Tensor,  # [T] int64
+        cos_sin_cache: torch.Tensor,  # [max_pos, D] float32
+        kv_cache: tuple[torch.Tensor, torch.Tensor],  # each [num_blocks, block_size, Hkv, D]
+        attn: AttentionMetadata,
+    ) -> torch.Tensor:
+        k_cache, v_cache = kv_cache
+        # Writes this step's rotated k and v into the cache (slots < 0 are skipped), returns rotated q.
+        q = self.rope_kv_write_op(q, k, v, positions, cos_sin_cache, k_cache, v_cache, attn.slot_mapping)
+        return self.attention_op(
+            q,
+            k_cache,
+            v_cache,
+            attn.block_tables,
+            attn.seq_lens,
+            attn.query_start_loc,
+            attn.max_query_len,
+            attn.max_seq_len,
+            self.scale,
+            self.sliding_window,
+        )  # [T, Hq, D]

@@ -1,0 +1,46 @@
+"""Token embedding and the LM head (which may share the embedding's weight)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class VocabEmbedding(nn.Module):
+    """weight [V, H]; input ids [T] (int32 or int64) -> [T, H]."""
+
+    def __init__(self, vocab_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weight)
+
+
+class LMHead(nn.Module):
+    """Projects final hidden states to float32 logits. With ``tied`` it owns no weight and uses the
+    embedding's (set by ``tie``), so tied checkpoints keep one copy of the matrix."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, tied: bool) -> None:
+        super().__init__()
+        self.tied = tied
+        self.weight: torch.Tensor | None = (
+            None if tied else nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
+        )
+        self._tied_embedding: VocabEmbedding | None = None
+
+    def tie(self, embedding: VocabEmbedding) -> None:
+        # A plain attribute, not a submodule: the weight stays registered (and loaded) once.
+        object.__setattr__(self, "_tied_embedding", embedding)
+
+    def head_weight(self) -> torch.Tensor:
+        if self.tied:
+            assert self._tied_embedding is not None, "tied LM head used before tie()"
+            return self._tied_embedding.weight
+        assert self.weight is not None
+        return self.weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        # [R, H] -> [R, V]; the GEMM runs in the model dtype (as transformers does), logits are float32.
+        return F.linear(hidden, self.head_weight()).float()

@@ -1,0 +1,50 @@
+"""Linear layers. Plain cuBLAS GEMMs through ``torch.nn.functional.linear``.
+
+Projections that read the same input are fused into one weight at load time (q|k|v, gate|up):
+``MergedLinear`` records the row ranges of its parts so the loader knows where each checkpoint
+tensor goes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Linear(nn.Module):
+    """y = x @ W^T (+ b). weight [out, in], bias [out]."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)  # [T, in] -> [T, out]
+
+
+class MergedLinear(Linear):
+    """Several projections of one input stacked along the output dimension.
+
+    ``parts`` names the checkpoint projections in order with their output sizes, e.g.
+    (("q_proj", 512), ("k_proj", 128), ("v_proj", 128)).
+    """
+
+    def __init__(self, in_features: int, parts: tuple[tuple[str, int], ...], bias: bool = False) -> None:
+        super().__init__(in_features, sum(size for _, size in parts), bias)
+        self.parts = parts
+
+    def part_rows(self, name: str) -> tuple[int, int]:
+        """(first row, number of rows) of part ``name`` in the fused weight."""
+        start = 0
+        for part, size in self.parts:
+            if part == name:
+                return start, size
+            start += size
+        names = [p for p, _ in self.parts]
+        raise KeyError(f"{name!r} is not a part of this fused projection; parts: {names}")
+
+    def split_sizes(self) -> list[int]:
+        return [size for _, size in self.parts]

@@ -1,0 +1,22 @@
+"""The gated (SwiGLU) MLP of Llama-style models: down(silu(gate(x)) * up(x))."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kiln.layers.linear import Linear, MergedLinear
+from kiln.plugins import PluginSet
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool, plugins: PluginSet) -> None:
+        super().__init__()
+        parts = (("gate_proj", intermediate_size), ("up_proj", intermediate_size))
+        self.gate_up_proj = MergedLinear(hidden_size, parts, bias=bias)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
+        self.silu_and_mul_op = plugins.silu_and_mul
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x)  # [T, 2I]
+        return self.down_proj(self.silu_and_mul_op(gate_up))  # [T, I] -> [T, H]

@@ -1,0 +1,146 @@
+"""The shared decoder-only transformer of the Llama family (Llama, Mistral, Qwen2, Qwen3).
+
+The families differ only in flags of ``ModelConfig``: biases on q/k/v (and o), per-head q/k RMSNorm,
+per-layer sliding windows, RoPE variants, tied embeddings. Parameter names follow the Hugging Face
+checkpoints except for the fused projections (``qkv_proj`` = q|k|v, ``gate_up_proj`` = gate|up),
+which the loader assembles from the separate checkpoint tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kiln.builder.model_config import ModelConfig
+from kiln.engine.attention_metadata import AttentionMetadata
+from kiln.layers.attention import PagedAttention
+from kiln.layers.embedding import LMHead, VocabEmbedding
+from kiln.layers.linear import Linear, MergedLinear
+from kiln.layers.mlp import GatedMLP
+from kiln.layers.norm import RMSNorm
+from kiln.layers.rotary import RotaryEmbedding
+from kiln.plugins import PluginSet
+
+KvCache = tuple[torch.Tensor, torch.Tensor]
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, plugins: PluginSet) -> None:
+        super().__init__()
+        self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        parts = (("q_proj", cfg.q_size), ("k_proj", cfg.kv_size), ("v_proj", cfg.kv_size))
+        self.qkv_proj = MergedLinear(cfg.hidden_size, parts, bias=cfg.qkv_bias)
+        self.o_proj = Linear(cfg.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, plugins) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, plugins) if cfg.qk_norm else None
+        self.attn = PagedAttention(
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            scale=cfg.head_dim**-0.5,
+            plugins=plugins,
+            sliding_window=cfg.sliding_windows[layer_idx],
+        )
+
+    def forward(
+        self,
+        hidden: torch.Tensor,  # [T, H]
+        positions: torch.Tensor,
+        cos_sin_cache: torch.Tensor,
+        kv_cache: KvCache,
+        attn: AttentionMetadata,
+    ) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        qkv = self.qkv_proj(hidden)  # [T, (Hq + 2 Hkv) D]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(num_tokens, self.num_heads, self.head_dim)
+        k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q = self.q_norm(q)  # per head, over D, before RoPE
+            k = self.k_norm(k)
+        out = self.attn(q, k, v, positions, cos_sin_cache, kv_cache, attn)  # [T, Hq, D]
+        return self.o_proj(out.reshape(num_tokens, self.q_size))  # [T, H]
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, plugins: PluginSet) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, plugins)
+        self.self_attn = SelfAttention(cfg, layer_idx, plugins)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, plugins)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, plugins)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,  # [T, H]
+        residual: torch.Tensor | None,  # [T, H]; None for the first layer
+        positions: torch.Tensor,
+        cos_sin_cache: torch.Tensor,
+        kv_cache: KvCache,
+        attn: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # The residual add of the previous sub-block is fused into the next norm.
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, positions, cos_sin_cache, kv_cache, attn)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, plugins: PluginSet) -> None:
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, plugins) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, plugins)
+        self.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T] int64
+        attn: AttentionMetadata,
+        kv_caches: list[KvCache],
+    ) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)  # [T, H]
+        residual: torch.Tensor | None = None
+        cos_sin = self.rotary.cos_sin_cache
+        for layer, kv in zip(self.layers, kv_caches, strict=True):
+            hidden, residual = layer(hidden, residual, positions, cos_sin, kv, attn)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden  # [T, H]
+
+
+class DecoderForCausalLM(nn.Module):
+    """``forward`` -> final hidden states of every token; ``compute_logits`` on the rows that need them."""
+
+    def __init__(self, cfg: ModelConfig, plugins: PluginSet) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderModel(cfg, plugins)
+        self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size, tied=cfg.tie_word_embeddings)
+        self.lm_head.tie(self.model.embed_tokens)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttentionMetadata,
+        kv_caches: list[KvCache],
+    ) -> torch.Tensor:
+        return self.model(input_ids, positions, attn, kv_caches)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)  # [R, H] -> [R, V] float32
+
+    def materialize_rope(self, max_positions: int, device: torch.device | str) -> None:
+        self.model.rotary.materialize(max_positions, device)
+
+    def fused_parts(self) -> dict[str, MergedLinear]:
+        """Parameter prefix -> fused projection, for the loader."""
+        return {name: mod for name, mod in self.named_modules() if isinstance(mod, MergedLinear)}

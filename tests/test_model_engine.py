@@ -1,0 +1,215 @@
+"""ModelEngine: paged, chunked, mixed steps against transformers; prompt logprobs; block bookkeeping."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import pytest
+import torch
+from step_builder import Chunk, StepBuilder
+from test_models import ARCH_CASES
+from tiny_models import hf_logits
+
+from kiln.config import EngineLimits, KvCacheConfig
+from kiln.engine.kv_cache import CPU_DEFAULT_CAP_BYTES, KvCacheSpec, cpu_default_num_blocks
+from kiln.engine.model_engine import ModelEngine
+from kiln.executor.messages import SlotInit
+from kiln.sampling_params import SamplingParams
+
+BLOCK = 8
+LIMITS = EngineLimits(max_batch_size=4, max_num_tokens=64, max_seq_len=64)
+KV = KvCacheConfig(tokens_per_block=BLOCK, max_tokens=256)
+TOL = dict(atol=1e-4, rtol=1e-4)
+
+_gen = torch.Generator().manual_seed(11)
+SEQ_A = torch.randint(0, 320, (30,), generator=_gen).tolist()  # prompt 19 tokens, then 11 "generated"
+SEQ_B = torch.randint(0, 320, (28,), generator=_gen).tolist()  # prompt 23 tokens, then 5 "generated"
+PROMPT_A, PROMPT_B = 19, 23
+
+
+def make_engine(path: str, **kwargs) -> ModelEngine:
+    kwargs.setdefault("limits", LIMITS)
+    kwargs.setdefault("kv_config", KV)
+    return ModelEngine(path, dtype="float32", device="cpu", **kwargs)
+
+
+@functools.lru_cache(maxsize=32)
+def reference(path: str, tokens: tuple[int, ...]) -> torch.Tensor:
+    return hf_logits(path, list(tokens))
+
+
+def slot_init(slot: int, prompt: list[int], k: int | None) -> SlotInit:
+    return SlotInit(slot, SamplingParams(prompt_logprobs=k), prompt, [], seed=0, seq_index=0)
+
+
+def schedule() -> list[list[Chunk]]:
+    """A (slot 1, seq 0) and B (slot 2, seq 1): chunks of odd sizes across block boundaries, then A decodes
+    while B still prefills, then both decode. Every prompt chunk asks for prompt logprobs (top-3)."""
+    a, b = SEQ_A, SEQ_B
+    steps = [
+        [Chunk(0, 1, 0, a[0:5], prompt_logprobs_k=3)],
+        [Chunk(0, 1, 5, a[5:12], prompt_logprobs_k=3), Chunk(1, 2, 0, b[0:7], prompt_logprobs_k=3)],
+        [Chunk(0, 1, 12, a[12:19], prompt_logprobs_k=3), Chunk(1, 2, 7, b[7:16], prompt_logprobs_k=3)],
+        [Chunk(0, 1, 19, a[19:20], decode=True), Chunk(1, 2, 16, b[16:23], prompt_logprobs_k=3)],
+    ]
+    for i in range(5):
+        steps.append(
+            [
+                Chunk(0, 1, 20 + i, a[20 + i : 21 + i], decode=True),
+                Chunk(1, 2, 23 + i, b[23 + i : 24 + i], decode=True),
+            ]
+        )
+    steps += [[Chunk(0, 1, p, a[p : p + 1], decode=True)] for p in range(25, 30)]
+    return steps
+
+
+@pytest.mark.parametrize("case", sorted(ARCH_CASES))
+def test_paged_chunked_mixed_run_matches_transformers(tiny_model, case):
+    arch, overrides = ARCH_CASES[case]
+    path = tiny_model(arch, **overrides)
+    ref = {0: reference(path, tuple(SEQ_A)), 1: reference(path, tuple(SEQ_B))}
+    prompts = {0: SEQ_A[:PROMPT_A], 1: SEQ_B[:PROMPT_B]}
+    engine = make_engine(path)
+    builder = StepBuilder(BLOCK)
+    inits = [slot_init(1, prompts[0], 3), slot_init(2, prompts[1], 3)]
+    scored: dict[int, list[float]] = {0: [], 1: []}
+    for i, chunks in enumerate(schedule()):
+        out = engine.forward(builder.batch(chunks, slot_inits=inits if i == 0 else None))
+        assert out.logits.shape == (len(chunks), 320) and out.logits.dtype == torch.float32
+        for row, c in enumerate(chunks):  # every chunk samples: logits of its last position
+            torch.testing.assert_close(out.logits[row], ref[c.seq_id][c.start + len(c.tokens) - 1], **TOL)
+        for lp in out.prompt_logprobs:
+            c = next(c for c in chunks if c.seq_id == lp.seq_id)
+            assert lp.start == c.start
+            assert len(scored[lp.seq_id]) == c.start  # chunks concatenate with no gap or overlap
+            logprobs = torch.log_softmax(ref[lp.seq_id], dim=-1)
+            n = len(lp.token_logprobs)
+            targets = torch.tensor(SEQ_A if lp.seq_id == 0 else SEQ_B)[c.start + 1 : c.start + 1 + n]
+            expect = logprobs[c.start : c.start + n].gather(1, targets[:, None]).squeeze(1)
+            torch.testing.assert_close(torch.from_numpy(lp.token_logprobs), expect, **TOL)
+            top = logprobs[c.start : c.start + n].topk(3, dim=-1)
+            assert np.array_equal(lp.top_ids, top.indices.numpy())
+            torch.testing.assert_close(torch.from_numpy(lp.top_logprobs), top.values, **TOL)
+            scored[lp.seq_id] += lp.token_logprobs.tolist()
+    # one logprob per prompt token 1 .. P-1, in order
+    assert len(scored[0]) == PROMPT_A - 1 and len(scored[1]) == PROMPT_B - 1
+
+
+def test_prompt_logprobs_sliced_and_unannounced_slot(tiny_model):
+    path = tiny_model("Qwen3ForCausalLM", head_dim=24)
+    ref = torch.log_softmax(reference(path, tuple(SEQ_A)), dim=-1)
+    engine = make_engine(path)
+    engine._prompt_logprobs.rows_per_slice = 3  # force several slices per chunk
+    builder = StepBuilder(BLOCK)
+    # slot 0 announced: 17 + 13 tokens; the first chunk also scores the next chunk's first token
+    init = slot_init(0, SEQ_A, 5)
+    first = engine.forward(
+        builder.batch([Chunk(0, 0, 0, SEQ_A[:17], prompt_logprobs_k=5)], slot_inits=[init])
+    )
+    second = engine.forward(builder.batch([Chunk(0, 0, 17, SEQ_A[17:], prompt_logprobs_k=0)]))
+    (p1,), (p2,) = first.prompt_logprobs, second.prompt_logprobs
+    assert (p1.start, len(p1.token_logprobs), p1.top_ids.shape) == (0, 17, (17, 5))
+    assert (p2.start, len(p2.token_logprobs), p2.top_ids.shape) == (17, 12, (12, 0))
+    got = np.concatenate([p1.token_logprobs, p2.token_logprobs])
+    expect = ref[:-1].gather(1, torch.tensor(SEQ_A[1:])[:, None]).squeeze(1)
+    torch.testing.assert_close(torch.from_numpy(got), expect, **TOL)
+    torch.testing.assert_close(torch.from_numpy(p1.top_logprobs), ref[:17].topk(5, dim=-1).values, **TOL)
+    # slot 3 never announced: a chunk scores only the tokens inside it
+    (p3,) = engine.forward(builder.batch([Chunk(5, 3, 0, SEQ_A[:10], prompt_logprobs_k=1)])).prompt_logprobs
+    assert (p3.seq_id, p3.start, len(p3.token_logprobs)) == (5, 0, 9)
+    torch.testing.assert_close(torch.from_numpy(p3.token_logprobs), expect[:9], **TOL)
+
+
+def test_forked_rows_share_logits(tiny_model):
+    path = tiny_model("LlamaForCausalLM")
+    engine = make_engine(path)
+    builder = StepBuilder(BLOCK)
+    chunks = [Chunk(0, 0, 0, SEQ_A[:9]), Chunk(1, 1, 0, SEQ_B[:4])]
+    out = engine.forward(builder.batch(chunks, sample=[1, 0, 0, 1, 0]))
+    assert out.logits.shape == (5, 320)
+    ref_a, ref_b = reference(path, tuple(SEQ_A))[8], reference(path, tuple(SEQ_B))[3]
+    for row, seq in enumerate([1, 0, 0, 1, 0]):
+        torch.testing.assert_close(out.logits[row], ref_b if seq else ref_a, **TOL)
+    empty = engine.forward(builder.batch([Chunk(0, 0, 9, SEQ_A[9:12])], sample=[]))
+    assert empty.logits.shape == (0, 320)
+
+
+def test_copy_blocks_then_continue_in_another_slot(tiny_model):
+    """Copy-on-write of a prefix: slot 1 gets copies of slot 0's blocks and decodes from there."""
+    path = tiny_model("MistralForCausalLM", sliding_window=6)
+    ref = reference(path, tuple(SEQ_A))
+    engine = make_engine(path)
+    builder = StepBuilder(BLOCK)
+    engine.forward(builder.batch([Chunk(0, 0, 0, SEQ_A[:20])]))  # blocks 1, 2, 3 in slot 0
+    src = builder.blocks[0]
+    dst = [builder.next_block + i for i in range(3)]  # 4, 5, 6
+    builder.blocks[1] = list(dst)
+    builder.next_block += 3
+    batch = builder.batch(
+        [Chunk(1, 1, 20, SEQ_A[20:21], decode=True)], copy_blocks=list(zip(src, dst, strict=True))
+    )
+    batch.block_updates = np.array([(1, i, b) for i, b in enumerate(dst)], np.int32)
+    out = engine.forward(batch)
+    torch.testing.assert_close(out.logits[0], ref[20], **TOL)
+    pool = engine.kv_cache.pool  # [L, 2, blocks, block, Hkv, D]
+    assert torch.equal(pool[:, :, dst[:2]], pool[:, :, src[:2]])  # full blocks copied in every layer, K and V
+    assert torch.equal(pool[:, :, dst[2], :4], pool[:, :, src[2], :4])  # the shared tail before the new token
+    assert not torch.equal(pool[:, :, dst[2], 4], pool[:, :, src[2], 4])  # only slot 1 wrote position 20
+    # and slot 0's own continuation is unaffected
+    out0 = engine.forward(builder.batch([Chunk(0, 0, 20, SEQ_A[20:21], decode=True)]))
+    torch.testing.assert_close(out0.logits[0], ref[20], **TOL)
+
+
+def test_block_updates_append_to_rows(tiny_model):
+    engine = make_engine(tiny_model("LlamaForCausalLM"))
+    builder = StepBuilder(BLOCK, first_block=7)
+    engine.forward(builder.batch([Chunk(0, 2, 0, SEQ_A[:10]), Chunk(1, 0, 0, SEQ_B[:3])]))
+    table = engine.block_table.numpy()
+    assert table.shape == (LIMITS.max_batch_size, math.ceil(LIMITS.max_seq_len / BLOCK))
+    assert table[2, :3].tolist() == [7, 8, 0] and table[0, :2].tolist() == [9, 0]
+    assert not table[[1, 3]].any()
+    engine.forward(builder.batch([Chunk(0, 2, 10, SEQ_A[10:17])]))  # crosses into a third block
+    assert engine.block_table[2, :4].tolist() == [7, 8, 10, 0] and engine.block_table[0, :2].tolist() == [
+        9,
+        0,
+    ]
+
+
+def test_batch_validation(tiny_model):
+    engine = make_engine(tiny_model("LlamaForCausalLM"))
+    builder = StepBuilder(BLOCK)
+    with pytest.raises(ValueError, match="max_num_tokens=64"):
+        engine.forward(builder.batch([Chunk(0, 0, 0, list(range(65)))]))
+    with pytest.raises(ValueError, match="slots must be in"):
+        engine.forward(builder.batch([Chunk(0, 4, 0, [1, 2])]))
+    bad = builder.batch([Chunk(0, 0, 0, [1, 2])])
+    bad.block_updates = np.array([[0, 0, engine.num_blocks]], np.int32)
+    with pytest.raises(ValueError, match="block update out of range"):
+        engine.forward(bad)
+
+
+def test_kv_cache_sizing(tiny_model):
+    path = tiny_model("LlamaForCausalLM")
+    engine = make_engine(path, kv_config=KvCacheConfig(tokens_per_block=16, max_tokens=100))
+    assert engine.num_blocks == math.ceil(100 / 16) + 1
+    k_cache, v_cache = engine.kv_cache.layers[1]
+    assert k_cache.shape == v_cache.shape == (engine.num_blocks, 16, 2, 16) and k_cache.is_contiguous()
+    engine.close()
+    assert engine.kv_cache is None
+    with pytest.raises(AssertionError):
+        engine.forward(StepBuilder(16).batch([Chunk(0, 0, 0, [1])]))
+    # CPU default: two full batches of min(max_seq_len, 2048)-token sequences, capped by what all slots
+    # can use and by CPU_DEFAULT_CAP_BYTES
+    small = KvCacheSpec(num_layers=2, num_kv_heads=2, head_dim=16, tokens_per_block=16, dtype=torch.float32)
+    assert cpu_default_num_blocks(small, EngineLimits(8, 64, 4096)) == 2 * 8 * 2048 // 16 + 1
+    assert cpu_default_num_blocks(small, EngineLimits(8, 64, 64)) == 8 * 64 // 16 + 1
+    big = KvCacheSpec(num_layers=32, num_kv_heads=8, head_dim=128, tokens_per_block=16, dtype=torch.bfloat16)
+    assert (
+        cpu_default_num_blocks(big, EngineLimits(256, 8192, 4096))
+        == CPU_DEFAULT_CAP_BYTES // big.bytes_per_block
+    )
+    engine = make_engine(path, kv_config=KvCacheConfig(tokens_per_block=16))
+    assert engine.num_blocks == LIMITS.max_batch_size * math.ceil(LIMITS.max_seq_len / 16) + 1
+    assert engine.info.dtype == torch.float32 and engine.vocab_size == 320 and engine.dtype == torch.float32
