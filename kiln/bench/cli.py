@@ -1,0 +1,263 @@
+"""``kiln bench``: throughput, latency, serve (an HTTP load generator) and presets.
+
+``kiln.cli`` calls ``add_arguments(parser)`` on the ``bench`` sub-parser and ``main(args)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from kiln.bench.throughput import DEFAULT_HF_BATCH_SIZE, DEFAULT_HF_NUM_REQUESTS, DEFAULT_NUM_REQUESTS
+
+# The sub-parsers built by add_arguments, so a run can write its command line back out.
+_PARSERS: dict[str, argparse.ArgumentParser] = {}
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """``kiln bench CMD`` and every option whose value differs from its default, in parser order:
+    the command that reproduces this run, however it was invoked."""
+    import shlex
+
+    parser = _PARSERS[args.bench_command]
+    words = ["kiln", "bench", args.bench_command]
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        value = getattr(args, action.dest, None)
+        if value == action.default:
+            continue
+        flag = action.option_strings[-1]
+        if isinstance(action, argparse._StoreTrueAction):
+            words.append(flag)
+        else:
+            words += [flag, str(value)]
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def _serve_module() -> Any | None:
+    """``kiln.bench.serve`` when it and its dependencies import, else None."""
+    try:
+        from kiln.bench import serve
+    except ImportError:
+        return None
+    return serve
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model directory or preset:NAME (see `kiln bench presets`)")
+    p.add_argument(
+        "--backend",
+        default="kiln",
+        choices=["kiln", "hf", "both"],
+        help="kiln (default), hf (transformers on the same device) or both, side by side",
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        help="auto: the checkpoint's dtype on a GPU, float32 on the CPU",
+    )
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default 0)")
+    p.add_argument("--max-batch-size", type=int, default=None, help="engine max batch size")
+    p.add_argument(
+        "--max-num-tokens", type=int, default=8192, help="engine token budget per step (default 8192)"
+    )
+    p.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=None,
+        help="engine context limit (default: the workload's longest request, rounded up to 256)",
+    )
+    p.add_argument(
+        "--kv-fraction",
+        type=float,
+        default=0.9,
+        help="share of free GPU memory for the KV cache (default 0.9)",
+    )
+    p.add_argument("--executor", default="auto", choices=["auto", "thread", "process"])
+    p.add_argument(
+        "--preset-cache",
+        default=None,
+        metavar="DIR",
+        help="where presets are materialised (default ~/.cache/kiln/presets)",
+    )
+    p.add_argument(
+        "--roofline",
+        default="auto",
+        choices=["auto", "configured", "measured"],
+        help="device peaks for the bound: configured (H100: 3.0 TB/s, 794 TFLOP/s), measured "
+        "(timed on this device) or auto (configured on an H100 SXM, measured elsewhere)",
+    )
+    p.add_argument(
+        "--hbm-bandwidth", type=float, default=None, help="bytes/s for the bound (sets configured)"
+    )
+    p.add_argument("--peak-flops", type=float, default=None, help="FLOP/s for the bound (sets configured)")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the full report as JSON")
+    p.add_argument(
+        "--append-results",
+        default=None,
+        metavar="FILE",
+        help="append one markdown row to FILE (e.g. benchmarks/RESULTS.md)",
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench_command", required=True)
+    t = sub.add_parser("throughput", help="offline throughput: every request queued at once, EOS ignored")
+    _add_common(t)
+    _PARSERS["throughput"] = t
+    t.add_argument(
+        "--workload",
+        default="synthetic",
+        choices=["synthetic", "nano-vllm"],
+        help="synthetic (random ids, --isl/--osl) or nano-vllm (256 requests, lengths 100-1024, "
+        "temperature 0.6, max_model_len 4096)",
+    )
+    t.add_argument(
+        "--num-requests",
+        type=int,
+        default=DEFAULT_NUM_REQUESTS,
+        help=f"requests (default {DEFAULT_NUM_REQUESTS}: minutes at most on an H100 at 128/128)",
+    )
+    t.add_argument("--isl", type=int, default=128, help="mean prompt tokens (default 128)")
+    t.add_argument("--osl", type=int, default=128, help="mean output tokens (default 128)")
+    t.add_argument("--isl-stdev", type=float, default=0.0, help="prompt length standard deviation")
+    t.add_argument("--osl-stdev", type=float, default=0.0, help="output length standard deviation")
+    t.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    t.add_argument("--warmup-requests", type=int, default=4, help="short requests run before timing")
+    t.add_argument(
+        "--hf-num-requests",
+        type=int,
+        default=DEFAULT_HF_NUM_REQUESTS,
+        help=f"requests the transformers peer runs (default {DEFAULT_HF_NUM_REQUESTS}; the first N)",
+    )
+    t.add_argument(
+        "--hf-batch-size",
+        type=int,
+        default=DEFAULT_HF_BATCH_SIZE,
+        help=f"transformers generate batch size (default {DEFAULT_HF_BATCH_SIZE})",
+    )
+    lat = sub.add_parser("latency", help="decode speed of a small batch, prefill excluded")
+    _add_common(lat)
+    _PARSERS["latency"] = lat
+    lat.add_argument("--isl", type=int, default=128, help="prompt tokens (default 128)")
+    lat.add_argument("--osl", type=int, default=256, help="output tokens (default 256)")
+    lat.add_argument("--batch-size", type=int, default=1, help="sequences decoded together (default 1)")
+    lat.add_argument("--iterations", type=int, default=5, help="measured iterations; the median counts")
+    lat.add_argument("--warmup", type=int, default=1, help="warm-up iterations (default 1)")
+    lat.add_argument(
+        "--no-hf-compile",
+        action="store_true",
+        help="transformers peer eager with a dynamic cache instead of static cache + compile",
+    )
+    serve = _serve_module()
+    if serve is not None:
+        s = sub.add_parser("serve", help="load generator against an OpenAI-compatible server")
+        serve.add_arguments(s)
+    pr = sub.add_parser("presets", help="list model presets, or materialise one")
+    pr.add_argument("--make", default=None, metavar="NAME", help="materialise preset NAME and print its path")
+    pr.add_argument(
+        "--device", default=None, help="where the random weights are drawn (default: cuda if present)"
+    )
+    pr.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
+    pr.add_argument("--preset-cache", default=None, metavar="DIR")
+
+
+def main(args: argparse.Namespace) -> int:
+    cmd = args.bench_command
+    if cmd == "serve":
+        serve = _serve_module()
+        if serve is None:
+            print("kiln bench serve: its dependencies are not installed", file=sys.stderr)
+            return 2
+        return int(serve.main(args) or 0)
+    if cmd == "presets":
+        return _presets(args)
+    return _run(args)
+
+
+def _presets(args: argparse.Namespace) -> int:
+    from kiln.bench.checkpoint import num_parameters
+    from kiln.bench.presets import PRESETS, materialize_preset
+
+    if args.make:
+        print(materialize_preset(args.make, args.preset_cache, device=args.device, dtype=args.dtype))
+        return 0
+    for name in sorted(PRESETS):
+        p = PRESETS[name]
+        print(f"preset:{name:<16} {num_parameters(p.config) / 1e9:8.3f} B parameters  ({p.source})")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from kiln.bench.kiln_backend import EngineSettings
+    from kiln.bench.report import append_results, render_table, write_json
+    from kiln.bench.setup import prepare_model
+
+    model = prepare_model(
+        args.model,
+        args.dtype,
+        args.device,
+        args.preset_cache,
+        args.roofline,
+        args.hbm_bandwidth,
+        args.peak_flops,
+    )
+    engine = EngineSettings(
+        dtype=model.dtype,
+        device=model.device,
+        max_batch_size=args.max_batch_size or (256 if args.bench_command == "throughput" else 1),
+        max_num_tokens=args.max_num_tokens,
+        max_seq_len=args.max_seq_len,
+        kv_fraction=args.kv_fraction,
+        executor=args.executor,
+        seed=args.seed,
+    )
+    if engine.max_num_tokens < engine.max_batch_size:
+        raise ValueError(
+            f"--max-num-tokens ({engine.max_num_tokens}) must be >= "
+            f"--max-batch-size ({engine.max_batch_size})"
+        )
+    if args.bench_command == "throughput":
+        from kiln.bench.throughput import ThroughputOptions, run_throughput
+
+        opts = ThroughputOptions(
+            workload=args.workload,
+            num_requests=args.num_requests,
+            isl=args.isl,
+            osl=args.osl,
+            isl_stdev=args.isl_stdev,
+            osl_stdev=args.osl_stdev,
+            temperature=args.temperature,
+            seed=args.seed,
+            warmup_requests=args.warmup_requests,
+            backend=args.backend,
+            hf_num_requests=args.hf_num_requests,
+            hf_batch_size=args.hf_batch_size,
+        )
+        report = run_throughput(model, opts, engine, command_line(args))
+    else:
+        from kiln.bench.latency import LatencyOptions, run_latency
+
+        lopts = LatencyOptions(
+            isl=args.isl,
+            osl=args.osl,
+            batch_size=args.batch_size,
+            iterations=args.iterations,
+            warmup=args.warmup,
+            seed=args.seed,
+            backend=args.backend,
+            hf_compile=not args.no_hf_compile,
+        )
+        report = run_latency(model, lopts, engine, command_line(args))
+    if args.json:
+        write_json(report, args.json)
+        print(f"kiln bench: wrote {args.json}", file=sys.stderr)
+    if args.append_results:
+        append_results(report, args.append_results)
+        print(f"kiln bench: appended a row to {args.append_results}", file=sys.stderr)
+    print(render_table(report), flush=True)  # the human-readable summary comes last
+    return 0

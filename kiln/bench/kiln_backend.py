@@ -1,0 +1,145 @@
+"""Running a workload through kiln's ``LLM``: engine set-up, all requests at once, engine-stat sampling."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from kiln.bench.workloads import Workload, synthetic
+
+if TYPE_CHECKING:
+    from kiln.llm import LLM
+    from kiln.outputs import RequestOutput
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    dtype: str = "auto"
+    device: str | None = None
+    max_batch_size: int = 256
+    max_num_tokens: int = 8192
+    max_seq_len: int | None = None
+    kv_fraction: float = 0.9
+    executor: str = "auto"
+    seed: int = 0
+
+
+def open_llm(model_dir: str, s: EngineSettings) -> LLM:
+    from kiln.config import KvCacheConfig
+    from kiln.llm import LLM
+
+    return LLM(
+        model=model_dir,
+        dtype=s.dtype,
+        device=s.device,
+        max_batch_size=s.max_batch_size,
+        max_num_tokens=s.max_num_tokens,
+        max_seq_len=s.max_seq_len,
+        kv_cache_config=KvCacheConfig(free_gpu_memory_fraction=s.kv_fraction),
+        seed=s.seed,
+        executor=s.executor,
+    )
+
+
+@dataclass
+class KilnRun:
+    outputs: list[RequestOutput]
+    wall_s: float
+    peak_running: int = 0
+    peak_step_batch: int = 0
+    peak_kv_usage: float = 0.0
+    steps: int = 0
+    num_preemptions: int = 0
+    samples: int = 0  # how many times the engine stats were read while the run went on
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _StatsSampler:
+    """Reads ``llm.stats()`` every few milliseconds in a thread and keeps the peaks."""
+
+    def __init__(self, llm: LLM, period_s: float = 0.002) -> None:
+        self.llm, self.period = llm, period_s
+        self.peak_running = self.peak_batch = self.samples = 0
+        self.peak_kv = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="kiln-bench-stats", daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.period)
+
+    def sample(self) -> None:
+        s = self.llm.stats()
+        self.samples += 1
+        self.peak_running = max(self.peak_running, s.num_running)
+        self.peak_batch = max(self.peak_batch, s.last_batch_size)
+        self.peak_kv = max(self.peak_kv, s.kv_usage)
+
+    def __enter__(self) -> _StatsSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
+def run_workload(llm: LLM, workload: Workload) -> KilnRun:
+    """Queue every request at once (EOS ignored) and wait for all of them."""
+    from kiln.sampling_params import SamplingParams
+
+    prompts: list[Any] = [{"prompt_token_ids": p} for p in workload.prompts]
+    params = [
+        SamplingParams(max_tokens=n, ignore_eos=True, temperature=workload.temperature, top_k=-1, top_p=1.0)
+        for n in workload.output_lens
+    ]
+    before = llm.stats()
+    with _StatsSampler(llm) as sampler:
+        t0 = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        wall = time.perf_counter() - t0
+    after = llm.stats()
+    return KilnRun(
+        outputs=outputs,
+        wall_s=wall,
+        peak_running=sampler.peak_running,
+        peak_step_batch=sampler.peak_batch,
+        peak_kv_usage=sampler.peak_kv,
+        steps=after.steps - before.steps,
+        num_preemptions=after.num_preemptions - before.num_preemptions,
+        samples=sampler.samples,
+    )
+
+
+def warm_up(llm: LLM, num_requests: int, isl: int, osl: int, seed: int) -> float:
+    """A short run of fresh random prompts (no prefix-cache hits later) so first-use work —
+    kernel compilation, allocator growth — stays out of the measurement. Returns its seconds."""
+    if num_requests <= 0:
+        return 0.0
+    wl = synthetic(num_requests, max(1, isl), max(1, osl), llm.vocab_size, seed=seed + 1_000_003)
+    t0 = time.perf_counter()
+    run_workload(llm, wl)
+    return time.perf_counter() - t0
+
+
+def request_times(out: RequestOutput) -> tuple[float | None, float | None, float | None]:
+    """(TTFT, end-to-end latency, mean time per output token after the first) in seconds."""
+    m = out.metrics
+    if m is None or m.first_token_time is None or m.finished_time is None:
+        return None, None, None
+    n = len(out.outputs[0].token_ids) if out.outputs else 0
+    tpot = (m.finished_time - m.first_token_time) / (n - 1) if n > 1 else None
+    return m.first_token_time - m.arrival_time, m.finished_time - m.arrival_time, tpot
+
+
+def kv_capacity_tokens(llm: LLM) -> int | None:
+    blocks = llm.engine_info.get("num_blocks")
+    if blocks is None:
+        return None
+    from kiln.config import KvCacheConfig
+
+    return int(blocks) * KvCacheConfig().tokens_per_block
