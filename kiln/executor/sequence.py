@@ -1,0 +1,157 @@
+"""The scheduler's view of requests and sequences.
+
+A request with ``params.n = k`` gives k sequences. Before its prompt is computed only the *leader*
+exists (it prefills the prompt); the other indices are ``pending_children`` and are forked from the
+leader in the step whose chunk ends the prompt. After that every sequence lives on its own.
+
+A sequence's tokens are its prompt then its outputs. ``num_computed`` of them are in the KV cache;
+the rest (at least one: the last sampled token) are computed by later steps.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kiln.executor.messages import PromptLogprobs, Request, SlotInit
+from kiln.sampling_params import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class RequestState:
+    request: Request
+    seed: int  # params.seed, or one drawn from the engine's generator when the request came in
+    stop_ids: tuple[int, ...]  # ids that finish a sequence (after min_tokens)
+    max_total: int  # prompt + max_tokens, capped at max_seq_len
+    pending_children: list[int]  # seq indices not forked yet (the leader's prompt is not done)
+    leader: Sequence | None = None
+    live: dict[int, Sequence] = field(default_factory=dict)  # seq index -> unfinished forked/leader seq
+    # guaranteed_no_evict: blocks this request may still take from the pool (reserved at admission)
+    future_blocks: int = 0
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def num_prompt(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+    @property
+    def uses_prefix_cache(self) -> bool:
+        # prompt logprobs need the logits of every prompt position, so nothing may be skipped
+        return self.params.prompt_logprobs is None
+
+    @property
+    def done(self) -> bool:
+        return not self.live and not self.pending_children
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    request: RequestState
+    seq_index: int
+    token_ids: list[int]  # prompt, then outputs
+    num_computed: int = 0
+    slot: int = -1
+    status: SeqStatus = SeqStatus.WAITING
+    epoch: int = 0  # bumped on preemption: in-flight results of an older epoch are dropped
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
+    admitted: bool = False
+    prompt_logprobs_next: int = 1  # next prompt position whose logprob the caller has not received
+    needs_slot_init: bool = True  # its slot's per-sequence state must be (re)written
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.token_ids) - self.request.num_prompt
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.request.num_prompt :]
+
+    @property
+    def remaining(self) -> int:
+        """Tokens still to compute before the next token can be sampled."""
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def is_decode(self) -> bool:
+        """Generation phase: everything known is computed except the last sampled token."""
+        return self.num_outputs > 0 and self.remaining == 1
+
+    @property
+    def is_prefork_leader(self) -> bool:
+        return self is self.request.leader and bool(self.request.pending_children)
+
+    def slot_init(self) -> SlotInit:
+        req = self.request
+        return SlotInit(
+            slot=self.slot,
+            params=req.params,
+            prompt_token_ids=req.request.prompt_token_ids,
+            output_token_ids=self.output_token_ids,
+            seed=req.seed,
+            seq_index=self.seq_index,
+            stop_ids=req.stop_ids,
+        )
+
+    def finish_reason(self, max_blocks: int, block_size: int) -> tuple[str | None, int | None]:
+        """(finish reason, stop reason) after a token was appended; (None, None) while it goes on.
+
+        ``max_blocks``: the most blocks the sequence can ever hold (it must hold its whole next step).
+        """
+        req, tok = self.request, self.token_ids[-1]
+        if tok in req.stop_ids and self.num_outputs >= req.params.min_tokens:
+            return "stop", (tok if tok in (req.params.stop_token_ids or ()) else None)
+        if self.num_tokens >= req.max_total:  # max_tokens or max_seq_len reached
+            return "length", None
+        if -(-self.num_tokens // block_size) > max_blocks:
+            return "length", None  # its next step needs more KV blocks than it can ever get
+        return None, None
+
+    def new_prompt_logprobs(self, pl: PromptLogprobs) -> PromptLogprobs | None:
+        """The part of a chunk's prompt logprobs not sent before (a recomputed prompt is scored again)."""
+        pos = pl.start + 1 + np.arange(len(pl.token_logprobs))  # [L] positions scored
+        keep = np.nonzero((pos >= self.prompt_logprobs_next) & (pos <= self.request.num_prompt - 1))[0]
+        if keep.size == 0:
+            return None
+        lo, hi = int(keep[0]), int(keep[-1]) + 1
+        self.prompt_logprobs_next = int(pos[hi - 1]) + 1
+        if lo == 0 and hi == len(pos):
+            return pl
+        return PromptLogprobs(
+            pl.seq_id, pl.start + lo, pl.token_logprobs[lo:hi], pl.top_ids[lo:hi], pl.top_logprobs[lo:hi]
+        )
+
+
+def stop_ids_of(req: Request) -> tuple[int, ...]:
+    """EOS (unless ignore_eos) then stop_token_ids, without duplicates."""
+    eos = () if req.params.ignore_eos else tuple(req.eos_token_ids)
+    return tuple(dict.fromkeys(eos + tuple(req.params.stop_token_ids or ())))
+
+
+def worst_case_blocks(num_prompt: int, max_total: int, n: int, block_size: int) -> int:
+    """Blocks a request of n sequences may hold at most: shared full prompt blocks, then each
+    sequence's own blocks up to position max_total - 2 (the last sampled token is never written).
+    A partial prompt block is counted once per sequence: all but one copy it on their first write.
+    """
+    shared = num_prompt // block_size
+    per_seq = -(-(max_total - 1) // block_size)
+    return shared + n * (per_seq - shared)
