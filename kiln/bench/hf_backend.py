@@ -35,9 +35,10 @@ def load_model(model_dir: str, dtype: str, device: str) -> Any:
         cfg_dtype = json.load(f).get("torch_dtype")
     td = torch_dtype(dtype, cfg_dtype, device)
     try:  # straight onto the device where this transformers can
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=td, device_map=device)
+        model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=td, device_map=device)
     except (ImportError, ValueError):
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=td).to(device)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=td)
+        model = model.to(device)
     model.eval()
     return model
 
@@ -130,7 +131,9 @@ class _FirstTokenClock:
     """
 
     def __init__(self, device: str) -> None:
-        self.device, self.calls, self.first_token_time = device, 0, None
+        self.device = device
+        self.calls = 0
+        self.first_token_time: float | None = None
 
     def put(self, value: Any) -> None:
         self.calls += 1
@@ -160,7 +163,9 @@ def hf_latency(
     if osl < 2:
         raise ValueError(f"latency needs osl >= 2 to time decoding, got {osl}")
     extra: dict[str, Any] = {"cache_implementation": "static"} if compile else {}
-    ttfts, tpots, warm_s = [], [], 0.0
+    ttfts: list[float] = []
+    tpots: list[float] = []
+    warm_s = 0.0
     for it, prompts in enumerate(prompt_sets):
         ids, mask = _left_padded(prompts, device)
         clock = _FirstTokenClock(device)
@@ -180,9 +185,12 @@ def hf_latency(
         raise ValueError(f"no measured iterations: {len(prompt_sets)} prompt sets for {warmup} warm-up(s)")
     tpot = statistics.median(tpots)
     batch = len(prompt_sets[-1])
-    mode = (
-        "static cache + torch.compile (generate's automatic compile)" if compile else "eager, dynamic cache"
-    )
+    if not compile:
+        mode = "eager, dynamic cache"
+    elif device.startswith("cuda"):
+        mode = "static cache + torch.compile"
+    else:  # generate compiles automatically only on accelerators
+        mode = "static cache, not compiled on the CPU"
     return {
         "batch_size": batch,
         "iterations": len(tpots),

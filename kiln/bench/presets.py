@@ -373,9 +373,14 @@ def materialize_preset(
         write_random_checkpoint(tmp, config, dtype=dtype, device=device, seed=seed, verbose=verbose)
         with open(os.path.join(tmp, ".complete"), "w") as f:
             f.write(preset.source + "\n")
-        if os.path.isdir(final):  # an incomplete leftover of an interrupted run
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        if os.path.isdir(final) and not os.path.isfile(os.path.join(final, ".complete")):
+            shutil.rmtree(final)  # an incomplete leftover of an interrupted run
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not os.path.isfile(os.path.join(final, ".complete")):
+                raise
+            shutil.rmtree(tmp)  # another process finished the same preset first: use its copy
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

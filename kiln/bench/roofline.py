@@ -17,7 +17,7 @@ import numpy as np
 
 from kiln.bench.checkpoint import head_dim_of, weight_shapes
 
-# Measured on the benchmark H100 80GB SXM (see DESIGN.md): a large copy and a large BF16 matmul.
+# Measured on the benchmark H100 80GB SXM: a large device copy and a large BF16 matmul.
 H100_HBM_BYTES_PER_S = 3.0e12
 H100_BF16_FLOPS = 794e12
 _BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -212,10 +212,10 @@ def measure_peaks(device: str = "cuda") -> DevicePeaks:
 
     dev = torch.device(device)
     n = 1 << 29  # bf16 elements: 1 GiB
-    x = torch.empty(n, dtype=torch.bfloat16, device=dev)
-    y = torch.empty_like(x)
-    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=dev)
-    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device=dev)
+    buf = {"x": torch.empty(n, dtype=torch.bfloat16, device=dev)}
+    buf["y"] = torch.empty_like(buf["x"])
+    buf["a"] = torch.randn(8192, 8192, dtype=torch.bfloat16, device=dev)
+    buf["b"] = torch.randn(8192, 8192, dtype=torch.bfloat16, device=dev)
 
     def timed(fn, iters: int) -> float:
         fn()
@@ -228,9 +228,9 @@ def measure_peaks(device: str = "cuda") -> DevicePeaks:
         torch.cuda.synchronize(dev)
         return start.elapsed_time(end) / 1e3 / iters
 
-    t_copy = timed(lambda: y.copy_(x), 20)
-    t_mm = timed(lambda: torch.mm(a, b), 20)
-    x = y = a = b = None  # noqa: F841 - release the buffers before the engine sizes its KV pool
+    t_copy = timed(lambda: buf["y"].copy_(buf["x"]), 20)
+    t_mm = timed(lambda: torch.mm(buf["a"], buf["b"]), 20)
+    buf.clear()  # release the buffers before an engine sizes its KV pool
     torch.cuda.empty_cache()
     return DevicePeaks(2 * n * 2 / t_copy, 2 * 8192**3 / t_mm, "measured")
 

@@ -67,14 +67,16 @@ def make_workload(opts: ThroughputOptions, vocab_size: int) -> Workload:
 def kiln_figures(run: KilnRun, workload: Workload) -> dict[str, Any]:
     """Figures of one kiln run; ``wrong_lengths`` counts requests whose output length differs from
     the one asked for (which would make the figures meaningless)."""
-    ttft, e2e, tpot = [], [], []
+    ttft: list[float] = []
+    e2e: list[float] = []
+    tpot: list[float] = []
     out_tokens = wrong = 0
     for out, want in zip(run.outputs, workload.output_lens, strict=True):
         n = len(out.outputs[0].token_ids)
         out_tokens += n
         wrong += n != want
         a, b, c = request_times(out)
-        if a is not None:
+        if a is not None and b is not None:
             ttft.append(a)
             e2e.append(b)
         if c is not None:

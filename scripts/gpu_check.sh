@@ -1,0 +1,173 @@
+#!/usr/bin/env bash
+# The GPU machine's check: environment, GPU tests, benchmarks, then a summary table.
+#
+#   scripts/gpu_check.sh [GROUP ...]      (default: tests)
+#
+# Groups (each sized to fit a 10-minute call on one H100, presets made on first use):
+#   env         nvidia-smi and versions only (always printed first)
+#   tiny        tiny-llama throughput + latency: checks this script and the bench plumbing (seconds)
+#   tests       python3 -m pytest -q -m gpu tests/                                  (~1-5 min)
+#   smoke       llama-3.2-1b: latency bs=1 and a small 128/128 throughput, kiln only  (~1-2 min)
+#   latency     bs=1 ISL 128 / 256 new: llama-3.2-1b and llama-3.1-8b, kiln + transformers peer (~5-8 min)
+#   throughput  llama-3.1-8b 128/128 x 512 requests, kiln + transformers peer on 256   (~4-7 min)
+#   nano        qwen3-0.6b nano-vllm workload (256 requests), kiln + peer on 128       (~3-6 min)
+#   all         every group above, in that order (longer than one call: use it on a long lease)
+#
+# Reports go to $OUT (./out when unset): one JSON and one log per benchmark, pytest's log, and
+# summary.txt. Environment: PYTHON (default python3), BENCH_TIMEOUT / TEST_TIMEOUT (seconds per
+# benchmark / for the tests), HF=0 to skip the transformers peers, PRESET_CACHE (preset directory).
+# No installation: the repository runs from its tree (PYTHONPATH=.).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-./out}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PYTHON:-python3}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-420}
+TEST_TIMEOUT=${TEST_TIMEOUT:-480}
+PEER=$([ "${HF:-1}" = "0" ] && echo kiln || echo both)
+CACHE_ARGS=()
+[ -n "${PRESET_CACHE:-}" ] && CACHE_ARGS=(--preset-cache "$PRESET_CACHE")
+STATUS_FILE="$OUT/status.tsv"
+: >"$STATUS_FILE"
+T_START=$(date +%s)
+
+note() { echo "== [$(($(date +%s) - T_START)) s] $*"; }
+
+env_info() {
+  note "environment"
+  nvidia-smi || echo "nvidia-smi failed"
+  "$PY" - <<'EOF'
+import platform
+import torch
+print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda)
+for mod in ("triton", "transformers", "numpy", "safetensors", "tokenizers"):
+    try:
+        print(f"{mod} {__import__(mod).__version__}")
+    except Exception as e:  # noqa: BLE001
+        print(f"{mod}: not importable ({e})")
+if torch.cuda.is_available():
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        print(f"cuda:{i} {p.name}, {p.total_memory / 2**30:.1f} GiB, {p.multi_processor_count} SMs")
+else:
+    print("no CUDA device visible")
+EOF
+  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo 'not a git checkout')"
+}
+
+run_tests() {
+  note "pytest -m gpu (timeout ${TEST_TIMEOUT} s)"
+  timeout --kill-after=30 "$TEST_TIMEOUT" "$PY" -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 \
+    | tee "$OUT/pytest_gpu.log"
+  local rc=${PIPESTATUS[0]}
+  printf 'pytest-gpu\t%s\t%s\n' "$rc" "$(tail -n 1 "$OUT/pytest_gpu.log")" >>"$STATUS_FILE"
+}
+
+# bench NAME ARGS...: one `kiln bench` run, its JSON and log under $OUT, bounded by a timeout.
+bench() {
+  local name=$1
+  shift
+  note "bench $name: kiln bench $* (timeout ${BENCH_TIMEOUT} s)"
+  local t0=$(date +%s)
+  timeout --kill-after=30 "$BENCH_TIMEOUT" "$PY" -m kiln.cli bench "$@" "${CACHE_ARGS[@]}" \
+    --json "$OUT/$name.json" 2>&1 | tee "$OUT/$name.log"
+  local rc=${PIPESTATUS[0]}
+  local why=ok
+  [ "$rc" = 124 ] || [ "$rc" = 137 ] && why="timed out after ${BENCH_TIMEOUT} s"
+  [ "$rc" != 0 ] && [ "$why" = ok ] && why="failed: $(grep -m1 -E 'Error|error' "$OUT/$name.log" | cut -c1-160)"
+  printf '%s\t%s\t%s (%s s)\n' "$name" "$rc" "$why" "$(($(date +%s) - t0))" >>"$STATUS_FILE"
+}
+
+tiny() {
+  bench tiny_throughput throughput --model preset:tiny-llama --num-requests 16 --isl 32 --osl 16 --backend "$PEER" \
+    --hf-batch-size 8
+  bench tiny_latency latency --model preset:tiny-llama --isl 16 --osl 16 --iterations 2 --backend "$PEER"
+}
+
+smoke() {
+  bench smoke_latency_llama1b latency --model preset:llama-3.2-1b --isl 128 --osl 128 --iterations 3
+  bench smoke_throughput_llama1b throughput --model preset:llama-3.2-1b --num-requests 128 --isl 128 --osl 128
+}
+
+latency() {
+  bench latency_llama1b_bs1 latency --model preset:llama-3.2-1b --isl 128 --osl 256 --batch-size 1 \
+    --backend "$PEER"
+  bench latency_llama8b_bs1 latency --model preset:llama-3.1-8b --isl 128 --osl 256 --batch-size 1 \
+    --backend "$PEER"
+}
+
+throughput() {
+  bench throughput_llama8b_128_128 throughput --model preset:llama-3.1-8b --isl 128 --osl 128 \
+    --num-requests 512 --backend "$PEER" --hf-num-requests 256 --hf-batch-size 64
+}
+
+nano() {
+  bench throughput_qwen3_nano_vllm throughput --model preset:qwen3-0.6b --workload nano-vllm \
+    --backend "$PEER" --hf-num-requests 128 --hf-batch-size 64
+}
+
+summary() {
+  note "summary"
+  "$PY" - "$OUT" "$STATUS_FILE" <<'EOF' | tee "$OUT/summary.txt"
+import glob
+import json
+import os
+import sys
+
+out, status_file = sys.argv[1], sys.argv[2]
+rows = [line.rstrip("\n").split("\t") for line in open(status_file) if line.strip()]
+head = ("run", "kind", "model", "kiln", "transformers", "bound", "kiln/bound", "card")
+table = [head]
+for name, rc, why in rows:
+    path = os.path.join(out, f"{name}.json")
+    if name == "pytest-gpu" or not os.path.isfile(path):
+        table.append((name, "-", "-", f"rc={rc}", "-", "-", "-", why[:60]))
+        continue
+    r = json.load(open(path))
+    key = {"throughput": "output_tok_s", "latency": "decode_tok_s"}[r["kind"]]
+    res = r["results"]
+
+    def fig(b):
+        v = (res.get(b) or {}).get(key)
+        return "-" if v is None else f"{v:,.1f}"
+
+    share = (res.get("kiln") or {}).get("roofline_share")
+    table.append((
+        name, f"{r['kind']} ({key})", r["model"].get("name", "?"), fig("kiln"), fig("hf"),
+        f"{r['roofline'].get('bound', 0):,.1f}", "-" if share is None else f"{share:.1%}", r["env"]["card"],
+    ))
+widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
+for row in table:
+    print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+print()
+for name, rc, why in rows:
+    print(f"{name}: {why}")
+EOF
+}
+
+groups=("$@")
+[ ${#groups[@]} -eq 0 ] && groups=(tests)
+for g in "${groups[@]}"; do
+  case "$g" in
+    env | tiny | tests | smoke | latency | throughput | nano | all) ;;
+    *) echo "unknown group '$g'; use env, tiny, tests, smoke, latency, throughput, nano or all" >&2; exit 2 ;;
+  esac
+done
+env_info
+for g in "${groups[@]}"; do
+  case "$g" in
+    env) ;;
+    tiny) tiny ;;
+    tests) run_tests ;;
+    smoke) smoke ;;
+    latency) latency ;;
+    throughput) throughput ;;
+    nano) nano ;;
+    all) run_tests; smoke; latency; throughput; nano ;;
+  esac
+done
+summary
+note "done"
+# Exit non-zero when any step failed, so a caller sees it without reading the table.
+! awk -F'\t' '$2 != 0 { bad = 1 } END { exit !bad }' "$STATUS_FILE"
