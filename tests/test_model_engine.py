@@ -4,19 +4,28 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
-import numpy as np
-import pytest
 import torch
-from step_builder import Chunk, StepBuilder
-from test_models import ARCH_CASES
-from tiny_models import hf_logits
 
-from kiln.config import EngineLimits, KvCacheConfig
-from kiln.engine.kv_cache import CPU_DEFAULT_CAP_BYTES, KvCacheSpec, cpu_default_num_blocks
-from kiln.engine.model_engine import ModelEngine
-from kiln.executor.messages import SlotInit
-from kiln.sampling_params import SamplingParams
+# Without CUDA the Triton plugins run through Triton's interpreter, which must be chosen before triton
+# is first imported (as in test_triton_kernels.py).
+ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
+if not ON_GPU:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from step_builder import Chunk, StepBuilder  # noqa: E402
+from test_models import ARCH_CASES  # noqa: E402
+from tiny_models import hf_logits  # noqa: E402
+
+from kiln.config import EngineLimits, KvCacheConfig  # noqa: E402
+from kiln.engine.kv_cache import CPU_DEFAULT_CAP_BYTES, KvCacheSpec, cpu_default_num_blocks  # noqa: E402
+from kiln.engine.model_engine import ModelEngine  # noqa: E402
+from kiln.executor.messages import SlotInit  # noqa: E402
+from kiln.plugins import PluginSet  # noqa: E402
+from kiln.sampling_params import SamplingParams  # noqa: E402
 
 BLOCK = 8
 LIMITS = EngineLimits(max_batch_size=4, max_num_tokens=64, max_seq_len=64)
@@ -213,3 +222,27 @@ def test_kv_cache_sizing(tiny_model):
     engine = make_engine(path, kv_config=KvCacheConfig(tokens_per_block=16))
     assert engine.num_blocks == LIMITS.max_batch_size * math.ceil(LIMITS.max_seq_len / 16) + 1
     assert engine.info.dtype == torch.float32 and engine.vocab_size == 320 and engine.dtype == torch.float32
+
+
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+def test_triton_backend_end_to_end(tiny_model):
+    """The same paged schedule through the Triton plugins: compiled on a GPU, else Triton's interpreter."""
+    pytest.importorskip("triton")
+    if not ON_GPU and tuple(int(p) for p in np.__version__.split(".")[:2]) >= (2, 4):
+        pytest.skip("Triton's interpreter needs numpy < 2.4")
+    path = tiny_model("Qwen3ForCausalLM", head_dim=32, num_hidden_layers=1)
+    ref = {0: reference(path, tuple(SEQ_A)), 1: reference(path, tuple(SEQ_B))}
+    engine = ModelEngine(
+        path,
+        dtype="float32",
+        device="cuda" if ON_GPU else "cpu",
+        limits=LIMITS,
+        kv_config=KV,
+        plugins=PluginSet("forward"),
+    )
+    builder = StepBuilder(BLOCK)
+    for chunks in schedule()[:6]:
+        out = engine.forward(builder.batch(chunks))
+        for row, c in enumerate(chunks):
+            expect = ref[c.seq_id][c.start + len(c.tokens) - 1]
+            torch.testing.assert_close(out.logits[row].cpu(), expect, atol=2e-4, rtol=2e-4)

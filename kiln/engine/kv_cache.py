@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kiln.config import EngineLimits, KvCacheConfig
+from kiln.config import EngineLimits
 
 NULL_BLOCK = 0
 # The CPU pool default: room for two full batches of (up to 2048-token) sequences, capped in bytes.
@@ -51,14 +51,6 @@ def cpu_default_num_blocks(spec: KvCacheSpec, limits: EngineLimits) -> int:
 
 def num_blocks_for_bytes(spec: KvCacheSpec, budget_bytes: int) -> int:
     return int(budget_bytes // spec.bytes_per_block)
-
-
-def num_blocks_from_config(spec: KvCacheSpec, kv_config: KvCacheConfig, limits: EngineLimits) -> int | None:
-    """The pool size fixed by configuration alone (max_tokens, or the CPU default); None when it must
-    come from profiling the device's free memory."""
-    if kv_config.max_tokens is not None:
-        return blocks_for_tokens(kv_config.max_tokens, spec.tokens_per_block)
-    return None
 
 
 class KvCache:
