@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kiln.config import EngineLimits, KvCacheConfig, SchedulerConfig
-from kiln.executor.messages import Request, SequenceUpdate
+from kiln.executor.messages import Request, ScheduledBatch, SequenceUpdate
 from kiln.executor.stats import EngineStats
 
 
@@ -98,22 +98,24 @@ class EngineCore:
         t2 = time.perf_counter()
         updates = self.scheduler.update(batch, out)
         t3 = time.perf_counter()
-        self._record(batch.num_seqs, batch.num_tokens, batch.num_decode, t3 - t0, (t1 - t0) + (t3 - t2))
+        self._record(batch, t3 - t0, (t1 - t0) + (t3 - t2))
         return updates
 
-    def _record(
-        self, batch_size: int, num_tokens: int, num_decode: int, step_time: float, host_time: float
-    ) -> None:
+    def refresh_stats(self) -> EngineStats:
         s, sched = self.stats, self.scheduler.stats()
         s.num_running, s.num_waiting = sched.num_running, sched.num_waiting
         s.kv_usage, s.num_free_blocks = float(sched.kv_usage), int(sched.num_free_blocks)
         s.prefix_cache_queries, s.prefix_cache_hits = int(sched.prefix_queries), int(sched.prefix_hits)
         s.num_preemptions = int(sched.num_preemptions)
-        s.prompt_tokens_total += num_tokens - num_decode
-        s.generation_tokens_total += num_decode  # decode steps; first tokens are counted with prompts
+        return s
+
+    def _record(self, batch: ScheduledBatch, step_time: float, host_time: float) -> None:
+        s = self.refresh_stats()
+        s.prompt_tokens_total += batch.num_tokens - batch.num_decode
+        s.generation_tokens_total += batch.num_samples
         s.steps += 1
         s.last_step_time, s.last_host_time = step_time, host_time
-        s.last_batch_size, s.last_num_tokens = batch_size, num_tokens
+        s.last_batch_size, s.last_num_tokens = batch.num_seqs, batch.num_tokens
 
     def close(self) -> None:
         self.engine.close()
@@ -127,18 +129,20 @@ def run_engine_loop(core: EngineCore, receive: Receive, send: Send) -> None:
     """Serve messages and step until shutdown. A step that raises is fatal: every caller hears of it."""
     try:
         while True:
-            for msg in receive(not core.has_work()):
+            msgs = receive(not core.has_work())
+            updates: list[SequenceUpdate] = []
+            for msg in msgs:
                 kind = msg[0]
                 if kind == "shutdown":
                     return
                 if kind == "add":
-                    updates = core.add_request(msg[1])
+                    updates += core.add_request(msg[1])
                 elif kind == "abort":
-                    updates = core.abort(*msg[1:])
+                    updates += core.abort(*msg[1:])
                 else:
                     raise ValueError(f"unknown executor message {kind!r}")
-                if updates:
-                    send(("updates", updates, core.stats))
+            if msgs:  # stats change with admissions and aborts too, not only with steps
+                send(("updates", updates, core.refresh_stats()))
             if core.has_work():
                 updates = core.step()
                 send(("updates", updates, core.stats))

@@ -1,0 +1,253 @@
+"""End to end through LLM: scheduler -> model engine -> decoder, compared with transformers."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+import torch
+from tiny_models import load_hf_model
+
+from kiln import LLM, KvCacheConfig, SamplingParams, SchedulerConfig
+from kiln.errors import ContextLengthExceededError, EngineDeadError, InvalidRequestError
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+def _prompts(n: int, seed: int = 0, lo: int = 1, hi: int = 70) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(1, 300) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+@torch.no_grad()
+def _hf_greedy(hf, prompt: list[int], n: int) -> tuple[list[int], list[torch.Tensor]]:
+    """transformers' greedy continuation (EOS not special) and the log-softmax at each generated position."""
+    ids, toks, lps = list(prompt), [], []
+    for _ in range(n):
+        logits = hf(torch.tensor([ids]), use_cache=False).logits[0, -1].float()
+        lps.append(torch.log_softmax(logits, -1))
+        toks.append(int(logits.argmax()))
+        ids.append(toks[-1])
+    return toks, lps
+
+
+def _llm(path: str, **kw) -> LLM:
+    kw.setdefault("max_batch_size", 16)
+    kw.setdefault("max_num_tokens", 256)
+    kw.setdefault("max_seq_len", 256)
+    return LLM(path, **kw)
+
+
+ARCHS = [
+    ("LlamaForCausalLM", {}),
+    ("LlamaForCausalLM", {"tie_word_embeddings": True, "num_key_value_heads": 4}),  # tied, MHA
+    (
+        "LlamaForCausalLM",
+        {
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            }
+        },
+    ),
+    ("MistralForCausalLM", {}),
+    ("Qwen2ForCausalLM", {}),
+    ("Qwen3ForCausalLM", {"head_dim": 32}),
+]
+
+
+@pytest.mark.parametrize("arch, overrides", ARCHS, ids=[f"{a}-{i}" for i, (a, _) in enumerate(ARCHS)])
+def test_greedy_tokens_and_logprobs_match_transformers(tiny_model, arch, overrides):
+    path = tiny_model(arch, tokenizer=True, **overrides)
+    hf = load_hf_model(path)
+    prompts = _prompts(5, seed=1)
+    with _llm(path) as llm:
+        outs = llm.generate(prompts, SamplingParams(max_tokens=10, logprobs=5, **GREEDY), use_tqdm=False)
+    for prompt, out in zip(prompts, outs, strict=True):
+        ref, ref_lp = _hf_greedy(hf, prompt, 10)
+        got = out.outputs[0]
+        assert got.token_ids == ref
+        for step, entry in enumerate(got.logprobs):
+            top = torch.topk(ref_lp[step], 5)
+            for tid, lp in zip(top.indices.tolist(), top.values.tolist(), strict=True):
+                assert entry[tid] == pytest.approx(lp, abs=1e-3)
+
+
+def test_batch_invariance_and_chunked_prefill(tiny_model):
+    path = tiny_model("LlamaForCausalLM", tokenizer=True)
+    prompts = _prompts(16, seed=2, hi=120)
+    sp = SamplingParams(max_tokens=8, **GREEDY)
+    with _llm(path) as llm:
+        alone = llm.generate(prompts[3], sp, use_tqdm=False)[0].outputs[0].token_ids
+        batch = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
+    assert batch[3] == alone
+    with _llm(path, max_num_tokens=16) as small:  # every long prompt is split into chunks
+        chunked = [o.outputs[0].token_ids for o in small.generate(prompts, sp, use_tqdm=False)]
+    assert chunked == batch
+
+
+def test_prefix_reuse_hits_and_keeps_outputs(tiny_model):
+    path = tiny_model("Qwen2ForCausalLM", tokenizer=True)
+    shared = _prompts(1, seed=3, lo=80, hi=80)[0]
+    a, b = shared + [5, 6, 7], shared + [8, 9]
+    sp = SamplingParams(max_tokens=6, **GREEDY)
+    with _llm(path, kv_cache_config=KvCacheConfig(tokens_per_block=16)) as llm:
+        first = llm.generate(a, sp, use_tqdm=False)[0]
+        hits_before = llm.stats().prefix_cache_hits
+        second = llm.generate(b, sp, use_tqdm=False)[0]
+        hits = llm.stats().prefix_cache_hits - hits_before
+    assert hits >= 64 and second.num_cached_tokens >= 64  # 5 full blocks of the shared 80 tokens
+    with _llm(path, kv_cache_config=KvCacheConfig(enable_block_reuse=False)) as cold:
+        assert cold.generate(b, sp, use_tqdm=False)[0].outputs[0].token_ids == second.outputs[0].token_ids
+        assert cold.generate(a, sp, use_tqdm=False)[0].outputs[0].token_ids == first.outputs[0].token_ids
+        assert cold.stats().prefix_cache_hits == 0
+
+
+def test_preemption_gives_same_outputs(tiny_model):
+    path = tiny_model("LlamaForCausalLM", tokenizer=True)
+    prompts = _prompts(8, seed=4, lo=20, hi=40)
+    sp = SamplingParams(max_tokens=24, **GREEDY)
+    with _llm(path) as big:
+        ref = [o.outputs[0].token_ids for o in big.generate(prompts, sp, use_tqdm=False)]
+    tight = KvCacheConfig(max_tokens=160, tokens_per_block=8, enable_block_reuse=False)
+    with _llm(path, kv_cache_config=tight, scheduler_config=SchedulerConfig("max_utilization")) as llm:
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
+        assert llm.stats().num_preemptions > 0
+        assert llm.stats().kv_usage == 0.0
+    assert got == ref
+
+
+def test_seeded_sampling_is_reproducible_alone_and_in_batch(tiny_model):
+    path = tiny_model("LlamaForCausalLM", tokenizer=True)
+    prompts = _prompts(6, seed=5)
+    seeded = SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=1234, max_tokens=12, ignore_eos=True)
+    other = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True)
+    with _llm(path) as llm:
+        alone = llm.generate(prompts[0], seeded, use_tqdm=False)[0].outputs[0]
+        mixed = llm.generate(prompts, [seeded] + [other] * 5, use_tqdm=False)[0].outputs[0]
+        again = llm.generate(prompts[0], seeded, use_tqdm=False)[0].outputs[0]
+        n3 = llm.generate(prompts[0], SamplingParams(n=3, temperature=1.0, seed=9, max_tokens=12, ignore_eos=True),
+                          use_tqdm=False)[0]  # fmt: skip
+    assert alone.token_ids == mixed.token_ids == again.token_ids
+    assert alone.text == mixed.text
+    assert len(n3.outputs) == 3 and len({tuple(c.token_ids) for c in n3.outputs}) > 1
+
+
+def test_n_greedy_samples_are_identical(tiny_model):
+    path = tiny_model("LlamaForCausalLM", tokenizer=True)
+    with _llm(path) as llm:
+        out = llm.generate([[3, 4, 5] * 15], SamplingParams(n=4, max_tokens=9, **GREEDY), use_tqdm=False)[0]
+        ref = llm.generate([[3, 4, 5] * 15], SamplingParams(max_tokens=9, **GREEDY), use_tqdm=False)[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2, 3]
+    assert all(c.token_ids == ref.outputs[0].token_ids for c in out.outputs)
+
+
+def test_streaming_deltas_concatenate_and_stop_conditions(tiny_model):
+    path = tiny_model("LlamaForCausalLM", tokenizer=True)
+    with _llm(path) as llm:
+        full = llm.generate("def fibonacci(n):", SamplingParams(max_tokens=20, **GREEDY), use_tqdm=False)[0]
+        text = full.outputs[0].text
+
+        async def stream() -> list[str]:
+            seen, prev = [], ""
+            async for out in llm.generate_async("def fibonacci(n):", SamplingParams(max_tokens=20, **GREEDY),
+                                                streaming=True):  # fmt: skip
+                cur = out.outputs[0].text
+                assert cur.startswith(prev)
+                seen.append(cur[len(prev) :])
+                prev = cur
+            return seen
+
+        deltas = asyncio.run(stream())
+        assert "".join(deltas) == text and len(deltas) > 1
+        # A stop string cut out of the known greedy text.
+        stop = text[5:9]
+        assert stop.strip() and stop not in text[:8]
+        cut = llm.generate(
+            "def fibonacci(n):", SamplingParams(max_tokens=20, stop=[stop], **GREEDY), use_tqdm=False
+        )
+        c = cut[0].outputs[0]
+        assert c.finish_reason == "stop" and c.stop_reason == stop and c.text == text[: text.index(stop)]
+        # stop_token_ids end with the token that hit, kept in token_ids.
+        tok = full.outputs[0].token_ids[4]
+        stopped = llm.generate("def fibonacci(n):", SamplingParams(max_tokens=20, stop_token_ids=[tok], temperature=0),
+                               use_tqdm=False)[0].outputs[0]  # fmt: skip
+        first = full.outputs[0].token_ids.index(tok)
+        assert stopped.finish_reason == "stop" and stopped.stop_reason == tok
+        assert stopped.token_ids == full.outputs[0].token_ids[: first + 1]
+        assert full.outputs[0].finish_reason == "length"
+        assert llm.stats().kv_usage == 0.0
+
+
+def test_abort_by_closing_stream_frees_kv(tiny_model):
+    path = tiny_model("LlamaForCausalLM", tokenizer=True)
+    with _llm(path) as llm:
+
+        async def go() -> None:
+            gen = llm.generate_async([1, 2, 3], SamplingParams(max_tokens=200, **GREEDY), streaming=True)
+            async for out in gen:
+                if len(out.outputs[0].token_ids) >= 3:
+                    break
+            await gen.aclose()
+            for _ in range(100):
+                if llm.stats().kv_usage == 0.0 and llm.stats().num_running == 0:
+                    return
+                await asyncio.sleep(0.02)
+            raise AssertionError(f"KV not freed after abort: {llm.stats()}")
+
+        asyncio.run(go())
+
+
+def test_bad_input_is_rejected_with_clear_errors(tiny_model):
+    path = tiny_model("LlamaForCausalLM", tokenizer=True)
+    with _llm(path, max_seq_len=64) as llm:
+        with pytest.raises(ContextLengthExceededError, match="maximum context length is 64 tokens"):
+            llm.generate([1] * 70, SamplingParams(max_tokens=4), use_tqdm=False)
+        with pytest.raises(ContextLengthExceededError):
+            llm.generate([1] * 60, SamplingParams(max_tokens=10), use_tqdm=False)
+        with pytest.raises(InvalidRequestError, match="prompt must not be empty"):
+            llm.generate("", SamplingParams(), use_tqdm=False)
+        with pytest.raises(InvalidRequestError, match=r"token ids must be in \[0, 320\)"):
+            llm.generate([[1, 2, 400]], SamplingParams(), use_tqdm=False)
+        with pytest.raises(ValueError, match="temperature must be >= 0, got -1"):
+            SamplingParams(temperature=-1)
+        # The engine is unharmed.
+        assert llm.generate([1, 2], SamplingParams(max_tokens=3, **GREEDY), use_tqdm=False)[0].finished
+    with pytest.raises(ValueError, match="max_batch_size must be >= 1"):
+        LLM(path, max_batch_size=0)
+    with pytest.raises(ValueError, match="is not a directory"):
+        LLM("/nonexistent/model")
+
+
+def test_fatal_engine_error_reaches_every_caller(tiny_model):
+    path = tiny_model("LlamaForCausalLM", tokenizer=True)
+    llm = _llm(path)
+    try:
+        engine = llm._executor._core.engine  # thread executor on the CPU
+
+        def boom(batch):
+            raise RuntimeError("device fell over")
+
+        engine.forward = boom
+        with pytest.raises(EngineDeadError, match="device fell over"):
+            llm.generate([[1, 2, 3], [4, 5]], SamplingParams(max_tokens=4), use_tqdm=False)
+        assert not llm.is_alive()
+        with pytest.raises(EngineDeadError):
+            llm.generate([1], SamplingParams(), use_tqdm=False)
+    finally:
+        llm.shutdown()
+
+
+def test_chat_and_process_executor(tiny_model):
+    path = tiny_model("LlamaForCausalLM", tokenizer=True)
+    sp = SamplingParams(max_tokens=6, **GREEDY)
+    with _llm(path) as llm:
+        ref = llm.chat([{"role": "user", "content": "Hello"}], sp, use_tqdm=False)[0].outputs[0].token_ids
+    with _llm(path, executor="process") as llm:
+        got = llm.chat([{"role": "user", "content": "Hello"}], sp, use_tqdm=False)[0].outputs[0].token_ids
+        assert llm.stats().steps > 0
+    assert got == ref
