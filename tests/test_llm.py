@@ -130,8 +130,11 @@ def test_seeded_sampling_is_reproducible_alone_and_in_batch(tiny_model):
         alone = llm.generate(prompts[0], seeded, use_tqdm=False)[0].outputs[0]
         mixed = llm.generate(prompts, [seeded] + [other] * 5, use_tqdm=False)[0].outputs[0]
         again = llm.generate(prompts[0], seeded, use_tqdm=False)[0].outputs[0]
-        n3 = llm.generate(prompts[0], SamplingParams(n=3, temperature=1.0, seed=9, max_tokens=12, ignore_eos=True),
-                          use_tqdm=False)[0]  # fmt: skip
+        n3 = llm.generate(
+            prompts[0],
+            SamplingParams(n=3, temperature=1.0, seed=9, max_tokens=12, ignore_eos=True),
+            use_tqdm=False,
+        )[0]
     assert alone.token_ids == mixed.token_ids == again.token_ids
     assert alone.text == mixed.text
     assert len(n3.outputs) == 3 and len({tuple(c.token_ids) for c in n3.outputs}) > 1
@@ -154,8 +157,9 @@ def test_streaming_deltas_concatenate_and_stop_conditions(tiny_model):
 
         async def stream() -> list[str]:
             seen, prev = [], ""
-            async for out in llm.generate_async("def fibonacci(n):", SamplingParams(max_tokens=20, **GREEDY),
-                                                streaming=True):  # fmt: skip
+            async for out in llm.generate_async(
+                "def fibonacci(n):", SamplingParams(max_tokens=20, **GREEDY), streaming=True
+            ):
                 cur = out.outputs[0].text
                 assert cur.startswith(prev)
                 seen.append(cur[len(prev) :])
@@ -174,8 +178,11 @@ def test_streaming_deltas_concatenate_and_stop_conditions(tiny_model):
         assert c.finish_reason == "stop" and c.stop_reason == stop and c.text == text[: text.index(stop)]
         # stop_token_ids end with the token that hit, kept in token_ids.
         tok = full.outputs[0].token_ids[4]
-        stopped = llm.generate("def fibonacci(n):", SamplingParams(max_tokens=20, stop_token_ids=[tok], temperature=0),
-                               use_tqdm=False)[0].outputs[0]  # fmt: skip
+        stopped = llm.generate(
+            "def fibonacci(n):",
+            SamplingParams(max_tokens=20, stop_token_ids=[tok], temperature=0),
+            use_tqdm=False,
+        )[0].outputs[0]
         first = full.outputs[0].token_ids.index(tok)
         assert stopped.finish_reason == "stop" and stopped.stop_reason == tok
         assert stopped.token_ids == full.outputs[0].token_ids[: first + 1]
