@@ -286,6 +286,23 @@ def test_report_json_table_and_markdown(tmp_path):
     assert len(cells) == 6
     assert "preset:a\\|b" in cells[3]
     assert cells[4] == "512.2 output tok/s (51% of bound)" and cells[5].startswith("128.0 output tok/s")
+    assert rep.failed_backends(r) == []
+
+    def boom() -> dict:
+        raise RuntimeError("no engine\nsecond line")
+
+    r["results"]["hf"] = rep.guarded("hf", boom)
+    assert rep.failed_backends(r) == ["hf"] and r["results"]["hf"]["error"].startswith(
+        "RuntimeError: no engine"
+    )
+    assert "hf failed: RuntimeError: no engine" in rep.render_table(r)
+    assert rep.markdown_row(r).rstrip().endswith("| failed |")
+    r["results"]["hf"] = {
+        "num_requests": 4,
+        "output_tok_s": 128.0,
+        "scope": "4 requests, batch 4",
+        "notes": [],
+    }
     md = tmp_path / "RESULTS.md"
     rep.append_results(r, str(md))
     rep.append_results(r, str(md))

@@ -194,7 +194,7 @@ def _presets(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from kiln.bench.kiln_backend import EngineSettings
-    from kiln.bench.report import append_results, render_table, write_json
+    from kiln.bench.report import append_results, failed_backends, render_table, write_json
     from kiln.bench.setup import prepare_model
 
     model = prepare_model(
@@ -260,4 +260,11 @@ def _run(args: argparse.Namespace) -> int:
         append_results(report, args.append_results)
         print(f"kiln bench: appended a row to {args.append_results}", file=sys.stderr)
     print(render_table(report), flush=True)  # the human-readable summary comes last
+    failed = failed_backends(report)
+    if failed:
+        print(
+            f"kiln bench: failed: {', '.join(failed)} (see the error above and in the report)",
+            file=sys.stderr,
+        )
+        return 1
     return 0

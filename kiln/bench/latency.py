@@ -12,10 +12,11 @@ from __future__ import annotations
 import statistics
 import sys
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from typing import Any
 
 from kiln.bench.kiln_backend import EngineSettings, open_llm, request_times, run_workload
-from kiln.bench.report import new_report
+from kiln.bench.report import guarded, new_report
 from kiln.bench.roofline import serial_bound
 from kiln.bench.setup import BenchModel, roofline_summary
 from kiln.bench.workloads import synthetic
@@ -83,6 +84,19 @@ def _kiln_latency(model: BenchModel, opts: LatencyOptions, engine: EngineSetting
     }
 
 
+def _hf_latency(model: BenchModel, opts: LatencyOptions, engine: EngineSettings) -> dict[str, Any]:
+    from kiln.bench.hf_backend import hf_latency, load_model
+
+    _say(f"transformers: loading {model.path}")
+    try:
+        hf_model = load_model(model.path, model.dtype, model.device)
+        return hf_latency(
+            hf_model, _prompt_sets(model, opts), opts.osl, model.device, opts.hf_compile, opts.warmup
+        )
+    finally:
+        hf_model = None
+
+
 def run_latency(
     model: BenchModel, opts: LatencyOptions, engine: EngineSettings, command: str | None = None
 ) -> dict[str, Any]:
@@ -133,20 +147,12 @@ def run_latency(
         f"roofline bound {bound_tok_s:,.1f} tok/s per sequence"
     )
     runs: dict[str, dict[str, Any]] = {}
-    if opts.backend in ("kiln", "both"):
-        runs["kiln"] = _kiln_latency(model, opts, engine)
-    if opts.backend in ("hf", "both"):
-        from kiln.bench.hf_backend import hf_latency, load_model
-
-        _say(f"transformers: loading {model.path}")
-        hf_model = load_model(model.path, model.dtype, model.device)
-        try:
-            runs["hf"] = hf_latency(
-                hf_model, _prompt_sets(model, opts), opts.osl, model.device, opts.hf_compile, opts.warmup
-            )
-        finally:
-            del hf_model
+    for name in ["kiln", "hf"] if opts.backend == "both" else [opts.backend]:
+        run = _kiln_latency if name == "kiln" else _hf_latency
+        runs[name] = guarded(name, partial(run, model, opts, engine))
     for res in runs.values():
+        if "error" in res:
+            continue
         res["effective_gb_s"] = step_bytes / (res["tpot_ms"] / 1e3) / 1e9
         res["roofline_share"] = res["decode_tok_s"] / bound_tok_s
     report["results"] = runs

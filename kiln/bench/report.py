@@ -14,6 +14,8 @@ import os
 import platform
 import shlex
 import sys
+import traceback
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -123,6 +125,24 @@ def new_report(
         "results": {},
         "notes": notes,
     }
+
+
+def guarded(backend: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``run()``'s figures, or, when it raises, a result holding the error: one backend failing
+    still leaves the others' figures and the report."""
+    try:
+        return run()
+    except Exception as e:  # noqa: BLE001 - recorded in the report, traceback on stderr
+        traceback.print_exc()
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return {
+            "error": f"{type(e).__name__}: {e}",
+            "notes": [f"{backend} failed: {type(e).__name__}: {first}"],
+        }
+
+
+def failed_backends(report: dict[str, Any]) -> list[str]:
+    return [name for name, res in report["results"].items() if "error" in res]
 
 
 def write_json(report: dict[str, Any], path: str) -> None:
@@ -247,9 +267,14 @@ def markdown_row(report: dict[str, Any]) -> str:
     env = report["env"]
     unit = "output tok/s" if report["kind"] == "throughput" else "decode tok/s"
     fig, peer = headline(report, "kiln"), headline(report, "hf")
+    results = report["results"]
     share = (report["results"].get("kiln") or {}).get("roofline_share")
     fig_s = "-" if fig is None else f"{fig:,.1f} {unit}" + (f" ({share:.0%} of bound)" if share else "")
     peer_s = "-" if peer is None else f"{peer:,.1f} {unit}"
+    if "error" in results.get("kiln", {}):
+        fig_s = "failed"
+    if "error" in results.get("hf", {}):
+        peer_s = "failed"
     hf_note = (report["results"].get("hf") or {}).get("scope")
     if peer is not None and hf_note:
         peer_s += f" ({hf_note})"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from typing import Any
 
 from kiln.bench.kiln_backend import (
@@ -21,8 +22,8 @@ from kiln.bench.kiln_backend import (
     run_workload,
     warm_up,
 )
-from kiln.bench.report import new_report, percentiles
-from kiln.bench.roofline import serial_bound
+from kiln.bench.report import guarded, new_report, percentiles
+from kiln.bench.roofline import BoundResult, serial_bound
 from kiln.bench.setup import BenchModel, roofline_summary
 from kiln.bench.workloads import Workload, nano_vllm, synthetic
 
@@ -131,52 +132,63 @@ def run_throughput(
         f"{wl.num_output_tokens:,} output tokens, max batch {engine.max_batch_size}, "
         f"max tokens/step {engine.max_num_tokens}; roofline bound {bound.output_tok_s:,.0f} output tok/s"
     )
-    if opts.backend in ("kiln", "both"):
-        with open_llm(model.path, engine) as llm:
-            warm = warm_up(
-                llm,
-                min(opts.warmup_requests, engine.max_batch_size),
-                min(max(wl.input_lens), 256),
-                8,
-                opts.seed,
-            )
-            _say(f"kiln: engine ready ({llm.engine_info}); warm-up {warm:.1f} s; running ...")
-            run = run_workload(llm, wl)
-            res = kiln_figures(run, wl)
-            res["kv_capacity_tokens"] = kv_capacity_tokens(llm)
-            res["engine_info"] = dict(llm.engine_info)
-            res["roofline_share"] = res["output_tok_s"] / bound.output_tok_s
-        report["results"]["kiln"] = res
-    if opts.backend in ("hf", "both"):
-        from kiln.bench.hf_backend import hf_throughput, load_model
-
-        sub = wl.subsample(opts.hf_num_requests)
-        _say(
-            f"transformers: {sub.num_requests} of {wl.num_requests} requests, batches of {opts.hf_batch_size}"
-        )
-        hf_model = load_model(model.path, model.dtype, model.device)
-        try:
-            res = hf_throughput(hf_model, sub, opts.hf_batch_size, model.device)
-        finally:
-            del hf_model
-            _free_cuda(model.device)
-        sub_bound = serial_bound(
-            model.cost,
-            sub.input_lens,
-            sub.output_lens,
-            model.peaks,
-            opts.hf_batch_size,
-            max(opts.hf_batch_size, engine.max_num_tokens),
-        )
-        res["roofline_share"] = res["output_tok_s"] / sub_bound.output_tok_s
-        res["roofline_bound_output_tok_s"] = sub_bound.output_tok_s
-        if sub.num_requests < wl.num_requests:
-            res["notes"].append(
-                f"ran on a subsample: the first {sub.num_requests} of {wl.num_requests} requests "
-                "(the full run would take too long); its share is of the subsample's own bound"
-            )
-        report["results"]["hf"] = res
+    backends = ["kiln", "hf"] if opts.backend == "both" else [opts.backend]
+    for name in backends:
+        run = _kiln_throughput if name == "kiln" else _hf_throughput
+        report["results"][name] = guarded(name, partial(run, model, wl, opts, engine, bound))
     return report
+
+
+def _kiln_throughput(
+    model: BenchModel, wl: Workload, opts: ThroughputOptions, engine: EngineSettings, bound: BoundResult
+) -> dict[str, Any]:
+    with open_llm(model.path, engine) as llm:
+        warm = warm_up(
+            llm,
+            min(opts.warmup_requests, engine.max_batch_size),
+            min(max(wl.input_lens), 256),
+            8,
+            opts.seed,
+        )
+        _say(f"kiln: engine ready ({llm.engine_info}); warm-up {warm:.1f} s; running ...")
+        run = run_workload(llm, wl)
+        res = kiln_figures(run, wl)
+        res["kv_capacity_tokens"] = kv_capacity_tokens(llm)
+        res["engine_info"] = dict(llm.engine_info)
+        res["roofline_share"] = res["output_tok_s"] / bound.output_tok_s
+    return res
+
+
+def _hf_throughput(
+    model: BenchModel, wl: Workload, opts: ThroughputOptions, engine: EngineSettings, bound: BoundResult
+) -> dict[str, Any]:
+    from kiln.bench.hf_backend import hf_throughput, load_model
+
+    sub = wl.subsample(opts.hf_num_requests)
+    _say(f"transformers: {sub.num_requests} of {wl.num_requests} requests, batches of {opts.hf_batch_size}")
+    try:
+        hf_model = load_model(model.path, model.dtype, model.device)
+        res = hf_throughput(hf_model, sub, opts.hf_batch_size, model.device)
+    finally:
+        hf_model = None
+        _free_cuda(model.device)
+    # The peer runs static batches of a subsample: its bound is that subsample's at its batch size.
+    sub_bound = serial_bound(
+        model.cost,
+        sub.input_lens,
+        sub.output_lens,
+        model.peaks,
+        opts.hf_batch_size,
+        max(opts.hf_batch_size, engine.max_num_tokens),
+    )
+    res["roofline_share"] = res["output_tok_s"] / sub_bound.output_tok_s
+    res["roofline_bound_output_tok_s"] = sub_bound.output_tok_s
+    if sub.num_requests < wl.num_requests:
+        res["notes"].append(
+            f"ran on a subsample: the first {sub.num_requests} of {wl.num_requests} requests "
+            "(the full run would take too long); its share is of the subsample's own bound"
+        )
+    return res
 
 
 def engine_max_seq_len(model: BenchModel, wl: Workload, engine: EngineSettings) -> int:
