@@ -48,6 +48,9 @@ class ServerProcess:
         ]
         env = {k: v for k, v in os.environ.items() if k != "KILN_API_KEY"}
         env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+        # One intra-op thread: tiny models gain nothing from more, and on a small shared CI machine
+        # OpenMP threads of the server and of its engine worker would fight over the cores.
+        env.setdefault("OMP_NUM_THREADS", "1")
         if self.api_key is not None:
             env["KILN_API_KEY"] = self.api_key  # the environment route of --api-key
         log = open(self.log_path, "wb")  # noqa: SIM115 - the process writes it until it exits

@@ -149,6 +149,8 @@ class EngineClient:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await producer
             self._in_flight.pop(request_id, None)
+            if final is None and t.error is None:  # the caller went away (client disconnect): aborted
+                final = _abort_output(t.latest, request_id, prompt_token_ids, params.n)
             self._record(t, final)
 
     async def _produce(self, t: _Tracked, prompt_token_ids: list[int], params: SamplingParams) -> None:
