@@ -154,6 +154,33 @@ def test_unsupported_and_unknown_fields_say_so(http):
     assert ok.status_code == 200, ok.text
 
 
+def test_chat_template_from_the_tokenizer_config(tiny_model, http):
+    from kiln.tokenizer import Tokenizer
+
+    tok = Tokenizer(tiny_model(tokenizer=True))
+    r = http.post("/tokenize", json={"messages": USER})
+    assert r.json()["tokens"] == tok.apply_chat_template(USER)
+
+
+def test_model_without_chat_template_says_how_to_fix(tiny_model):
+    from types import SimpleNamespace
+
+    from kiln.serve.chat import render_chat
+    from kiln.serve.config import ServeConfig
+    from kiln.serve.errors import APIError
+    from kiln.serve.protocol import ChatMessage
+    from kiln.tokenizer import Tokenizer
+
+    tok = Tokenizer(tiny_model(tokenizer=True))
+    tok.hf.chat_template = None
+    state = SimpleNamespace(llm=SimpleNamespace(tokenizer=tok), config=ServeConfig())
+    with pytest.raises(APIError) as e:
+        render_chat([ChatMessage(role="user", content="hi")], True, state)  # type: ignore[arg-type]
+    assert e.value.status == 400 and "--chat-template FILE" in e.value.message
+    state = SimpleNamespace(llm=SimpleNamespace(tokenizer=tok), config=ServeConfig(chat_template="{{ 'x' }}"))
+    assert render_chat([ChatMessage(role="user", content="hi")], True, state) == tok.encode("x")  # type: ignore[arg-type]
+
+
 def test_other_routes_errors(http):
     r = http.get("/v1/nothing")
     assert r.status_code == 404 and check_envelope(r)["type"] == "not_found_error"

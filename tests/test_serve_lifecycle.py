@@ -64,12 +64,12 @@ async def wait_for(pred, timeout: float, what: str) -> None:
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
     d = tmp_path_factory.mktemp("serve_storm")
-    with ServerProcess(tiny_model(tokenizer=True), log_dir=d) as s:
+    with ServerProcess(tiny_model(tokenizer=True), "--log-interval", "0.5", log_dir=d) as s:
         yield s
 
 
 def test_disconnect_storm_frees_everything(server):
-    num = 200
+    num, num_plain = 200, 20
 
     async def drop_after_first_chunk(client: httpx.AsyncClient) -> None:
         async with client.stream("POST", server.url(C), json=body(200)) as r:
@@ -78,10 +78,17 @@ def test_disconnect_storm_frees_everything(server):
                 if line.startswith("data: "):
                     return  # leaving the block closes the connection mid-generation
 
+    async def give_up_waiting(client: httpx.AsyncClient) -> None:
+        with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that stops waiting
+            await client.post(server.url(C), json=body(240, stream=False), timeout=0.5)
+
     async def main() -> float:
-        limits = httpx.Limits(max_connections=num + 10)
+        limits = httpx.Limits(max_connections=num + num_plain + 10)
         async with httpx.AsyncClient(headers=server.headers, timeout=120, limits=limits) as client:
-            await asyncio.gather(*(drop_after_first_chunk(client) for _ in range(num)))
+            await asyncio.gather(
+                *(drop_after_first_chunk(client) for _ in range(num)),
+                *(give_up_waiting(client) for _ in range(num_plain)),
+            )
             t0 = time.monotonic()
             r = await client.post(server.url(C), json=body(8, stream=False))
             elapsed = time.monotonic() - t0
@@ -97,9 +104,13 @@ def test_disconnect_storm_frees_everything(server):
 
     asyncio.run(wait_for(idle, 5.0, "KV usage and running requests back to zero"))
     assert server.metric("kiln:num_requests_in_server") == 0
-    assert server.metric('kiln:request_success_total{finished_reason="abort",model_name="tiny"}') >= num
+    aborted = server.metric('kiln:request_success_total{finished_reason="abort",model_name="tiny"}')
+    assert aborted == num + num_plain
     assert server.metric("kiln:generation_tokens_total") < num * 200  # they stopped early
     assert httpx.get(server.url("/health")).status_code == 200
+    log = server.log()
+    assert log.count("finish=abort") == num + num_plain
+    assert "engine: running=" in log and "tok/s" in log  # the periodic status line
 
 
 def test_bench_serve_against_the_server(server, tmp_path):

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from kiln.errors import InvalidRequestError
 from kiln.outputs import RequestOutput
 from kiln.serve import openai_bridge as bridge
-from kiln.serve.errors import from_engine_error
+from kiln.serve.errors import bad_request, from_engine_error
 from kiln.serve.generation import Primed, as_api_error, collect, merge
 from kiln.serve.protocol import (
     AssistantMessage,
@@ -37,8 +37,15 @@ from kiln.serve.state import ServerState
 
 def render_chat(messages: list[ChatMessage], add_generation_prompt: bool, state: ServerState) -> list[int]:
     """Token ids of a conversation under the chat template (--chat-template or the tokenizer's)."""
+    tok = state.llm.tokenizer
+    if state.config.chat_template is None and not getattr(getattr(tok, "hf", None), "chat_template", "?"):
+        raise bad_request(
+            "This model's tokenizer has no chat template: start the server with --chat-template FILE, "
+            "or use /v1/completions.",
+            "messages",
+        )
     try:
-        return state.llm.tokenizer.apply_chat_template(
+        return tok.apply_chat_template(
             bridge.chat_messages(messages),
             chat_template=state.config.chat_template,
             add_generation_prompt=add_generation_prompt,

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from kiln.outputs import CompletionOutput, RequestOutput
+from kiln.outputs import CompletionOutput, LogprobsDict, RequestOutput
 from kiln.serve import openai_bridge as bridge
 from kiln.serve.errors import bad_request
 from kiln.serve.generation import Primed, as_api_error, collect, merge
@@ -115,12 +115,16 @@ def _choice_payload(
     offset = 0
     lp = CompletionLogprobs()
     if req.echo:
-        plp = list(out.prompt_logprobs or [])
-        plp = (plp + [None] * len(prompt_ids))[: len(prompt_ids)]
-        lp, offset = fmt.completion(prompt_ids, plp, 0)
-    gen, _ = fmt.completion(c.token_ids, list(c.logprobs or [None] * len(c.token_ids)), offset)
+        lp, offset = fmt.completion(prompt_ids, _padded(out.prompt_logprobs, len(prompt_ids)), 0)
+    gen, _ = fmt.completion(c.token_ids, _padded(c.logprobs, len(c.token_ids)), offset)
     _extend(lp, gen)
     return echo_text + c.text, lp
+
+
+def _padded(entries: Sequence[LogprobsDict | None] | None, n: int) -> list[LogprobsDict | None]:
+    """Exactly ``n`` entries (None where the engine gave no logprobs)."""
+    out: list[LogprobsDict | None] = list(entries or [])[:n]
+    return out + [None] * (n - len(out))
 
 
 def _extend(a: CompletionLogprobs, b: CompletionLogprobs) -> None:
@@ -165,11 +169,10 @@ async def _stream(
                     text = echo_texts[pi] + text
                     if req.echo and req.logprobs is not None:
                         ids = prompts[pi][1]
-                        plp = (list(out.prompt_logprobs or []) + [None] * len(ids))[: len(ids)]
+                        plp = _padded(out.prompt_logprobs, len(ids))
                         logprobs, offsets[pi][i] = fmt.completion(ids, plp, 0)
                 if req.logprobs is not None and new_ids:
-                    entries = list((c.logprobs or [])[sent_tokens[pi][i] : len(c.token_ids)])
-                    entries += [None] * (len(new_ids) - len(entries))
+                    entries = _padded((c.logprobs or [])[sent_tokens[pi][i] :], len(new_ids))
                     gen, offsets[pi][i] = fmt.completion(new_ids, entries, offsets[pi][i])
                     if logprobs is None:
                         logprobs = gen
