@@ -395,3 +395,44 @@ def test_bad_inputs_are_rejected_with_clear_errors():
         dec.sample(torch.zeros(1, V), make_batch([0], [0], inits=[make_init(0), make_init(0)]))
     out = dec.sample(torch.zeros(0, V), make_batch([], []))
     assert out.token_ids.shape == (0,)
+
+
+def test_warm_up_allocates_every_table_and_leaves_slots_reusable():
+    dec = Decoder(6, V)
+    dec.warm_up()
+    s = dec.state
+    assert (
+        s.counts is not None and s.prompt_mask is not None and s.bias is not None and s.stop_ids is not None
+    )
+    logits = rand_logits(2, seed=8)
+    inits = [make_init(4, SamplingParams(temperature=0)), make_init(5, SamplingParams(temperature=0))]
+    out = dec.sample(logits, make_batch([4, 5], [1, 1], inits=inits))
+    assert out.token_ids.tolist() == logits.argmax(-1).tolist()
+    with pytest.raises(ValueError, match="num_rows"):
+        dec.warm_up(7)
+
+
+# ---------------------------------------------------------------- GPU: the compiled path matches the CPU
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_draws_equal_cpu_draws():
+    logits = rand_logits(len(MIXED), seed=31, scale=1.0)
+    slots = [6, 0, 3, 9, 1, 4]
+    outs = []
+    for device in ("cpu", "cuda"):
+        dec = Decoder(10, V, device)
+        inits = [
+            make_init(s, p, prompt=pr, output=o, seed=40 + i, seq_index=i % 2, stop=st)
+            for i, (s, (p, pr, o, st)) in enumerate(zip(slots, MIXED, strict=True))
+        ]
+        steps = []
+        for step in range(4):
+            num_out = [len(m[2]) + step for m in MIXED]
+            positions = [len(m[1]) + n for m, n in zip(MIXED, num_out, strict=True)]
+            batch = make_batch(slots, positions, num_out, inits=inits if step == 0 else ())
+            steps.append(dec.sample(logits.to(device), batch))
+        outs.append(steps)
+    for a, b in zip(*outs, strict=True):
+        assert a.token_ids.tolist() == b.token_ids.tolist()
+        np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=1e-5, atol=1e-5)
+        assert a.top_ids.tolist() == b.top_ids.tolist()

@@ -12,10 +12,13 @@ Reported logprobs are those of the raw model distribution (log_softmax of the un
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from kiln.engine import rng
 from kiln.engine.sampling_state import (
@@ -33,7 +36,8 @@ from kiln.engine.sampling_state import (
     I_TOP_K,
     SamplingState,
 )
-from kiln.executor.messages import ScheduledBatch, StepOutput
+from kiln.executor.messages import ScheduledBatch, SlotInit, StepOutput
+from kiln.sampling_params import SamplingParams
 
 
 @dataclass
@@ -76,10 +80,17 @@ class Decoder:
 
     def __init__(self, max_batch_size: int, vocab_size: int, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            # tensors report "cuda:0", not "cuda": compare against the concrete device
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.vocab_size = vocab_size
         self.state = SamplingState(max_batch_size, vocab_size, self.device)
         self._vterm = rng.vocab_term(vocab_size, self.device)  # [V] int64
         self._pinned: torch.Tensor | None = None  # reused H2D staging buffer (CUDA only)
+        # On CUDA these are compiled: the eager hash alone makes ~20 passes over [R, V].
+        # (top_p_threshold stays eager: its compiled scan is slower than torch's cumsum)
+        self._race_scores = _Compiled(race_scores, self.device)
+        self._penalize = _Compiled(penalize, self.device)
         # Device copy of the last sampled tokens [R] int64, for a next step built before this one returns.
         self.last_sampled: torch.Tensor | None = None
 
@@ -119,6 +130,56 @@ class Decoder:
             out.top_ids = host[2 * r : 2 * r + r * k].reshape(r, k).copy()
             out.top_logprobs = host[2 * r + r * k :].view(np.float32).reshape(r, k).copy()
         return out
+
+    def warm_up(self, num_rows: int | None = None) -> None:
+        """Run the heaviest steps once, at ``num_rows`` (default max_batch_size) and at 1 row.
+
+        Every stage is on, so every lazily allocated table exists and the peak workspace (the top-p
+        sort) is reached before the KV pool is sized, and compiled kernels are built (dynamic shapes
+        specialise a size of 1, hence the second run). The slot state written here is left behind
+        harmlessly: every admission overwrites its slot.
+        """
+        r = self.state.max_batch_size if num_rows is None else num_rows
+        if not 1 <= r <= self.state.max_batch_size:
+            raise ValueError(f"num_rows must be in [1, {self.state.max_batch_size}], got {r}")
+        params = SamplingParams(
+            temperature=0.8,
+            top_k=50,
+            top_p=0.9,
+            min_p=0.05,
+            repetition_penalty=1.1,
+            presence_penalty=0.1,
+            frequency_penalty=0.1,
+            logit_bias={0: 1.0},
+            min_tokens=1,
+            logprobs=SamplingParams.MAX_LOGPROBS,
+        )
+        for n in sorted({1, r}):
+            inits = [SlotInit(j, params, [0], [0], seed=j, seq_index=0, stop_ids=(0,)) for j in range(n)]
+            if n > 1:  # one greedy row: the mixed greedy / random path
+                inits[0] = SlotInit(
+                    0, SamplingParams(temperature=0, logprobs=1), [0], [], seed=0, seq_index=0
+                )
+            slots = np.arange(n, dtype=np.int32)
+            empty = np.zeros(0, np.int32)
+            batch = ScheduledBatch(
+                step_id=-1,
+                seq_ids=slots,
+                slots=slots,
+                num_computed=empty,
+                num_new_tokens=empty,
+                num_decode=n,
+                input_ids=empty,
+                block_updates=np.zeros((0, 3), np.int32),
+                copy_blocks=np.zeros((0, 2), np.int32),
+                sample_rows=slots,
+                sample_slots=slots,
+                sample_seq_ids=slots,
+                sample_positions=np.ones(n, np.int32),
+                sample_num_output=np.zeros(n, np.int32),
+                slot_inits=inits,
+            )
+            self.sample(torch.randn(n, self.vocab_size, device=self.device), batch)
 
     def processed_logits(self, logits: torch.Tensor, batch: ScheduledBatch) -> torch.Tensor:
         """The logits after logit_bias, min_tokens and penalties (before temperature and filters), [R, V].
@@ -191,7 +252,7 @@ class Decoder:
         )
 
     # ------------------------------------------------------------------ device side
-    def _process(self, raw: torch.Tensor, rows: _Rows, plan: _Plan) -> torch.Tensor:
+    def _process(self, raw: Tensor, rows: _Rows, plan: _Plan) -> Tensor:
         """Bias, min_tokens, repetition / presence / frequency penalties. Never modifies ``raw``."""
         s = self.state
         x = raw
@@ -207,17 +268,19 @@ class Decoder:
             x.scatter_(1, ids, vals)
         if plan.penalties:
             assert s.counts is not None and s.prompt_mask is not None
-            counts = s.counts[rows.slots]  # [R, V] int32
-            out_seen = counts > 0
-            seen = out_seen | s.prompt_mask[rows.slots]
-            rep = rows.floats[:, F_REPETITION, None]  # [R, 1]
-            # HF repetition penalty over prompt + output: shrink positive logits, push negative ones down
-            x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
-            # OpenAI presence / frequency penalties over output tokens only
-            x = x - rows.floats[:, F_FREQUENCY, None] * counts - rows.floats[:, F_PRESENCE, None] * out_seen
+            f = rows.floats
+            x = self._penalize(
+                x,
+                s.counts,
+                s.prompt_mask,
+                rows.slots,
+                f[:, F_REPETITION],
+                f[:, F_FREQUENCY],
+                f[:, F_PRESENCE],
+            )
         return x
 
-    def _choose(self, x: torch.Tensor, rows: _Rows, plan: _Plan) -> torch.Tensor:
+    def _choose(self, x: Tensor, rows: _Rows, plan: _Plan) -> Tensor:
         """Greedy rows: argmax of the processed logits. Random rows: exponential race. [R] int64."""
         greedy = None if plan.all_random else x.argmax(dim=-1)
         if not plan.any_random:
@@ -228,45 +291,114 @@ class Decoder:
         else:
             idx = rows.random_rows
             sub, f, i, pos = x[idx], rows.floats[idx], rows.ints[idx], rows.positions[idx]
-        sub = sub / f[:, F_TEMPERATURE, None]  # [Rr, V]; temperature > 0 on these rows
-        sub = _filter(sub, f, i, plan)
-        probs = torch.softmax(sub, dim=-1)  # [Rr, V]
-        k1, k2 = rng.row_keys(i[:, I_SEED_LO], i[:, I_SEED_HI], i[:, I_SEQ_INDEX], pos)
-        noise = rng.exponential_noise(k1, k2, self._vterm)  # [Rr, V]
-        drawn = (probs / noise).argmax(dim=-1)  # [Rr]
+        temp = f[:, F_TEMPERATURE]  # [Rr], > 0 on these rows
+        thresh = None  # [Rr, 1] logit threshold of top-k / top-p / min-p, on the unscaled logits
+        if plan.top_p:
+            # one sort of the batch serves top-k and top-p together
+            srt = sub.sort(dim=-1, descending=True).values  # [Rr, V]
+            thresh = top_p_threshold(srt, temp, i[:, I_TOP_K], f[:, F_TOP_P])
+        elif plan.top_k:
+            thresh = _top_k_threshold(sub, i[:, I_TOP_K], plan.top_k)
+        top = sub.amax(dim=-1, keepdim=True)  # [Rr, 1]
+        # min-p (p >= min_p * p_max) is the logit bound max + temp * log(min_p) (min_p 0: -inf); a ratio
+        # to the max, it survives renormalisation and so composes with the top-k / top-p threshold
+        bound = top + temp[:, None] * torch.log(f[:, F_MIN_P, None])
+        if thresh is not None:
+            bound = torch.maximum(bound, thresh)
+        seed_lo, seed_hi, seq_index = i[:, I_SEED_LO], i[:, I_SEED_HI], i[:, I_SEQ_INDEX]
+        scores = self._race_scores(sub, top, bound, temp, seed_lo, seed_hi, seq_index, pos, self._vterm)
+        drawn = scores.argmax(dim=-1)  # [Rr]
         if greedy is None:
             return drawn
         return greedy.index_copy(0, rows.random_rows, drawn)
 
 
-def _filter(x: torch.Tensor, f: torch.Tensor, i: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    """top-k, then top-p on the renormalised top-k distribution, then min-p; masked logits are -inf.
+# ---------------------------------------------------------------------- device math (compiled on CUDA)
+def penalize(
+    x: Tensor, counts: Tensor, prompt_mask: Tensor, slots: Tensor, rep: Tensor, freq: Tensor, pres: Tensor
+) -> Tensor:
+    """HF repetition penalty over prompt + output tokens, then OpenAI presence / frequency over output.
 
-    Each filter keeps a prefix of the tokens sorted by logit, so all three reduce to one logit threshold
-    per row. Rows that do not use a filter carry its neutral value (top_k = V, top_p = 1, min_p = 0).
+    x [R, V]; counts [B, V] int32 and prompt_mask [B, V] bool are whole tables, gathered by slots [R].
+    Neutral values (rep 1, freq 0, pres 0) leave a row bit-identical.
     """
-    v = x.shape[1]
-    top_k = i[:, I_TOP_K]  # [Rr] int64 in [1, V]
-    thresh = None  # [Rr, 1]
-    if plan.top_p:
-        # one sort of the batch serves top-k and top-p together
-        srt = x.sort(dim=-1, descending=True).values  # [Rr, V]
-        pos = torch.arange(v, device=x.device)
-        in_k = pos[None, :] < top_k[:, None]  # [Rr, V]
-        probs = torch.softmax(srt.masked_fill(~in_k, float("-inf")), dim=-1)
-        before = probs.cumsum(dim=-1) - probs  # mass strictly above each token
-        top_p = f[:, F_TOP_P, None]  # [Rr, 1]
-        # a prefix, never empty (before[0] == 0 < top_p); top_p == 1 keeps all even if the cumsum rounds up
-        keep = in_k & ((before < top_p) | (top_p >= 1.0))
-        thresh = srt.gather(1, keep.sum(dim=-1, keepdim=True) - 1)
-    elif plan.top_k:
-        vals = x.topk(plan.top_k, dim=-1).values  # [Rr, k_max]
-        kth = vals.gather(1, (top_k.clamp(max=plan.top_k) - 1)[:, None])  # [Rr, 1]
-        thresh = torch.where(top_k[:, None] < v, kth, float("-inf"))
-    if plan.min_p:
-        # p >= min_p * p_max  <=>  logit >= max logit + log(min_p); this ratio survives renormalisation
-        mp = x.amax(dim=-1, keepdim=True) + torch.log(f[:, F_MIN_P, None])
-        thresh = mp if thresh is None else torch.maximum(thresh, mp)
-    if thresh is None:
-        return x
-    return x.masked_fill(x < thresh, float("-inf"))
+    cnt = counts[slots]  # [R, V]
+    out_seen = cnt > 0
+    seen = out_seen | prompt_mask[slots]
+    rep = rep[:, None]
+    x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
+    return x - freq[:, None] * cnt - pres[:, None] * out_seen
+
+
+def top_p_threshold(srt: Tensor, temp: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
+    """Smallest kept logit of top-k, then top-p on the renormalised top-k distribution: [R, 1].
+
+    srt [R, V] logits sorted descending; temp, top_p [R] float; top_k [R] int64 in [1, V] (V: off).
+    """
+    pos = torch.arange(srt.shape[1], device=srt.device)
+    in_k = pos[None, :] < top_k[:, None]  # [R, V]
+    probs = torch.softmax((srt / temp[:, None]).masked_fill(~in_k, float("-inf")), dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # mass strictly above each token
+    tp = top_p[:, None]
+    # a prefix, never empty (before[0] == 0 < top_p); top_p == 1 keeps all even if the cumsum rounds up
+    keep = in_k & ((before < tp) | (tp >= 1.0))
+    return srt.gather(1, keep.sum(dim=-1, keepdim=True) - 1)
+
+
+def _top_k_threshold(x: Tensor, top_k: Tensor, k_max: int) -> Tensor:
+    """k-th largest logit per row, -inf where top-k is off (top_k == V): [R, 1]. No full sort."""
+    vals = x.topk(k_max, dim=-1).values  # [R, k_max]
+    kth = vals.gather(1, (top_k.clamp(max=k_max) - 1)[:, None])  # [R, 1]
+    return torch.where(top_k[:, None] < x.shape[1], kth, float("-inf"))
+
+
+def race_scores(
+    x: Tensor,
+    top: Tensor,
+    bound: Tensor,
+    temp: Tensor,
+    seed_lo: Tensor,
+    seed_hi: Tensor,
+    seq_index: Tensor,
+    position: Tensor,
+    vterm: Tensor,
+) -> Tensor:
+    """probs / Exp(1) noise, [R, V] float32: its row argmax is a draw from softmax(x / temp) over x >= bound.
+
+    x [R, V]; top, bound [R, 1] (row max, lowest kept logit); temp and the RNG key parts [R]. The
+    softmax's normalising sum does not move the argmax and is left out. Pointwise only (the argmax
+    stays outside), so on CUDA it compiles into one predictable elementwise kernel.
+    """
+    k1, k2 = rng.row_keys(seed_lo, seed_hi, seq_index, position)
+    probs = torch.exp((x - top) / temp[:, None]).masked_fill(x < bound, 0.0)  # [R, V], unnormalised
+    return probs / rng.exponential_noise(k1, k2, vterm)
+
+
+# torch.compile wrappers shared by every Decoder of the process: one compilation per function.
+_COMPILED: dict[Callable[..., Tensor], Callable[..., Tensor]] = {}
+
+
+class _Compiled:
+    """``fn`` through torch.compile on CUDA (one fused kernel instead of many passes over [R, V]).
+
+    Falls back to eager, with a warning, if compilation fails: a missing compiler must not stop sampling.
+    """
+
+    def __init__(self, fn: Callable[..., Tensor], device: torch.device) -> None:
+        self._eager = fn
+        self._fn = fn
+        if device.type == "cuda":
+            if fn not in _COMPILED:
+                _COMPILED[fn] = torch.compile(fn, dynamic=True)
+            self._fn = _COMPILED[fn]
+
+    def __call__(self, *args: Tensor | None) -> Tensor:
+        try:
+            return self._fn(*args)
+        except Exception as e:
+            if self._fn is self._eager:
+                raise
+            name = self._eager.__name__
+            warnings.warn(f"compiling {name} failed ({e!r}); running it eagerly", stacklevel=1)
+            self._fn = self._eager
+            return self._fn(*args)
