@@ -46,6 +46,7 @@ class LLM:
         plugins: dict[str, str] | None = None,
         plugin_backend: str | None = None,
         executor: str = "auto",
+        cuda_graphs: bool = True,
     ) -> None:
         if model is None:
             from kiln.demo import demo_model_path
@@ -79,6 +80,7 @@ class LLM:
             seed=seed,
             plugin_backend=plugin_backend or ("forward" if device.startswith("cuda") else "reference"),
             plugins=plugins,
+            cuda_graphs=cuda_graphs,
         )
         self.model_path = model
         self.model_name = files.name

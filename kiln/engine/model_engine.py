@@ -19,6 +19,7 @@ from kiln.builder.loader import load_model
 from kiln.builder.model_config import ModelInfo
 from kiln.config import EngineLimits, KvCacheConfig
 from kiln.engine.attention_metadata import AttentionMetadata
+from kiln.engine.cuda_graphs import DecodeGraphRunner, default_graph_batch_sizes
 from kiln.engine.kv_cache import (
     KvCache,
     KvCacheSpec,
@@ -45,6 +46,7 @@ class StepInputs:
     input_ids: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64
     attn: AttentionMetadata
+    slots: torch.Tensor  # [S] int64
     sample_token_idx: torch.Tensor  # [Ru] int64: packed index of each distinct sampling row's last token
     sample_inverse: torch.Tensor | None  # [R] int64 into [Ru]; None when rows are distinct and in order
     copy_src: torch.Tensor | None  # [C] int64
@@ -61,6 +63,8 @@ class ModelEngine:
         limits: EngineLimits,
         kv_config: KvCacheConfig,
         plugins: PluginSet | None = None,
+        cuda_graphs: bool = True,
+        cuda_graph_batch_sizes: list[int] | None = None,
     ) -> None:
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
@@ -88,9 +92,19 @@ class ModelEngine:
         )
         self.num_blocks = 0
         self.kv_cache: KvCache | None = None
+        self.graphs: DecodeGraphRunner | None = None  # captured after the KV pool exists
         num_blocks = self._plan_num_blocks()
         self.kv_cache = KvCache(self.kv_spec, num_blocks, self.device)
         self.num_blocks = num_blocks
+        if cuda_graphs and self.device.type == "cuda":
+            self.graphs = DecodeGraphRunner(
+                self._forward_hidden,
+                self.block_table,
+                cuda_graph_batch_sizes or default_graph_batch_sizes(limits.max_batch_size),
+                limits.max_seq_len,
+                self.device,
+            )
+            self.graphs.capture()
 
     # ------------------------------------------------------------------ sizing
 
@@ -140,12 +154,33 @@ class ModelEngine:
         step = self._prepare(batch)
         if step.copy_src is not None and step.copy_dst is not None:
             self.kv_cache.copy_blocks(step.copy_src, step.copy_dst)  # before this step's KV writes
-        hidden = self.model(step.input_ids, step.positions, step.attn, self.kv_cache.layers)  # [T, H]
+        if self._fits_graph(batch):  # generation-only step: replay the captured graph of the padded size
+            assert self.graphs is not None
+            meta = step.attn
+            hidden = self.graphs.replay(
+                step.input_ids, step.positions, meta.slot_mapping, step.slots, meta.seq_lens
+            )
+        else:
+            hidden = self._forward_hidden(step.input_ids, step.positions, step.attn)  # [T, H]
         logits = self.model.compute_logits(hidden.index_select(0, step.sample_token_idx))  # [Ru, V]
         if step.sample_inverse is not None:
             logits = logits.index_select(0, step.sample_inverse)  # [R, V]
         prompt_lps = self._prompt_logprobs.compute(batch, hidden) if len(batch.prompt_logprob_rows) else []
         return ForwardOutput(logits=logits, prompt_logprobs=prompt_lps)
+
+    def _forward_hidden(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata
+    ) -> torch.Tensor:
+        assert self.kv_cache is not None
+        return self.model(input_ids, positions, attn, self.kv_cache.layers)  # [T, H]
+
+    def _fits_graph(self, batch: ScheduledBatch) -> bool:
+        """A decode-only step that a captured graph can run."""
+        return (
+            self.graphs is not None
+            and 0 < batch.num_seqs <= self.graphs.max_batch_size
+            and batch.num_decode == batch.num_seqs
+        )
 
     def _validate(self, batch: ScheduledBatch) -> None:
         lim = self.limits
@@ -236,6 +271,7 @@ class ModelEngine:
             input_ids=input_ids,
             positions=positions_d,
             attn=attn,
+            slots=slots_d,
             sample_token_idx=sample_idx_d,
             sample_inverse=None if in_order else inverse_d,
             copy_src=copy_src,

@@ -32,6 +32,7 @@ class EngineCoreConfig:
     seed: int = 0
     plugin_backend: str = "reference"
     plugins: dict[str, str] | None = None
+    cuda_graphs: bool = True
 
 
 class EngineCore:
@@ -49,6 +50,7 @@ class EngineCore:
             limits=cfg.limits,
             kv_config=cfg.kv_config,
             plugins=PluginSet(cfg.plugin_backend, cfg.plugins),
+            cuda_graphs=cfg.cuda_graphs,
         )
         self.decoder = Decoder(cfg.limits.max_batch_size, self.engine.vocab_size, self.engine.device)
         self.scheduler = Scheduler(
