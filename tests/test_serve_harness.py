@@ -217,3 +217,22 @@ def test_python_m_kiln_serve_help_and_bad_model(tmp_path):
     )
     assert bad.returncode == 2
     assert "kiln serve: error:" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_taken_port_fails_before_loading_the_model(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run(
+            [sys.executable, "-m", "kiln.serve", str(tmp_path / "not-loaded"), "--port", str(port)],
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert out.returncode == 2
+    assert f"cannot bind 127.0.0.1:{port}" in out.stderr and "not-loaded" not in out.stderr

@@ -58,9 +58,9 @@ class _DrainingServer(uvicorn.Server):
             )
             self._drain_task = asyncio.ensure_future(self._drain())
         elif sig == signal.SIGINT:
-            logger.warning("second SIGINT: exiting now")
+            logger.warning("second SIGINT: aborting every request and exiting now")
             self._client.abort_all()
-            self.should_exit = self.force_exit = True
+            self.should_exit = True
 
     async def _drain(self) -> None:
         self._client.draining = True
@@ -82,15 +82,17 @@ def bind_socket(host: str, port: int) -> socket.socket:
         raise RuntimeError(
             f"cannot bind {host}:{port}: {e.strerror}; pick another --port or --host"
         ) from None
-    sock.set_inheritable(True)
     return sock
 
 
-def serve(llm: Any, config: ServeConfig) -> int:
-    """Serve ``llm`` until SIGTERM / SIGINT; the caller shuts the engine down afterwards."""
+def serve(llm: Any, config: ServeConfig, sock: socket.socket | None = None) -> int:
+    """Serve ``llm`` until SIGTERM / SIGINT; the caller shuts the engine down afterwards.
+
+    ``sock``: a socket already bound (by ``bind_socket``); by default one is bound to config.host:port.
+    """
     app = build_app(llm, config)
     client: EngineClient = app.state.kiln.client
-    sock = bind_socket(config.host, config.port)
+    sock = sock or bind_socket(config.host, config.port)
     host, port = sock.getsockname()[:2]
     uv_config = uvicorn.Config(
         app,
@@ -125,10 +127,24 @@ def main(args: argparse.Namespace) -> int:
     """Entry of `kiln serve` and `python -m kiln.serve`: load the engine, serve, shut down."""
     config = ServeConfig.from_args(args)
     setup_logging(config.log_level)
+    sock = bind_socket(config.host, config.port)  # a taken port fails now, not after loading the model
+    try:
+        llm = _build_engine(args)
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        return serve(llm, config, sock)
+    finally:
+        llm.shutdown()
+        logger.info("engine shut down; bye")
+
+
+def _build_engine(args: argparse.Namespace) -> Any:
     from kiln import LLM
     from kiln.config import KvCacheConfig, SchedulerConfig
 
-    llm = LLM(
+    return LLM(
         model=args.model,
         tokenizer=args.tokenizer,
         dtype=args.dtype,
@@ -145,8 +161,3 @@ def main(args: argparse.Namespace) -> int:
         seed=args.seed,
         executor=args.executor,
     )
-    try:
-        return serve(llm, config)
-    finally:
-        llm.shutdown()
-        logger.info("engine shut down; bye")
