@@ -75,6 +75,9 @@ def test_completions_equal_llm_generate(client, llm):
     assert resp.usage.prompt_tokens == len(ids) + len(llm.tokenizer.encode(PROMPTS[1]))
     by_ids = client.completions.create(model=MODEL_NAME, prompt=ids, max_tokens=12, temperature=0)
     assert by_ids.choices[0].text == resp.choices[0].text
+    id_lists = [llm.tokenizer.encode(p) for p in PROMPTS]
+    by_lists = client.completions.create(model=MODEL_NAME, prompt=id_lists, max_tokens=12, temperature=0)
+    assert [c.text for c in by_lists.choices] == [c.text for c in resp.choices]
 
 
 def test_sampling_extras_equal_llm_generate(client, llm):

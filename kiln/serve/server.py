@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
 import socket
@@ -108,6 +109,8 @@ def serve(llm: Any, config: ServeConfig, sock: socket.socket | None = None) -> i
     logger.info(
         "serving %s on http://%s:%d (Ctrl+C or SIGTERM to stop)", app.state.kiln.model_name, shown, port
     )
+    if not config.api_key and not ipaddress.ip_address(host).is_loopback:
+        logger.warning("listening on %s without --api-key: anyone who reaches it can use the model", host)
     try:
         asyncio.run(server.serve(sockets=[sock]))
     finally:
