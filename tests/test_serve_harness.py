@@ -23,7 +23,7 @@ API_KEY = "sk-test-kiln"
 
 
 class ServerProcess:
-    def __init__(self, model: str, *args: str, log_dir: Path, api_key: str | None = API_KEY) -> None:
+    def __init__(self, model: str | None, *args: str, log_dir: Path, api_key: str | None = API_KEY) -> None:
         self.model = model
         self.args = list(args)
         self.api_key = api_key
@@ -33,19 +33,9 @@ class ServerProcess:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, timeout: float = 120.0) -> ServerProcess:
-        cmd = [
-            sys.executable,
-            "-m",
-            "kiln.serve",
-            self.model,
-            "--port",
-            "0",
-            "--served-model-name",
-            MODEL_NAME,
-            "--log-interval",
-            "0",
-            *self.args,
-        ]
+        model = [self.model] if self.model is not None else []  # None: the embedded demo model
+        cmd = [sys.executable, "-m", "kiln.serve", *model, "--port", "0", "--served-model-name", MODEL_NAME]
+        cmd += ["--log-interval", "0", *self.args]
         env = {k: v for k, v in os.environ.items() if k != "KILN_API_KEY"}
         env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
         # One intra-op thread: tiny models gain nothing from more, and on a small shared CI machine
@@ -236,3 +226,21 @@ def test_taken_port_fails_before_loading_the_model(tmp_path):
         )
     assert out.returncode == 2
     assert f"cannot bind 127.0.0.1:{port}" in out.stderr and "not-loaded" not in out.stderr
+
+
+def test_serve_without_model_serves_the_demo_model(tmp_path):
+    from kiln.demo import demo_model_path
+
+    try:
+        demo_model_path()
+    except FileNotFoundError:
+        pytest.skip("the demo model is not built in this checkout")
+    with ServerProcess(None, log_dir=tmp_path) as s:  # no MODEL argument
+        r = httpx.post(
+            s.url("/v1/chat/completions"),
+            headers=s.headers,
+            json={"messages": [{"role": "user", "content": "def add(a, b):"}], "max_tokens": 8},
+            timeout=60,
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == MODEL_NAME and r.json()["usage"]["completion_tokens"] >= 1
