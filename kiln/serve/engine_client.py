@@ -129,29 +129,30 @@ class EngineClient:
                 t.wake.clear()
                 if t.error is not None:
                     raise t.error
+                out = t.latest
+                if out is not None and out.finished:  # a finished request wins over a late abort
+                    final = out
+                    yield out
+                    return
                 if t.aborted:
-                    final = _abort_output(t.latest, request_id, prompt_token_ids, params.n)
+                    final = _abort_output(out, request_id, prompt_token_ids, params.n)
                     yield final
                     return
-                if t.version != last_seen and t.latest is not None:
+                if out is not None and t.version != last_seen:
                     last_seen = t.version
-                    out = t.latest
-                    if out.finished:
-                        final = out
                     yield out
-                    if out.finished:
-                        return
                 elif producer.done():  # ended without a final output: never leave the caller waiting
                     raise RequestFailedError("the engine ended the request without a final output")
         finally:
-            if not producer.done():
-                producer.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await producer
-            self._in_flight.pop(request_id, None)
-            if final is None and t.error is None:  # the caller went away (client disconnect): aborted
-                final = _abort_output(t.latest, request_id, prompt_token_ids, params.n)
-            self._record(t, final)
+            try:
+                if not producer.done():
+                    producer.cancel()  # closes the engine's generator: the engine aborts the request
+                    await asyncio.wait({producer})
+            finally:
+                self._in_flight.pop(request_id, None)
+                if final is None and t.error is None:  # the caller went away (client disconnect)
+                    final = _abort_output(t.latest, request_id, prompt_token_ids, params.n)
+                self._record(t, final)
 
     async def _produce(self, t: _Tracked, prompt_token_ids: list[int], params: SamplingParams) -> None:
         gen = self.llm.generate_async(prompt_token_ids, params, request_id=t.request_id, streaming=True)
