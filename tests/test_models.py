@@ -275,3 +275,12 @@ def test_generation_config_eos_and_defaults(tmp_path):
     assert info.vocab_size == 320 and info.max_position_embeddings == 256
     os.remove(os.path.join(path, "generation_config.json"))
     assert read_model_info(path).eos_token_ids == (3,)
+
+
+def test_original_weights_beside_hf_files_are_ignored(tiny_model, tmp_path):
+    path = _copy(tiny_model("MistralForCausalLM", sliding_window=6), tmp_path, "with_consolidated")
+    save_file({"tok_embeddings.weight": torch.zeros(4, 4)}, os.path.join(path, "consolidated.safetensors"))
+    model, _ = load_model(path, max_positions=64)
+    torch.testing.assert_close(
+        run_single_prefill(model, PROMPT), hf_logits(path, PROMPT), atol=1e-4, rtol=1e-4
+    )

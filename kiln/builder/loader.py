@@ -43,6 +43,9 @@ def checkpoint_files(model_dir: str) -> list[str]:
             raise FileNotFoundError(f"{index} lists files that are not in {model_dir!r}: {missing}")
         return [os.path.join(model_dir, f) for f in files]
     files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
+    # Some repositories also ship the original weights (e.g. consolidated.safetensors) beside HF's.
+    hf_named = [f for f in files if f.startswith("model")]
+    files = hf_named or files
     if not files:
         raise FileNotFoundError(
             f"no *.safetensors weights in {model_dir!r}; kiln loads safetensors checkpoints only "
