@@ -59,6 +59,18 @@ def _ref(name: str):
     return get_plugin(name).plugin.reference
 
 
+def _assert_rounds_like(out: torch.Tensor, ref: torch.Tensor, min_exact: float = 0.99) -> None:
+    """Close, and bit-equal almost everywhere: a kernel that rounds in another order than the
+    reference (e.g. keeps an fp32 intermediate the reference rounds) misses on ~20% of elements,
+    which a tolerance alone would hide. The few allowed misses come from fp32 summation order and
+    approximate exp/rsqrt flipping a rounding. fp32 results only need to be close."""
+    torch.testing.assert_close(out, ref, **TOL[out.dtype])
+    if out.dtype == torch.float32:
+        return
+    exact = (out == ref).float().mean().item()
+    assert exact >= min_exact, f"only {exact:.1%} of elements round like the reference"
+
+
 # ----------------------------------------------------------------------------- norms, activation
 
 
@@ -69,7 +81,7 @@ def test_rms_norm(dtype, shape):
     w = torch.randn(shape[-1], dtype=dtype, device=DEVICE)
     _poison_allocator(x.numel() * x.element_size())
     out = rms_norm(x, w, 1e-6)
-    torch.testing.assert_close(out, _ref("rms_norm")(x, w, 1e-6), **TOL[dtype])
+    _assert_rounds_like(out, _ref("rms_norm")(x, w, 1e-6))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -82,13 +94,15 @@ def test_fused_add_rms_norm(dtype, shape):
     out, res_out = fused_add_rms_norm(x, res, w, 1e-5)
     ref_out, ref_res = _ref("fused_add_rms_norm")(x, res, w, 1e-5)
     assert torch.equal(res_out, ref_res)  # one rounded add, as torch does it
-    torch.testing.assert_close(out, ref_out, **TOL[dtype])
+    _assert_rounds_like(out, ref_out)
 
 
 def test_rms_norm_rejects_mismatched_weight():
     x = torch.randn(4, 64, device=DEVICE)
     with pytest.raises(ValueError, match="weight must have shape"):
         rms_norm(x, torch.ones(32, device=DEVICE), 1e-6)
+    with pytest.raises(ValueError, match="weight dtype"):
+        rms_norm(x.half(), torch.ones(64, device=DEVICE), 1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -98,7 +112,7 @@ def test_silu_and_mul(dtype, shape):
     _poison_allocator(x.numel() * x.element_size() // 2)
     out = silu_and_mul(x)
     assert out.shape == (*shape[:-1], shape[-1] // 2)
-    torch.testing.assert_close(out, _ref("silu_and_mul")(x), **TOL[dtype])
+    _assert_rounds_like(out, _ref("silu_and_mul")(x))
 
 
 # ----------------------------------------------------------------------------- rope + kv write
@@ -111,7 +125,7 @@ def _cos_sin_cache(max_pos: int, head_dim: int) -> torch.Tensor:
 
 
 def _check_rope_kv_write(num_tokens, num_q_heads, num_kv_heads, head_dim, block_size, dtype):
-    num_blocks = 8
+    num_blocks = -(-2 * num_tokens // block_size)
     q = torch.randn(num_tokens, num_q_heads, head_dim, dtype=dtype, device=DEVICE)
     # k and v as strided views of one fused qkv-like buffer, as a model's projection produces them
     kv = torch.randn(num_tokens, 2 * num_kv_heads, head_dim, dtype=dtype, device=DEVICE)
@@ -226,6 +240,15 @@ def test_attention_tile_search(group):
     _check_attention(MIXED, 2 * group, 2, 64, 16, torch.float32, block_m=16)
 
 
+@pytest.mark.parametrize("window", [0, 8, 21])
+def test_attention_tile_edges(window):
+    # Whole key tiles that every row sees skip the mask. Cached prefixes of every length mod
+    # BLOCK_N put the causal diagonal and the window's lower edge at every offset in a key tile, so
+    # an off-by-one in the unmasked range shows up as a leaked key.
+    seqs = [(1, 40), *[(3, ctx + 3) for ctx in range(10, 26)], (20, 45)]
+    _check_attention(seqs, 2, 2, 64, 16, torch.float32, window=window, block_m=16, block_n=16)
+
+
 @pytest.mark.parametrize("head_dim", [32, 96, 256])
 def test_attention_other_head_dims(head_dim):
     _check_attention(MIXED[:5], 4, 2, head_dim, 16, torch.float32)
@@ -286,13 +309,13 @@ def test_gpu_bf16_norms_activation_rope():
     x = torch.randn(37, 4096, dtype=dtype, device=DEVICE)
     res = torch.randn_like(x)
     w = torch.randn(4096, dtype=dtype, device=DEVICE)
-    torch.testing.assert_close(rms_norm(x, w, 1e-6), _ref("rms_norm")(x, w, 1e-6), **TOL[dtype])
+    _assert_rounds_like(rms_norm(x, w, 1e-6), _ref("rms_norm")(x, w, 1e-6))
     out, res_out = fused_add_rms_norm(x, res, w, 1e-6)
     ref_out, ref_res = _ref("fused_add_rms_norm")(x, res, w, 1e-6)
     assert torch.equal(res_out, ref_res)
-    torch.testing.assert_close(out, ref_out, **TOL[dtype])
+    _assert_rounds_like(out, ref_out)
     g = torch.randn(37, 2 * 14336, dtype=dtype, device=DEVICE)
-    torch.testing.assert_close(silu_and_mul(g), _ref("silu_and_mul")(g), **TOL[dtype])
+    _assert_rounds_like(silu_and_mul(g), _ref("silu_and_mul")(g))
     _check_rope_kv_write(300, 32, 8, 128, 16, dtype)  # bit-exact in bf16
 
 

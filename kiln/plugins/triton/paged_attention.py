@@ -37,6 +37,47 @@ _MAX_SPLITS = 32
 
 
 @triton.jit
+def _attend(
+    acc, m_i, l_i, q, q_pos, win_lo, row_ok, k_base, v_base, bt_row, d, d_ok,
+    lo, hi, end, stride_kb, stride_ko, stride_vb, stride_vo, scale_log2,
+    BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """Online softmax over keys [lo, hi) in BLOCK_N tiles. MASKED=False only for whole tiles that
+    every row of the query tile may see (no causal, window or range mask needed)."""
+    for n0 in range(lo, hi, BLOCK_N):
+        kpos = n0 + tl.arange(0, BLOCK_N)
+        k_ok = kpos < end
+        if MASKED:
+            page = tl.load(bt_row + kpos // PAGE_SIZE, mask=k_ok, other=0).to(tl.int64)
+        else:
+            page = tl.load(bt_row + kpos // PAGE_SIZE).to(tl.int64)
+        slot = kpos % PAGE_SIZE
+        k_mask = d_ok[:, None]
+        v_mask = d_ok[None, :]
+        if MASKED:
+            k_mask = k_mask & k_ok[None, :]
+            v_mask = v_mask & k_ok[:, None]
+        k = tl.load(k_base + page[None, :] * stride_kb + slot[None, :] * stride_ko + d[:, None],
+                    mask=k_mask, other=0.0)  # [BLOCK_D, BLOCK_N]  # fmt: skip
+        s = tl.dot(q, k.to(q.dtype), input_precision=PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
+        if MASKED:
+            visible = (kpos[None, :] <= q_pos[:, None]) & (kpos[None, :] > win_lo[:, None])
+            visible = visible & k_ok[None, :] & row_ok[:, None]
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # rows with nothing visible yet keep m = -inf; shift by 0 so exp2 gives 0, not NaN
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_shift)
+        p = tl.exp2(s - m_shift[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + page[:, None] * stride_vb + slot[:, None] * stride_vo + d[None, :],
+                    mask=v_mask, other=0.0)  # [BLOCK_N, BLOCK_D]  # fmt: skip
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _attention_tile_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
     out_ptr, part_acc_ptr, part_ml_ptr,
@@ -105,31 +146,21 @@ def _attention_tile_kernel(
         bt_row = block_tables_ptr + seq_c.to(tl.int64) * stride_bt
         k_base = k_cache_ptr + kvh * stride_kh
         v_base = v_cache_ptr + kvh * stride_vh
-        for n0 in range(start, end, BLOCK_N):
-            kpos = n0 + tl.arange(0, BLOCK_N)
-            k_ok = kpos < end
-            page = tl.load(bt_row + kpos // PAGE_SIZE, mask=k_ok, other=0).to(tl.int64)
-            slot = kpos % PAGE_SIZE
-            k = tl.load(
-                k_base + page[None, :] * stride_kb + slot[None, :] * stride_ko + d[:, None],
-                mask=k_ok[None, :] & d_ok[:, None], other=0.0,
-            )  # [BLOCK_D, BLOCK_N]
-            s = tl.dot(q, k.to(q.dtype), input_precision=PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
-            visible = (kpos[None, :] <= q_pos[:, None]) & (kpos[None, :] > win_lo[:, None])
-            visible = visible & k_ok[None, :] & row_ok[:, None]
-            s = tl.where(visible, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            # rows with nothing visible yet keep m = -inf; shift by 0 so exp2 gives 0, not NaN
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_shift)
-            p = tl.exp2(s - m_shift[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(
-                v_base + page[:, None] * stride_vb + slot[:, None] * stride_vo + d[None, :],
-                mask=k_ok[:, None] & d_ok[None, :], other=0.0,
-            )  # [BLOCK_N, BLOCK_D]
-            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
-            m_i = m_new
+        # Keys in [full_lo, full_hi) are visible to every row of the tile: whole BLOCK_N tiles there
+        # skip the per-element mask. The edges (window start, causal diagonal, range end) are masked.
+        full_lo = tl.where(sliding_window > 0, tl.maximum(ctx + last_tok - sliding_window + 1, start), start)
+        full_hi = tl.minimum(end, ctx + t0 + 1)
+        a = tl.minimum(start + tl.cdiv(tl.maximum(full_lo - start, 0), BLOCK_N) * BLOCK_N, end)
+        b = a + tl.maximum(full_hi - a, 0) // BLOCK_N * BLOCK_N
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, win_lo, row_ok, k_base, v_base, bt_row, d, d_ok,
+                                start, a, end, stride_kb, stride_ko, stride_vb, stride_vo, scale_log2,
+                                BLOCK_N, PAGE_SIZE, PRECISION, True)  # fmt: skip
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, win_lo, row_ok, k_base, v_base, bt_row, d, d_ok,
+                                a, b, end, stride_kb, stride_ko, stride_vb, stride_vo, scale_log2,
+                                BLOCK_N, PAGE_SIZE, PRECISION, False)  # fmt: skip
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, win_lo, row_ok, k_base, v_base, bt_row, d, d_ok,
+                                b, end, end, stride_kb, stride_ko, stride_vb, stride_vo, scale_log2,
+                                BLOCK_N, PAGE_SIZE, PRECISION, True)  # fmt: skip
 
         if SPLIT:
             pa = part_acc_ptr + split * stride_pas + tok64[:, None] * stride_pat + head[:, None] * stride_pah
@@ -146,32 +177,27 @@ def _attention_tile_kernel(
 @triton.jit
 def _merge_splits_kernel(
     part_acc_ptr, part_ml_ptr, out_ptr, query_start_loc_ptr,
-    num_seqs, num_heads, num_splits,
+    num_seqs, num_splits,
     stride_pas, stride_pat, stride_pah, stride_pms, stride_pmt, stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_P2: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h = tl.program_id(1)
     # tokens past query_start_loc[-1] are padding that no tile wrote
     if t < tl.load(query_start_loc_ptr + num_seqs):
-        h_ok = h < num_heads
+        j = tl.arange(0, SPLITS_P2)
+        j_ok = j < num_splits
         d = tl.arange(0, BLOCK_D)
-        mask = h_ok[:, None] & (d < HEAD_DIM)[None, :]
-        pm = part_ml_ptr + t * stride_pmt + h * 2
-        m_max = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-        for j in range(num_splits):
-            m_max = tl.maximum(m_max, tl.load(pm + j * stride_pms, mask=h_ok, other=float("-inf")))
-        m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
-        l_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
-        pa = part_acc_ptr + t * stride_pat + h[:, None] * stride_pah + d[None, :]
-        for j in range(num_splits):
-            w = tl.exp2(tl.load(pm + j * stride_pms, mask=h_ok, other=float("-inf")) - m_max)  # 0 if empty
-            l_sum += w * tl.load(pm + j * stride_pms + 1, mask=h_ok, other=0.0)
-            acc += w[:, None] * tl.load(pa + j * stride_pas, mask=mask, other=0.0)
-        out = acc / tl.where(l_sum == 0.0, 1.0, l_sum)[:, None]
-        o = out_ptr + t * stride_ot + h[:, None] * stride_oh + d[None, :]
-        tl.store(o, out.to(out_ptr.dtype.element_ty), mask=mask)
+        pm = part_ml_ptr + j * stride_pms + t * stride_pmt + h * 2
+        m = tl.load(pm, mask=j_ok, other=float("-inf"))  # [SPLITS_P2]
+        l = tl.load(pm + 1, mask=j_ok, other=0.0)
+        m_max = tl.max(m, axis=0)
+        w = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))  # 0 for empty splits
+        pa = part_acc_ptr + j[:, None] * stride_pas + t * stride_pat + h * stride_pah + d[None, :]
+        acc = tl.load(pa, mask=j_ok[:, None] & (d < HEAD_DIM)[None, :], other=0.0)  # [SPLITS_P2, BLOCK_D]
+        out = tl.sum(acc * w[:, None], axis=0) / tl.maximum(tl.sum(w * l, axis=0), 1e-30)
+        o = out_ptr + t * stride_ot + h * stride_oh + d
+        tl.store(o, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
 @dataclass(frozen=True)
@@ -306,12 +332,11 @@ def paged_attention(
         PRECISION=dot_precision(q.dtype), num_warps=plan.num_warps, num_stages=plan.num_stages,
     )  # fmt: skip
     if split:
-        block_h = min(next_pow2(num_q_heads), max(1, 4096 // block_d))
-        wrap_triton(_merge_splits_kernel)[(num_tokens, triton.cdiv(num_q_heads, block_h))](
+        wrap_triton(_merge_splits_kernel)[(num_tokens, num_q_heads)](
             part_acc, part_ml, out, query_start_loc,
-            num_seqs, num_q_heads, plan.num_splits,
+            num_seqs, plan.num_splits,
             part_acc.stride(0), part_acc.stride(1), part_acc.stride(2), part_ml.stride(0), part_ml.stride(1),
             out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_H=block_h, num_warps=4,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS_P2=next_pow2(plan.num_splits), num_warps=4,
         )  # fmt: skip
     return out

@@ -3,7 +3,10 @@
 Grid: (tokens, q head blocks + kv head blocks). A program either rotates a block of q heads into the
 output, or rotates a block of k heads and copies the matching v heads into the cache slots.
 Rounding follows the reference (HF ``q * cos + rotate_half(q) * sin`` in q's dtype): cos/sin are
-rounded to q's dtype, every product and the final sum are rounded to q's dtype.
+rounded to q's dtype, every product and the final sum are rounded to q's dtype. The products are
+taken in q's dtype on purpose: a product of two 16-bit floats is exact in fp32, so one rounding
+gives torch's result, while an fp32 product followed by ``.to(dtype).to(float32)`` is not safe
+(the compiler folds that round trip away and the intermediate rounding is lost).
 """
 
 from __future__ import annotations
@@ -21,13 +24,12 @@ _TILE_ELEMS = 2048
 
 @triton.jit
 def _rotate(x1, x2, cos, sin):
-    """x1/x2 [BLOCK_H, HALF_P2] in the input dtype; cos/sin [HALF_P2] fp32 (already dtype-rounded)."""
-    dt = x1.dtype
-    x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
+    """x1/x2 [BLOCK_H, HALF_P2] and cos/sin [HALF_P2], all in the input dtype."""
     c, s = cos[None, :], sin[None, :]
-    o1 = (x1f * c).to(dt).to(tl.float32) - (x2f * s).to(dt).to(tl.float32)
-    o2 = (x2f * c).to(dt).to(tl.float32) + (x1f * s).to(dt).to(tl.float32)
-    return o1.to(dt), o2.to(dt)
+    # products rounded to the dtype (native multiply), difference/sum in fp32 rounded once: as torch
+    o1 = (x1 * c).to(tl.float32) - (x2 * s).to(tl.float32)
+    o2 = (x2 * c).to(tl.float32) + (x1 * s).to(tl.float32)
+    return o1.to(x1.dtype), o2.to(x1.dtype)
 
 
 @triton.jit
@@ -45,8 +47,8 @@ def _rope_kv_write_kernel(
     d_ok = d < HALF
     pos = tl.load(pos_ptr + t).to(tl.int64)
     dt = q_ptr.dtype.element_ty
-    cos = tl.load(cs_ptr + pos * stride_cs + d, mask=d_ok, other=0.0).to(dt).to(tl.float32)
-    sin = tl.load(cs_ptr + pos * stride_cs + HALF + d, mask=d_ok, other=0.0).to(dt).to(tl.float32)
+    cos = tl.load(cs_ptr + pos * stride_cs + d, mask=d_ok, other=0.0).to(dt)
+    sin = tl.load(cs_ptr + pos * stride_cs + HALF + d, mask=d_ok, other=0.0).to(dt)
     if hb < num_q_blocks:
         h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
         m = (h < num_q_heads)[:, None] & d_ok[None, :]
@@ -95,6 +97,8 @@ def rope_kv_write(
             f"k and v must be [T, Hkv, D] = [{num_tokens}, Hkv, {head_dim}] like q, "
             f"got k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if head_dim % 2 != 0:
         raise ValueError(f"rotary embedding needs an even head dim, got {head_dim}")
     if cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != head_dim:
@@ -130,5 +134,6 @@ def rope_kv_write(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         q_out.stride(0), q_out.stride(1),
         HALF=half, HALF_P2=half_p2, BLOCK_H=block_h, num_warps=4 if block_h * half_p2 >= 1024 else 2,
+        enable_fp_fusion=False,  # keep every rounding of the reference (no fma contraction)
     )  # fmt: skip
     return q_out
