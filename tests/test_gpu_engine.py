@@ -18,6 +18,8 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 GREEDY = dict(temperature=0.0, ignore_eos=True)
+# The Triton attention kernel takes head dims 32/64/96/128/256: hidden 128 over 4 heads.
+SHAPE = dict(hidden_size=128, intermediate_size=256)
 
 
 def _prompts(n: int, seed: int) -> list[list[int]]:
@@ -47,7 +49,7 @@ def _llm(path: str, **kw) -> LLM:
 
 @pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen2ForCausalLM"])
 def test_fp32_greedy_identical_to_transformers_with_graphs(tiny_model, arch):
-    path = tiny_model(arch, tokenizer=True)
+    path = tiny_model(arch, tokenizer=True, **SHAPE)
     hf = load_hf_model(path).cuda()
     prompts = _prompts(12, seed=7)
     with _llm(path, dtype="float32", executor="process") as llm:
@@ -57,7 +59,7 @@ def test_fp32_greedy_identical_to_transformers_with_graphs(tiny_model, arch):
 
 
 def test_graphs_and_eager_give_same_tokens_bf16(tiny_model):
-    path = tiny_model("LlamaForCausalLM", tokenizer=True)
+    path = tiny_model("LlamaForCausalLM", tokenizer=True, **SHAPE)
     prompts = _prompts(20, seed=8)
     sp = SamplingParams(max_tokens=16, **GREEDY)
     with _llm(path, dtype="bfloat16", cuda_graphs=False, executor="thread") as eager:
@@ -69,7 +71,7 @@ def test_graphs_and_eager_give_same_tokens_bf16(tiny_model):
 
 
 def test_bf16_top1_or_top5_agreement(tiny_model):
-    path = tiny_model("LlamaForCausalLM", tokenizer=True)
+    path = tiny_model("LlamaForCausalLM", tokenizer=True, **SHAPE)
     hf = load_hf_model(path, dtype=torch.bfloat16).cuda()
     prompts = _prompts(6, seed=9)
     with _llm(path, dtype="bfloat16") as llm:
