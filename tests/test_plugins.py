@@ -1,0 +1,102 @@
+"""The plugin mechanism: registration, selection by kind, validation, opcheck of every reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kiln import LLM, SamplingParams
+from kiln.plugins import DEFAULT_PLUGINS, Plugin, PluginSet, get_plugin, plugin, registered_plugins
+from kiln.plugins.norms import rms_norm_reference
+
+CALLS = {"n": 0}
+
+
+@plugin("counting_rms_norm", kind="rms_norm")
+class CountingRmsNorm(Plugin):
+    """A user plugin: the reference RMSNorm computed differently, counting its calls."""
+
+    schema = "(Tensor x, Tensor weight, float eps) -> Tensor"
+
+    def shape_dtype_inference(self, x, weight, eps):
+        return torch.empty_like(x)
+
+    def forward(self, x, weight, eps):
+        CALLS["n"] += 1
+        xf = x.float()
+        return weight * (xf / xf.pow(2).mean(-1, keepdim=True).add(eps).sqrt()).to(x.dtype)
+
+    reference = forward
+
+
+def test_user_plugin_selected_by_kind_gives_same_tokens(tiny_model):
+    path = tiny_model("LlamaForCausalLM", tokenizer=True)
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    with LLM(path, max_batch_size=4, max_num_tokens=64, max_seq_len=128) as base:
+        ref = base.generate([[1, 2, 3, 4]], sp, use_tqdm=False)[0].outputs[0].token_ids
+    before = CALLS["n"]
+    with LLM(path, max_batch_size=4, max_num_tokens=64, max_seq_len=128,
+             plugins={"rms_norm": "counting_rms_norm"}) as llm:  # fmt: skip
+        got = llm.generate([[1, 2, 3, 4]], sp, use_tqdm=False)[0].outputs[0].token_ids
+    assert got == ref
+    assert CALLS["n"] > before
+
+
+def test_plugin_set_validates_choices():
+    with pytest.raises(ValueError, match="unknown plugin kinds"):
+        PluginSet("reference", {"attn": "paged_attention"})
+    with pytest.raises(ValueError, match="is of kind 'rms_norm', not 'attention'"):
+        PluginSet("reference", {"attention": "rms_norm"})
+    with pytest.raises(KeyError, match="no plugin named 'nope'"):
+        PluginSet("reference", {"attention": "nope"})
+    with pytest.raises(ValueError, match="plugin backend must be one of"):
+        PluginSet("cuda")
+    ps = PluginSet("reference", {"silu_and_mul": ("silu_and_mul", "reference")})
+    assert ps.choice["silu_and_mul"] == ("silu_and_mul", "reference")
+
+
+def test_registration_rejects_schema_mismatch_and_duplicates():
+    with pytest.raises(ValueError, match="plugins of this kind must have schema"):
+
+        @plugin("bad_norm", kind="rms_norm")
+        class Bad(Plugin):
+            schema = "(Tensor x, Tensor weight) -> Tensor"
+
+    with pytest.raises(ValueError, match="already registered"):
+
+        @plugin("rms_norm", kind="rms_norm")
+        class Again(Plugin):
+            schema = "(Tensor x, Tensor weight, float eps) -> Tensor"
+
+
+def test_every_builtin_kind_has_a_plugin():
+    regs = registered_plugins()
+    for kind, name in DEFAULT_PLUGINS.items():
+        assert regs[name].plugin.kind == kind
+
+
+def test_reference_ops_pass_opcheck():
+    torch.manual_seed(0)
+    x = torch.randn(5, 64)
+    w = torch.randn(64)
+    torch.library.opcheck(get_plugin("rms_norm").reference_op, (x, w, 1e-6))
+    torch.library.opcheck(get_plugin("fused_add_rms_norm").reference_op, (x, torch.randn_like(x), w, 1e-6))
+    torch.library.opcheck(get_plugin("silu_and_mul").reference_op, (torch.randn(3, 64),))
+    kc, vc = torch.randn(6, 8, 2, 32), torch.randn(6, 8, 2, 32)
+    q, k, v = torch.randn(7, 4, 32), torch.randn(7, 2, 32), torch.randn(7, 2, 32)
+    pos = torch.tensor([0, 1, 2, 3, 4, 9, 10])
+    slots = torch.tensor([8, 9, 10, 11, 12, -1, 17])
+    torch.library.opcheck(
+        get_plugin("rope_kv_write").reference_op, (q, k, v, pos, torch.randn(64, 32), kc, vc, slots)
+    )
+    bt = torch.tensor([[1, 2, 0], [3, 4, 5]], dtype=torch.int32)
+    args = (
+        q,
+        kc,
+        vc,
+        bt,
+        torch.tensor([5, 20], dtype=torch.int32),
+        torch.tensor([0, 5, 7], dtype=torch.int32),
+    )
+    torch.library.opcheck(get_plugin("paged_attention").reference_op, (*args, 5, 20, 0.17, 0))
+    assert torch.equal(get_plugin("rms_norm").reference_op(x, w, 1e-6), rms_norm_reference(x, w, 1e-6))
