@@ -10,7 +10,7 @@ import torch
 from tiny_models import load_hf_model
 
 from kiln import LLM, KvCacheConfig, SamplingParams, SchedulerConfig
-from kiln.errors import ContextLengthExceededError, EngineDeadError, InvalidRequestError
+from kiln.errors import ContextLengthExceededError, EngineDeadError, InvalidRequestError, RequestFailedError
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -258,3 +258,39 @@ def test_chat_and_process_executor(tiny_model):
         got = llm.chat([{"role": "user", "content": "Hello"}], sp, use_tqdm=False)[0].outputs[0].token_ids
         assert llm.stats().steps > 0
     assert got == ref
+
+
+def test_a_request_that_cannot_fit_fails_alone(tiny_model):
+    path = tiny_model("LlamaForCausalLM", tokenizer=True)
+    small = KvCacheConfig(max_tokens=64, tokens_per_block=16)
+    with _llm(path, kv_cache_config=small) as llm:
+
+        async def both() -> tuple[object, object]:
+            async def run(prompt: list[int], n: int) -> object:
+                try:
+                    async for out in llm.generate_async(prompt, SamplingParams(max_tokens=n, **GREEDY)):
+                        return out
+                except Exception as e:  # noqa: BLE001 - the test inspects it
+                    return e
+
+            return tuple(await asyncio.gather(run([1] * 100, 8), run([1, 2, 3], 4)))
+
+        too_big, fine = asyncio.run(both())
+        assert isinstance(too_big, RequestFailedError)
+        assert "needs 7 KV blocks of 16 tokens but the pool has 4" in str(too_big)
+        assert fine.finished and len(fine.outputs[0].token_ids) == 4
+        assert llm.is_alive()
+
+
+def test_cli_generate_prints_text_and_summary(tiny_model, capsys):
+    from kiln.cli import main
+
+    path = tiny_model("LlamaForCausalLM", tokenizer=True)
+    rc = main(["generate", "--model", path, "--max-tokens", "5", "--temperature", "0", "--max-seq-len", "128",
+               "def f(x):", "import os"])  # fmt: skip
+    out = capsys.readouterr()
+    assert rc == 0
+    assert "--- 'def f(x):' (length, 5 tokens)" in out.out and "--- 'import os'" in out.out
+    assert "2 requests, 10 tokens" in out.err and "tok/s" in out.err
+    assert main(["generate", "--model", path, "--temperature", "-1", "x"]) == 2
+    assert "temperature must be >= 0, got -1" in capsys.readouterr().err
