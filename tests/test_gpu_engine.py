@@ -9,7 +9,7 @@ import random
 
 import pytest
 import torch
-from tiny_models import load_hf_model
+from tiny_models import hf_greedy, load_hf_model
 
 from kiln import LLM, SamplingParams
 
@@ -25,18 +25,6 @@ SHAPE = dict(hidden_size=128, intermediate_size=256)
 def _prompts(n: int, seed: int) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(1, 300) for _ in range(rng.randint(1, 90))] for _ in range(n)]
-
-
-@torch.no_grad()
-def _hf_greedy(hf, prompt: list[int], n: int) -> tuple[list[int], list[torch.Tensor]]:
-    ids, toks, lps = list(prompt), [], []
-    dev = next(hf.parameters()).device
-    for _ in range(n):
-        logits = hf(torch.tensor([ids], device=dev), use_cache=False).logits[0, -1].float()
-        lps.append(torch.log_softmax(logits, -1).cpu())
-        toks.append(int(logits.argmax()))
-        ids.append(toks[-1])
-    return toks, lps
 
 
 def _llm(path: str, **kw) -> LLM:
@@ -55,7 +43,7 @@ def test_fp32_greedy_identical_to_transformers_with_graphs(tiny_model, arch):
     with _llm(path, dtype="float32", executor="process") as llm:
         outs = llm.generate(prompts, SamplingParams(max_tokens=12, **GREEDY), use_tqdm=False)
     for prompt, out in zip(prompts, outs, strict=True):
-        assert out.outputs[0].token_ids == _hf_greedy(hf, prompt, 12)[0]
+        assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 12)[0]
 
 
 def test_graphs_and_eager_give_same_tokens_bf16(tiny_model):
@@ -77,7 +65,7 @@ def test_bf16_top1_or_top5_agreement(tiny_model):
     with _llm(path, dtype="bfloat16") as llm:
         outs = llm.generate(prompts, SamplingParams(max_tokens=10, logprobs=5, **GREEDY), use_tqdm=False)
     for prompt, out in zip(prompts, outs, strict=True):
-        ref, ref_lp = _hf_greedy(hf, prompt, 10)
+        ref, ref_lp = hf_greedy(hf, prompt, 10)
         got = out.outputs[0]
         for i, (a, b) in enumerate(zip(got.token_ids, ref, strict=True)):
             if a != b:  # first divergence: each side's token is in the other's top-5

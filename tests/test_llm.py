@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from tiny_models import load_hf_model
+from tiny_models import hf_greedy, load_hf_model
 
 from kiln import LLM, KvCacheConfig, SamplingParams, SchedulerConfig
 from kiln.errors import ContextLengthExceededError, EngineDeadError, InvalidRequestError, RequestFailedError
@@ -18,18 +18,6 @@ GREEDY = dict(temperature=0.0, ignore_eos=True)
 def _prompts(n: int, seed: int = 0, lo: int = 1, hi: int = 70) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(1, 300) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
-
-
-@torch.no_grad()
-def _hf_greedy(hf, prompt: list[int], n: int) -> tuple[list[int], list[torch.Tensor]]:
-    """transformers' greedy continuation (EOS not special) and the log-softmax at each generated position."""
-    ids, toks, lps = list(prompt), [], []
-    for _ in range(n):
-        logits = hf(torch.tensor([ids]), use_cache=False).logits[0, -1].float()
-        lps.append(torch.log_softmax(logits, -1))
-        toks.append(int(logits.argmax()))
-        ids.append(toks[-1])
-    return toks, lps
 
 
 def _llm(path: str, **kw) -> LLM:
@@ -68,7 +56,7 @@ def test_greedy_tokens_and_logprobs_match_transformers(tiny_model, arch, overrid
     with _llm(path) as llm:
         outs = llm.generate(prompts, SamplingParams(max_tokens=10, logprobs=5, **GREEDY), use_tqdm=False)
     for prompt, out in zip(prompts, outs, strict=True):
-        ref, ref_lp = _hf_greedy(hf, prompt, 10)
+        ref, ref_lp = hf_greedy(hf, prompt, 10)
         got = out.outputs[0]
         assert got.token_ids == ref
         for step, entry in enumerate(got.logprobs):

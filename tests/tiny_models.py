@@ -133,3 +133,17 @@ def hf_logits(path_or_model: Any, token_ids: list[int], dtype: torch.dtype = tor
     model = load_hf_model(path_or_model, dtype) if isinstance(path_or_model, str) else path_or_model
     out = model(torch.tensor([token_ids]), use_cache=False)
     return out.logits[0].float()
+
+
+@torch.no_grad()
+def hf_greedy(model: Any, prompt: list[int], n: int) -> tuple[list[int], list[torch.Tensor]]:
+    """transformers' greedy continuation of ``prompt`` (EOS not special: one full forward per token)
+    and the float32 log-softmax at each generated position (on the CPU)."""
+    ids, toks, lps = list(prompt), [], []
+    device = next(model.parameters()).device
+    for _ in range(n):
+        logits = model(torch.tensor([ids], device=device), use_cache=False).logits[0, -1].float()
+        lps.append(torch.log_softmax(logits, -1).cpu())
+        toks.append(int(logits.argmax()))
+        ids.append(toks[-1])
+    return toks, lps
