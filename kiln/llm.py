@@ -53,6 +53,12 @@ class LLM:
 
             model = demo_model_path()
         files = read_model_files(model)
+        _check_type("kv_cache_config", kv_cache_config, KvCacheConfig)
+        _check_type("scheduler_config", scheduler_config, SchedulerConfig)
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        if plugins is not None and not isinstance(plugins, dict):
+            raise ValueError(f"plugins must be a dict of plugin kind -> plugin name, got {plugins!r}")
         if dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
         device = device or _default_device()
@@ -377,6 +383,11 @@ class LLM:
             self._sinks.clear()
         for sink in sinks:
             sink(err)
+
+
+def _check_type(name: str, value: object, cls: type) -> None:
+    if value is not None and not isinstance(value, cls):
+        raise ValueError(f"{name} must be a {cls.__name__} (or None for the defaults), got {value!r}")
 
 
 def _default_device() -> str:

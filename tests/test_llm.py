@@ -282,3 +282,23 @@ def test_cli_generate_prints_text_and_summary(tiny_model, capsys):
     assert "2 requests, 10 tokens" in out.err and "tok/s" in out.err
     assert main(["generate", "--model", path, "--temperature", "-1", "x"]) == 2
     assert "temperature must be >= 0, got -1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"kv_cache_config": {"max_tokens": 64}}, "kv_cache_config must be a KvCacheConfig"),
+        ({"scheduler_config": "max_utilization"}, "scheduler_config must be a SchedulerConfig"),
+        ({"seed": -3}, "seed must be an integer >= 0"),
+        ({"plugins": ["rms_norm"]}, "plugins must be a dict"),
+        ({"dtype": "int8"}, "dtype must be 'auto', 'float32', 'bfloat16' or 'float16'"),
+        ({"device": "tpu"}, "device must be 'cpu', 'cuda' or 'cuda:N'"),
+        ({"executor": "fork"}, "executor must be 'auto', 'thread' or 'process'"),
+        ({"max_seq_len": 10_000}, r"max_seq_len \(10000\) exceeds the model's max_position_embeddings"),
+        ({"max_num_tokens": 4}, r"max_num_tokens \(4\) must be >= max_batch_size"),
+    ],
+)
+def test_llm_arguments_are_validated(tiny_model, kwargs, message):
+    path = tiny_model("LlamaForCausalLM", tokenizer=True)
+    with pytest.raises(ValueError, match=message):
+        LLM(path, **{"max_batch_size": 8, **kwargs})
