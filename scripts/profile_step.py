@@ -1,0 +1,106 @@
+"""Where a decode step's time goes: host phases, GPU kernels, and the gap between them.
+
+    python3 scripts/profile_step.py --model preset:llama-3.2-1b --batch-size 1 --isl 128 --steps 64
+
+Drives the EngineCore by hand (no worker process) so every phase can be timed: first a plain
+run (the real step time), then a run with a device sync after each phase (host time of each phase,
+and the GPU time left to wait for), then torch.profiler over a few steps for the kernel table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from kiln.executor.engine_core import EngineCore, EngineCoreConfig
+from kiln.executor.messages import Request
+from kiln.sampling_params import SamplingParams
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, help="model directory or preset:NAME")
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--isl", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--no-graphs", action="store_true")
+    args = ap.parse_args()
+
+    from kiln.bench.presets import resolve_model
+    from kiln.config import EngineLimits, KvCacheConfig, SchedulerConfig
+
+    path, _ = resolve_model(args.model)
+    max_seq = args.isl + 3 * args.steps + 16
+    cfg = EngineCoreConfig(
+        model=path,
+        dtype="auto",
+        device="cuda",
+        limits=EngineLimits(max_batch_size=max(8, args.batch_size), max_num_tokens=8192, max_seq_len=max_seq),
+        kv_config=KvCacheConfig(),
+        scheduler_config=SchedulerConfig(),
+        plugin_backend="forward",
+        cuda_graphs=not args.no_graphs,
+    )
+    t0 = time.perf_counter()
+    core = EngineCore(cfg)
+    print(f"engine ready in {time.perf_counter() - t0:.1f} s: {core.info()}")
+    rng = np.random.default_rng(0)
+    sp = SamplingParams(temperature=0, max_tokens=3 * args.steps, ignore_eos=True)
+    for i in range(args.batch_size):
+        core.add_request(Request(f"r{i}", rng.integers(1, 1000, args.isl).tolist(), sp))
+    while core.scheduler.stats().num_waiting or core.stats.steps < 2:  # prefill, then decode only
+        core.step()
+
+    plain = []
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        core.step()
+        plain.append(time.perf_counter() - t)
+    torch.cuda.synchronize()
+
+    phases: dict[str, list[float]] = {k: [] for k in ("schedule", "forward", "sample", "update")}
+    for _ in range(args.steps // 2):
+        t = time.perf_counter()
+        batch = core.scheduler.schedule()
+        t1 = time.perf_counter()
+        fwd = core.engine.forward(batch)
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        out = core.decoder.sample(fwd.logits, batch)
+        t3 = time.perf_counter()
+        core.scheduler.update(batch, out)
+        t4 = time.perf_counter()
+        for name, dt in zip(phases, (t1 - t, t2 - t1, t3 - t2, t4 - t3), strict=True):
+            phases[name].append(dt)
+
+    from torch.profiler import ProfilerActivity, profile
+
+    n_prof = 8
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n_prof):
+            core.step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or e.self_device_time_total > 0]
+    gpu_us = sum(e.self_device_time_total for e in events) / n_prof
+
+    ms = lambda xs: 1e3 * statistics.median(xs)  # noqa: E731
+    card = torch.cuda.get_device_name()
+    rate = args.batch_size / statistics.median(plain)
+    print(f"\n== decode step, batch {args.batch_size}, context ~{args.isl}+ tokens, {card}")
+    print(f"  step (no syncs)        {ms(plain):7.3f} ms   -> {rate:,.0f} tok/s")
+    for k, v in phases.items():
+        print(f"  {k:<22} {ms(v):7.3f} ms   (synced after each phase)")
+    print(f"  GPU kernels per step   {gpu_us / 1e3:7.3f} ms   (torch.profiler, self device time)")
+    print("\n== top kernels (per step)")
+    top = sorted(events, key=lambda e: -e.self_device_time_total)[:15]
+    for e in top:
+        print(f"  {e.self_device_time_total / n_prof / 1e3:8.3f} ms  x{e.count // n_prof:<4} {e.key[:90]}")
+    core.close()
+
+
+if __name__ == "__main__":
+    main()
