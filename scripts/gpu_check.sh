@@ -7,6 +7,7 @@
 #   env         nvidia-smi and versions only (always printed first)
 #   tiny        tiny-llama throughput + latency: checks this script and the bench plumbing (seconds)
 #   tests       python3 -m pytest -q -m gpu tests/                                  (~1-5 min)
+#   profile     scripts/profile_step.py: host phases vs GPU kernels of a decode step, 1B and 8B (~2-4 min)
 #   smoke       llama-3.2-1b: latency bs=1 and a small 128/128 throughput, kiln only  (~1-2 min)
 #   latency     bs=1 ISL 128 / 256 new: llama-3.2-1b and llama-3.1-8b, kiln + transformers peer (~5-8 min)
 #   throughput  llama-3.1-8b 128/128 x 512 requests, kiln + transformers peer on 256   (~4-7 min)
@@ -107,6 +108,17 @@ nano() {
     --backend "$PEER" --hf-num-requests 128 --hf-batch-size 64
 }
 
+profile() {
+  for m in llama-3.2-1b llama-3.1-8b; do
+    note "profile $m: scripts/profile_step.py (batch 1 and 64)"
+    for b in 1 64; do
+      timeout --kill-after=30 "$BENCH_TIMEOUT" "$PY" scripts/profile_step.py --model "preset:$m" --batch-size $b \
+        2>&1 | tee "$OUT/profile_${m}_bs$b.log"
+      printf 'profile_%s_bs%s\t%s\t%s\n' "$m" "$b" "${PIPESTATUS[0]}" "see profile_${m}_bs$b.log" >>"$STATUS_FILE"
+    done
+  done
+}
+
 summary() {
   note "summary"
   "$PY" - "$OUT" "$STATUS_FILE" <<'EOF' | tee "$OUT/summary.txt"
@@ -150,8 +162,9 @@ groups=("$@")
 [ ${#groups[@]} -eq 0 ] && groups=(tests)
 for g in "${groups[@]}"; do
   case "$g" in
-    env | tiny | tests | smoke | latency | throughput | nano | all) ;;
-    *) echo "unknown group '$g'; use env, tiny, tests, smoke, latency, throughput, nano or all" >&2; exit 2 ;;
+    env | tiny | tests | smoke | profile | latency | throughput | nano | all) ;;
+    *) echo "unknown group '$g'; use env, tiny, tests, smoke, profile, latency, throughput, nano or all" >&2
+       exit 2 ;;
   esac
 done
 env_info
@@ -161,6 +174,7 @@ for g in "${groups[@]}"; do
     tiny) tiny ;;
     tests) run_tests ;;
     smoke) smoke ;;
+    profile) profile ;;
     latency) latency ;;
     throughput) throughput ;;
     nano) nano ;;

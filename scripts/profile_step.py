@@ -28,21 +28,24 @@ def main() -> None:
     ap.add_argument("--isl", type=int, default=128)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--device", default="cuda", help="cuda (default) or cpu, to check the script itself")
     args = ap.parse_args()
 
     from kiln.bench.presets import resolve_model
     from kiln.config import EngineLimits, KvCacheConfig, SchedulerConfig
 
     path, _ = resolve_model(args.model)
+    on_gpu = args.device.startswith("cuda")
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     max_seq = args.isl + 3 * args.steps + 16
     cfg = EngineCoreConfig(
         model=path,
         dtype="auto",
-        device="cuda",
+        device=args.device,
         limits=EngineLimits(max_batch_size=max(8, args.batch_size), max_num_tokens=8192, max_seq_len=max_seq),
         kv_config=KvCacheConfig(),
         scheduler_config=SchedulerConfig(),
-        plugin_backend="forward",
+        plugin_backend="forward" if args.device.startswith("cuda") else "reference",
         cuda_graphs=not args.no_graphs,
     )
     t0 = time.perf_counter()
@@ -60,7 +63,7 @@ def main() -> None:
         t = time.perf_counter()
         core.step()
         plain.append(time.perf_counter() - t)
-    torch.cuda.synchronize()
+    sync()
 
     phases: dict[str, list[float]] = {k: [] for k in ("schedule", "forward", "sample", "update")}
     for _ in range(args.steps // 2):
@@ -68,7 +71,7 @@ def main() -> None:
         batch = core.scheduler.schedule()
         t1 = time.perf_counter()
         fwd = core.engine.forward(batch)
-        torch.cuda.synchronize()
+        sync()
         t2 = time.perf_counter()
         out = core.decoder.sample(fwd.logits, batch)
         t3 = time.perf_counter()
@@ -80,15 +83,16 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     n_prof = 8
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as prof:
         for _ in range(n_prof):
             core.step()
-        torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or e.self_device_time_total > 0]
+        sync()
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
     gpu_us = sum(e.self_device_time_total for e in events) / n_prof
 
     ms = lambda xs: 1e3 * statistics.median(xs)  # noqa: E731
-    card = torch.cuda.get_device_name()
+    card = torch.cuda.get_device_name() if on_gpu else "cpu"
     rate = args.batch_size / statistics.median(plain)
     print(f"\n== decode step, batch {args.batch_size}, context ~{args.isl}+ tokens, {card}")
     print(f"  step (no syncs)        {ms(plain):7.3f} ms   -> {rate:,.0f} tok/s")
