@@ -24,9 +24,11 @@ if not ON_GPU and tuple(int(p) for p in np.__version__.split(".")[:2]) >= (2, 4)
     pytest.skip("Triton's interpreter needs numpy < 2.4 (its loops fail)", allow_module_level=True)
 
 from kiln.plugins import get_plugin  # noqa: E402
+from kiln.plugins.triton import attention_plan  # noqa: E402
 from kiln.plugins.triton.activation import silu_and_mul  # noqa: E402
+from kiln.plugins.triton.attention_plan import plan_passes  # noqa: E402
 from kiln.plugins.triton.norms import fused_add_rms_norm, rms_norm  # noqa: E402
-from kiln.plugins.triton.paged_attention import paged_attention, plan_launch  # noqa: E402
+from kiln.plugins.triton.paged_attention import paged_attention  # noqa: E402
 from kiln.plugins.triton.rope_kv_write import rope_kv_write  # noqa: E402
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
@@ -234,10 +236,27 @@ def test_attention_sliding_window(dtype, window, num_splits):
 @pytest.mark.parametrize("group", [1, 3])
 def test_attention_tile_search(group):
     # small tiles: chunks span several query tiles and the tile -> sequence map is searched
-    plan = plan_launch(sum(q for q, _ in MIXED), len(MIXED), 2, group, 64, torch.float32, 20, 70, DEVICE,
-                       block_m=16)  # fmt: skip
-    assert plan.use_search and plan.tokens_per_tile == 16 // group
+    passes = plan_passes(sum(q for q, _ in MIXED), len(MIXED), 2, group, 64, torch.float32, 20, 70, DEVICE,
+                         block_m=16)  # fmt: skip
+    assert len(passes) == 2 and passes[1].use_search and passes[1].tokens_per_tile == 16 // group
     _check_attention(MIXED, 2 * group, 2, 64, 16, torch.float32, block_m=16)
+
+
+def test_attention_two_passes_split_differently(monkeypatch):
+    # few decode rows split their long histories; the many-tile chunk pass does not. One merge
+    # launch must merge only the decode pass's tokens and leave the chunk's output alone.
+    monkeypatch.setattr(attention_plan, "num_sms", lambda device: 8)
+    # group 2: the decode pass takes sequences of up to 8 new tokens; 8 and 9 sit on the boundary
+    seqs = [(1, 300), (8, 290), (9, 100), (100, 400)]
+    passes = plan_passes(118, 4, 1, 2, 64, torch.float32, 100, 400, DEVICE, block_m=16)
+    assert [p.num_splits > 1 for p in passes] == [True, False]
+    assert [(p.q_len_lo, p.q_len_hi) for p in passes][0] == (0, 8)
+    _check_attention(seqs, 2, 1, 64, 16, torch.float32, block_m=16)
+
+
+def test_attention_decode_plan_is_one_pass():
+    passes = plan_passes(4, 4, 8, 4, 128, torch.float16, 1, 4096, DEVICE)
+    assert len(passes) == 1 and passes[0].num_tiles == 4 and passes[0].block_m == 16
 
 
 @pytest.mark.parametrize("window", [0, 8, 21])
@@ -343,8 +362,7 @@ def test_gpu_attention_fp32_is_ieee():
 def test_gpu_attention_long_context(dtype):
     # small batch, long contexts: the split-kv path chosen by the heuristic
     seqs = [(1, 32768), (1, 20001), (1, 4097)]
-    plan = plan_launch(3, 3, 8, 4, 128, dtype, 1, 32768, DEVICE)
-    assert plan.num_splits > 1
+    assert plan_passes(3, 3, 8, 4, 128, dtype, 1, 32768, DEVICE)[0].num_splits > 1
     _check_attention(seqs, 32, 8, 128, 16, dtype)
     _check_attention([(1, 30000), (512, 16384)], 32, 8, 128, 32, dtype)
     _check_attention([(1, 32768), (1, 9000)], 32, 8, 128, 16, dtype, window=4096)

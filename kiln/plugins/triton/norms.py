@@ -3,8 +3,9 @@
 Rounding follows the reference (HF LlamaRMSNorm): the sum of squares accumulates in fp32, the
 normalised row is cast to x's dtype, then multiplied by the weight (product in fp32, rounded once).
 The fused variant first rounds ``x + residual`` to x's dtype, exactly as ``torch.add`` does.
-Those roundings are done by operating in x's dtype (the add, the weight product), never by an
-fp32 ``.to(dtype).to(float32)`` round trip, which the compiler may fold away.
+Those roundings are done by operating in x's dtype (the add, the weight product), and the kernel
+is compiled with fp fusion off so that no rounding is contracted or folded away (see
+docs/kernels.md, "Rounding in Triton").
 """
 
 from __future__ import annotations

@@ -1,6 +1,9 @@
-"""Paged attention over a ragged packed batch: decode rows and context chunks in one launch.
+"""Paged attention over a ragged packed batch of decode rows and context chunks.
 
-Work decomposition (grid = (query tiles, kv heads, kv splits)):
+One tile kernel, launched once per pass (``attention_plan.py``: a decode pass with small query
+tiles, plus a prefill pass with large tiles when some sequence has more new tokens than a decode
+tile holds), then one merge launch if any pass splits the keys. Each pass has
+grid = (query tiles, kv heads, kv splits):
 
 - A *query tile* is up to ``TOKENS_PER_TILE`` consecutive new tokens of one sequence times the
   ``GROUP`` query heads that share one kv head, flattened into ``BLOCK_M`` rows
@@ -14,26 +17,23 @@ Work decomposition (grid = (query tiles, kv heads, kv splits)):
   with one split the kernel writes the normalised output; with several it writes fp32 partials
   (acc, running max, running sum) and a second kernel merges them.
 
-The grid depends only on shapes and the int arguments (max_query_len, max_seq_len), never on device
+The grids depend only on shapes and the int arguments (max_query_len, max_seq_len), never on device
 data, so a captured CUDA graph stays valid while seq_lens / block_tables change between replays.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from kiln.plugins.triton._common import check_last_dim_contiguous, dot_precision, next_pow2, num_sms
+from kiln.plugins.triton._common import check_last_dim_contiguous, dot_precision, next_pow2
+from kiln.plugins.triton.attention_plan import plan_passes
 
 SUPPORTED_HEAD_DIMS = (32, 64, 96, 128, 256)
-# Each kv split should cover at least this many keys; shorter splits cost more in merging than they gain.
-_MIN_KEYS_PER_SPLIT = 256
-_MAX_SPLITS = 32
 
 
 @triton.jit
@@ -81,7 +81,7 @@ def _attend(
 def _attention_tile_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
     out_ptr, part_acc_ptr, part_ml_ptr,
-    num_seqs, tiles_per_seq, search_steps, num_splits, scale_log2, sliding_window,
+    num_seqs, q_len_lo, q_len_hi, tiles_per_seq, search_steps, num_splits, scale_log2, sliding_window,
     stride_qt, stride_qh, stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh,
     stride_bt, stride_ot, stride_oh, stride_pas, stride_pat, stride_pah, stride_pms, stride_pmt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -111,7 +111,8 @@ def _attention_tile_kernel(
     q_len = tl.load(query_start_loc_ptr + seq_c + 1) - q_start
     kv_len = tl.load(seq_lens_ptr + seq_c)
     t0 = local_tile * TOKENS_PER_TILE
-    active = (seq < num_seqs) & (t0 < q_len)
+    # this pass serves only sequences with q_len_lo < q_len <= q_len_hi (see attention_plan.py)
+    active = (seq < num_seqs) & (t0 < q_len) & (q_len > q_len_lo) & (q_len <= q_len_hi)
 
     if active:
         ctx = kv_len - q_len  # position of the sequence's first new token
@@ -177,78 +178,39 @@ def _attention_tile_kernel(
 @triton.jit
 def _merge_splits_kernel(
     part_acc_ptr, part_ml_ptr, out_ptr, query_start_loc_ptr,
-    num_seqs, num_splits,
+    num_seqs, search_steps, decode_tokens, decode_splits, prefill_splits,
     stride_pas, stride_pat, stride_pah, stride_pms, stride_pmt, stride_ot, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_P2: tl.constexpr,
 ):  # fmt: skip
-    t = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(0)
     h = tl.program_id(1)
-    # tokens past query_start_loc[-1] are padding that no tile wrote
-    if t < tl.load(query_start_loc_ptr + num_seqs):
+    # the token's sequence (largest s with query_start_loc[s] <= t) decides which pass wrote it
+    lo = t * 0
+    hi = num_seqs
+    for _ in range(search_steps):
+        mid = (lo + hi + 1) // 2
+        go = tl.load(query_start_loc_ptr + mid) <= t
+        lo = tl.where(go, mid, lo)
+        hi = tl.where(go, hi, mid - 1)
+    seq_c = tl.minimum(lo, num_seqs - 1)
+    q_len = tl.load(query_start_loc_ptr + seq_c + 1) - tl.load(query_start_loc_ptr + seq_c)
+    num_splits = tl.where(q_len <= decode_tokens, decode_splits, prefill_splits)
+    # padding tokens (past query_start_loc[-1]) were written by no pass; one-split passes wrote `out`
+    if (lo < num_seqs) & (num_splits > 1):
+        t64 = t.to(tl.int64)
         j = tl.arange(0, SPLITS_P2)
         j_ok = j < num_splits
         d = tl.arange(0, BLOCK_D)
-        pm = part_ml_ptr + j * stride_pms + t * stride_pmt + h * 2
+        pm = part_ml_ptr + j * stride_pms + t64 * stride_pmt + h * 2
         m = tl.load(pm, mask=j_ok, other=float("-inf"))  # [SPLITS_P2]
         l = tl.load(pm + 1, mask=j_ok, other=0.0)
         m_max = tl.max(m, axis=0)
         w = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))  # 0 for empty splits
-        pa = part_acc_ptr + j[:, None] * stride_pas + t * stride_pat + h * stride_pah + d[None, :]
+        pa = part_acc_ptr + j[:, None] * stride_pas + t64 * stride_pat + h * stride_pah + d[None, :]
         acc = tl.load(pa, mask=j_ok[:, None] & (d < HEAD_DIM)[None, :], other=0.0)  # [SPLITS_P2, BLOCK_D]
         out = tl.sum(acc * w[:, None], axis=0) / tl.maximum(tl.sum(w * l, axis=0), 1e-30)
-        o = out_ptr + t * stride_ot + h * stride_oh + d
+        o = out_ptr + t64 * stride_ot + h * stride_oh + d
         tl.store(o, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
-
-
-@dataclass(frozen=True)
-class AttentionLaunch:
-    """Block sizes and grid of one paged_attention call (a pure function of shapes and int args)."""
-
-    block_m: int
-    block_n: int
-    tokens_per_tile: int
-    num_tiles: int
-    use_search: bool
-    tiles_per_seq: int
-    num_splits: int
-    num_warps: int
-    num_stages: int
-
-
-def plan_launch(
-    num_tokens: int, num_seqs: int, num_kv_heads: int, group: int, head_dim: int, dtype: torch.dtype,
-    max_query_len: int, max_seq_len: int, device: torch.device,
-    *, num_splits: int | None = None, block_m: int | None = None, block_n: int | None = None,
-) -> AttentionLaunch:  # fmt: skip
-    """Heuristic launch choice. ``num_splits`` / ``block_m`` / ``block_n`` override the heuristics."""
-    block_d = next_pow2(head_dim)
-    wide = block_d > 128 or dtype == torch.float32  # more bytes per row: smaller tiles fit on chip
-    if block_m is None:
-        if max_query_len <= 1:
-            block_m = 16  # decode: the rows are the group's heads
-        else:
-            block_m = 64 if wide else 128
-    block_m = max(block_m, 16, next_pow2(group))
-    if block_n is None:
-        block_n = 32 if wide else 64
-    tokens_per_tile = block_m // group
-    tiles_per_seq = max(1, triton.cdiv(max(max_query_len, 1), tokens_per_tile))
-    static_tiles = num_seqs * tiles_per_seq
-    search_tiles = num_tokens // tokens_per_tile + num_seqs
-    use_search = search_tiles < static_tiles
-    num_tiles = search_tiles if use_search else static_tiles
-    if num_splits is None:
-        base = num_tiles * num_kv_heads
-        sms = num_sms(device)
-        if base >= sms:
-            num_splits = 1
-        else:
-            num_splits = min(triton.cdiv(2 * sms, base), max_seq_len // _MIN_KEYS_PER_SPLIT, _MAX_SPLITS)
-    num_splits = max(1, num_splits)
-    num_warps = 8 if block_m >= 128 else 4
-    return AttentionLaunch(
-        block_m, block_n, tokens_per_tile, num_tiles, use_search, tiles_per_seq, num_splits, num_warps, 2
-    )
 
 
 def _validate(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc) -> None:
@@ -306,37 +268,41 @@ def paged_attention(
     if num_tokens == 0 or num_seqs == 0:
         return out
     seq_lens, query_start_loc = seq_lens.contiguous(), query_start_loc.contiguous()
-    plan = plan_launch(
+    passes = plan_passes(
         num_tokens, num_seqs, num_kv_heads, group, head_dim, q.dtype, max_query_len, max_seq_len, q.device,
         num_splits=num_splits, block_m=block_m, block_n=block_n,
     )  # fmt: skip
-    split = plan.num_splits > 1
-    if split:
-        # fp32 partials: acc [splits, T, Hq, D] (unnormalised), (max, sum) [splits, T, Hq, 2]
-        part_acc = q.new_empty((plan.num_splits, num_tokens, num_q_heads, head_dim), dtype=torch.float32)
-        part_ml = q.new_empty((plan.num_splits, num_tokens, num_q_heads, 2), dtype=torch.float32)
+    max_splits = max(p.num_splits for p in passes)
+    if max_splits > 1:
+        # fp32 partials shared by both passes (they write disjoint tokens):
+        # acc [splits, T, Hq, D] (unnormalised), (max, sum) [splits, T, Hq, 2]
+        part_acc = q.new_empty((max_splits, num_tokens, num_q_heads, head_dim), dtype=torch.float32)
+        part_ml = q.new_empty((max_splits, num_tokens, num_q_heads, 2), dtype=torch.float32)
     else:
-        part_acc = part_ml = out  # never touched when SPLIT is off
+        part_acc = part_ml = out  # never touched when no pass splits
     block_d = next_pow2(head_dim)
-    grid = (plan.num_tiles, num_kv_heads, plan.num_splits)
-    wrap_triton(_attention_tile_kernel)[grid](
-        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, part_acc, part_ml,
-        num_seqs, plan.tiles_per_seq, num_seqs.bit_length(), plan.num_splits, scale * math.log2(math.e),
-        sliding_window,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        out.stride(0), out.stride(1),
-        part_acc.stride(0), part_acc.stride(1), part_acc.stride(2), part_ml.stride(0), part_ml.stride(1),
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
-        TOKENS_PER_TILE=plan.tokens_per_tile, PAGE_SIZE=page_size, USE_SEARCH=plan.use_search, SPLIT=split,
-        PRECISION=dot_precision(q.dtype), num_warps=plan.num_warps, num_stages=plan.num_stages,
-    )  # fmt: skip
-    if split:
+    search_steps = num_seqs.bit_length()
+    for p in passes:
+        wrap_triton(_attention_tile_kernel)[(p.num_tiles, num_kv_heads, p.num_splits)](
+            q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, part_acc, part_ml,
+            num_seqs, p.q_len_lo, p.q_len_hi, p.tiles_per_seq, search_steps, p.num_splits,
+            scale * math.log2(math.e), sliding_window,
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+            out.stride(0), out.stride(1),
+            part_acc.stride(0), part_acc.stride(1), part_acc.stride(2), part_ml.stride(0), part_ml.stride(1),
+            GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=p.block_m, BLOCK_N=p.block_n,
+            TOKENS_PER_TILE=p.tokens_per_tile, PAGE_SIZE=page_size, USE_SEARCH=p.use_search,
+            SPLIT=p.num_splits > 1, PRECISION=dot_precision(q.dtype),
+            num_warps=p.num_warps, num_stages=p.num_stages,
+        )  # fmt: skip
+    if max_splits > 1:
         wrap_triton(_merge_splits_kernel)[(num_tokens, num_q_heads)](
             part_acc, part_ml, out, query_start_loc,
-            num_seqs, plan.num_splits,
+            num_seqs, search_steps, passes[0].q_len_hi, passes[0].num_splits,
+            passes[-1].num_splits if len(passes) > 1 else 1,
             part_acc.stride(0), part_acc.stride(1), part_acc.stride(2), part_ml.stride(0), part_ml.stride(1),
             out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS_P2=next_pow2(plan.num_splits), num_warps=4,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS_P2=next_pow2(max_splits), num_warps=4,
         )  # fmt: skip
     return out

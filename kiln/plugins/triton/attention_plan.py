@@ -1,0 +1,89 @@
+"""Launch planning for paged attention: block sizes, grid and kv splits from shapes and int args.
+
+A step is covered by at most two passes of the same tile kernel, split by each sequence's new-token
+count: a *decode pass* with small query tiles (the group's heads fill the MMA rows) for sequences of
+at most ``decode_tokens`` new tokens, and a *prefill pass* with large tiles for the rest. One tile
+size for both would make every decode row pay a prefill tile's MMA work (measured on an H200: a
+mixed step of 128 decode rows and a 1k chunk took ~3.5x its bound). Both passes and their grids
+are fixed by shapes and int arguments, so a captured CUDA graph stays valid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from kiln.plugins.triton._common import next_pow2, num_sms
+
+# Split-KV sizing (timed on an H200 with Llama-8B heads): aim for ~3 waves of programs; each split
+# keeps at least this many keys, since shorter splits cost more in merging than they gain.
+_SPLIT_TARGET_WAVES = 3
+_MIN_KEYS_PER_SPLIT = 128
+_MAX_SPLITS = 64
+# fp32 partials are [splits, T, Hq, D + 2]; splits shrink rather than let them pass this size.
+_MAX_WORKSPACE_BYTES = 64 << 20
+# Shared memory the software pipeline may use for K/V stages plus the q tile (H100: 228 KB per SM).
+_SMEM_BUDGET = 160 * 1024
+NO_LIMIT = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class AttentionPass:
+    """One launch of the tile kernel over the sequences with q_len_lo < new tokens <= q_len_hi."""
+
+    q_len_lo: int
+    q_len_hi: int
+    block_m: int
+    block_n: int
+    tokens_per_tile: int
+    num_tiles: int  # grid axis 0
+    use_search: bool  # map tiles to sequences by binary search (else tiles_per_seq per sequence)
+    tiles_per_seq: int
+    num_splits: int
+    num_warps: int
+    num_stages: int
+
+
+def plan_passes(
+    num_tokens: int, num_seqs: int, num_kv_heads: int, group: int, head_dim: int, dtype: torch.dtype,
+    max_query_len: int, max_seq_len: int, device: torch.device,
+    *, num_splits: int | None = None, block_m: int | None = None, block_n: int | None = None,
+) -> list[AttentionPass]:  # fmt: skip
+    """The passes of one call. ``num_splits`` (both passes), ``block_m`` (prefill pass) and
+    ``block_n`` (both) override the heuristics, for tests and tuning."""
+    block_d = next_pow2(head_dim)
+    wide = block_d > 128 or dtype == torch.float32  # more bytes per row: smaller tiles fit on chip
+    block_n = block_n or (32 if wide else 64)
+    elem = torch.finfo(dtype).bits // 8
+    workspace_per_split = num_tokens * group * num_kv_heads * (head_dim + 2) * 4
+    split_cap = max(1, _MAX_WORKSPACE_BYTES // max(workspace_per_split, 1))
+
+    def make(lo: int, hi: int, bm: int, q_len_bound: int, stages: int) -> AttentionPass:
+        tokens_per_tile = bm // group
+        tiles_per_seq = max(1, triton.cdiv(max(q_len_bound, 1), tokens_per_tile))
+        static_tiles = num_seqs * tiles_per_seq
+        search_tiles = num_tokens // tokens_per_tile + num_seqs
+        use_search = search_tiles < static_tiles
+        num_tiles = search_tiles if use_search else static_tiles
+        splits = num_splits
+        if splits is None:
+            base = num_tiles * num_kv_heads
+            sms = num_sms(device)
+            splits = 1
+            if base < sms:
+                splits = min(triton.cdiv(_SPLIT_TARGET_WAVES * sms, base), max_seq_len // _MIN_KEYS_PER_SPLIT,
+                             _MAX_SPLITS, split_cap)  # fmt: skip
+        return AttentionPass(lo, hi, bm, block_n, tokens_per_tile, num_tiles, use_search, tiles_per_seq,
+                             max(1, splits), 8 if bm >= 128 else 4, stages)  # fmt: skip
+
+    decode_m = max(16, next_pow2(group))  # decode rows are the group's heads
+    decode_tokens = decode_m // group
+    passes = [make(0, decode_tokens, decode_m, min(max_query_len, decode_tokens), 2)]
+    if max_query_len > decode_tokens:
+        bm = max(block_m or (64 if wide else 128), 16, next_pow2(group))
+        # prefill tiles gain from a third K/V stage in flight when it fits in shared memory
+        stages = 3 if (3 * 2 * block_n + bm) * block_d * elem <= _SMEM_BUDGET else 2
+        passes.append(make(decode_tokens, NO_LIMIT, bm, max_query_len, stages))
+    return passes
