@@ -33,7 +33,16 @@ _TYPES: dict[str, type] = {
 }
 
 
+# SequenceUpdate is the per-step bulk (one per running sequence): sent positionally, not as a dict.
+_UPDATE_FIELDS = tuple(f.name for f in dataclasses.fields(SequenceUpdate))
+
+
 def _to_plain(obj: Any) -> Any:
+    if type(obj) is SequenceUpdate:
+        vals = [getattr(obj, f) for f in _UPDATE_FIELDS]
+        if obj.prompt_logprobs or obj.new_top:
+            vals = [_to_plain(v) for v in vals]
+        return {"__u": vals}
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         name = type(obj).__name__
         assert name in _TYPES, f"{name} is not a registered message type"
@@ -53,6 +62,14 @@ def _to_plain(obj: Any) -> Any:
 
 def _from_plain(obj: Any) -> Any:
     if isinstance(obj, dict):
+        if "__u" in obj:
+            vals = obj["__u"]
+            up = SequenceUpdate(*vals)
+            if up.prompt_logprobs:
+                up.prompt_logprobs = _from_plain(up.prompt_logprobs)
+            if up.new_top:
+                up.new_top = [[tuple(p) for p in row] for row in up.new_top]
+            return up
         if "__t" in obj:
             cls = _TYPES[obj.pop("__t")]
             kwargs = {k: _from_plain(v) for k, v in obj.items()}
