@@ -33,7 +33,7 @@ class Tokenizer:
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+        return str(self.hf.decode(ids, skip_special_tokens=skip_special_tokens))
 
     def apply_chat_template(
         self,
@@ -49,7 +49,7 @@ class Tokenizer:
                 param="messages",
             )
         try:
-            out = self.hf.apply_chat_template(
+            out: Any = self.hf.apply_chat_template(
                 messages,
                 chat_template=chat_template,
                 add_generation_prompt=add_generation_prompt,

@@ -68,7 +68,7 @@ def _from_plain(obj: Any) -> Any:
             if up.prompt_logprobs:
                 up.prompt_logprobs = _from_plain(up.prompt_logprobs)
             if up.new_top:
-                up.new_top = [[tuple(p) for p in row] for row in up.new_top]
+                up.new_top = [[(int(t), float(lp)) for t, lp in row] for row in up.new_top]
             return up
         if "__t" in obj:
             cls = _TYPES[obj.pop("__t")]
