@@ -29,6 +29,8 @@ class LLM:
     """An engine over one model. ``model=None`` serves the embedded demo model.
 
     On a GPU the executor runs in a worker process; on the CPU in a thread (``executor`` picks).
+    ``overlap_scheduling`` (default: on for CUDA) schedules and launches each step while the device
+    still runs the previous one; outputs are the same either way.
     """
 
     def __init__(
@@ -47,6 +49,7 @@ class LLM:
         plugin_backend: str | None = None,
         executor: str = "auto",
         cuda_graphs: bool = True,
+        overlap_scheduling: bool | None = None,
     ) -> None:
         if model is None:
             from kiln.demo import demo_model_path
@@ -64,6 +67,11 @@ class LLM:
         device = device or _default_device()
         if not (device == "cpu" or device.startswith("cuda")):
             raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+        if overlap_scheduling is not None and not isinstance(overlap_scheduling, bool):
+            raise ValueError(
+                f"overlap_scheduling must be True, False or None (on CUDA only), got {overlap_scheduling!r}"
+            )
+        overlap = device.startswith("cuda") if overlap_scheduling is None else overlap_scheduling
         if executor not in ("auto", "thread", "process"):
             raise ValueError(f"executor must be 'auto', 'thread' or 'process', got {executor!r}")
         if max_seq_len is None:
@@ -87,6 +95,7 @@ class LLM:
             plugin_backend=plugin_backend or ("forward" if device.startswith("cuda") else "reference"),
             plugins=plugins,
             cuda_graphs=cuda_graphs,
+            overlap_scheduling=overlap,
         )
         self.model_path = model
         self.model_name = files.name

@@ -4,6 +4,10 @@ The fake engine mirrors the block tables from ``block_updates``, applies ``copy_
 step's input tokens into their KV slots and samples ``token = f(seed, seq_index, context)`` where the
 context is *read back through the block table*. A wrong block table, a missed copy on write or a bad
 prefix hit therefore changes the tokens, which are compared with a plain unpaged reference loop.
+
+With ``overlap=True`` the harness schedules step N+1 before applying step N's output, as the engine
+does with overlap scheduling; the fake engine then takes the input tokens of ``prev_sample_rows`` from
+step N's sampled tokens, as the device does.
 """
 
 from __future__ import annotations
@@ -73,7 +77,17 @@ class FakeEngine:
         assert np.all(vals >= 0), f"slot {slot} reads KV that was never written"
         return vals
 
-    def step(self, b: ScheduledBatch) -> StepOutput:
+    def step(self, b: ScheduledBatch, prev: StepOutput | None = None) -> StepOutput:
+        """Run a step; ``prev``: the output of the step before it (its tokens are still 'on the device')."""
+        input_ids = b.input_ids.astype(np.int64)
+        rows = b.prev_sample_rows
+        assert rows.size in (0, b.num_decode)
+        if b.reads_prev_samples:
+            assert prev is not None and prev.step_id == b.step_id - 1, "reads a step that is not the last one"
+            reads = np.nonzero(rows >= 0)[0]
+            assert np.all(input_ids[reads] == -1), "a token read on the device has a host value too"
+            input_ids[reads] = prev.token_ids[rows[reads]]
+        assert np.all(input_ids >= 0), "an input token is neither known nor read from the previous step"
         for init in b.slot_inits:
             self.inits[init.slot] = init
         for slot, j, blk in b.block_updates.tolist():
@@ -86,7 +100,7 @@ class FakeEngine:
             pos = np.arange(nc, nc + n)
             blocks = self.table[slot, pos // self.bs]
             assert np.all(blocks != 0), "a KV write landed in the null block"
-            self.store[blocks, pos % self.bs] = b.input_ids[starts[i] : starts[i + 1]]
+            self.store[blocks, pos % self.bs] = input_ids[starts[i] : starts[i + 1]]
         k = max([init.params.logprobs or 0 for init in self.inits.values()] + [0])
         toks, top_ids = [], []
         for r in range(b.num_samples):
@@ -136,9 +150,26 @@ class Harness:
     cached: dict[str, int] = field(default_factory=dict)
     batches: list[ScheduledBatch] = field(default_factory=list)
     idle: int = 0
+    overlap: bool = False
+    inflight: tuple[ScheduledBatch, StepOutput] | None = None  # overlap: scheduled, output not applied
+    # block -> (scheduler step counter when it became unused, step whose update freed it or None)
+    freed: dict[int, tuple[int, int | None]] = field(default_factory=dict)
+    updating: int | None = None  # the step whose output is being applied
 
     @classmethod
-    def make(cls, policy="max_utilization", num_blocks=64, bs=4, batch=4, tokens=16, seq_len=64, **kw):
+    def make(
+        cls,
+        policy="max_utilization",
+        num_blocks=64,
+        bs=4,
+        batch=4,
+        tokens=16,
+        seq_len=64,
+        overlap=False,
+        **kw,
+    ):
+        if overlap:
+            kw.setdefault("free_delay_steps", 1)
         sched = Scheduler(
             SchedulerConfig(policy=policy),
             EngineLimits(max_batch_size=batch, max_num_tokens=tokens, max_seq_len=seq_len),
@@ -146,7 +177,34 @@ class Harness:
             tokens_per_block=bs,
             **kw,
         )
-        return cls(sched, FakeEngine(sched))
+        h = cls(sched, FakeEngine(sched), overlap=overlap)
+        h._watch_frees()
+        return h
+
+    def _watch_frees(self) -> None:
+        pool, release = self.sched.kv.pool, self.sched.kv.pool.release
+
+        def watched(b: int) -> bool:
+            unused = release(b)
+            if unused:
+                self.freed[b] = (self.sched._step, self.updating)
+            return unused
+
+        pool.release = watched
+
+    def _check_reuse(self, batch: ScheduledBatch) -> None:
+        """A block freed while step C was the newest scheduled is handed out again at C + free delay at
+        the earliest; with a step in flight, one freed by the output of step N (step N + 1 was already
+        scheduled and may write it) at N + 2."""
+        for blk in set(batch.block_updates[:, 2].tolist()):
+            if blk in self.freed:
+                counter, by_update = self.freed.pop(blk)
+                delay = self.sched.kv.pool.free_delay_steps
+                assert batch.step_id >= counter + delay, f"block {blk} reused {delay} step(s) too early"
+                if self.overlap and by_update is not None:
+                    assert batch.step_id >= by_update + 2, (
+                        f"block {blk} freed by step {by_update}'s output reused in step {batch.step_id}"
+                    )
 
     def add(self, rid: str, prompt: list[int], **params) -> Request:
         params.setdefault("seed", int(hashlib.sha256(rid.encode()).hexdigest()[:8], 16))
@@ -174,15 +232,44 @@ class Harness:
                 self.finished[key] = (up.finish_reason, up.stop_reason)
 
     def step(self) -> ScheduledBatch | None:
-        s, lim = self.sched, self.sched.limits
-        decoding = {q.seq_id for q in s.running if q.is_decode}
+        """Schedule and run a step; apply its output (overlap: the previous step's output instead)."""
+        s = self.sched
+        # a sequence whose pending token ends it by length is not scheduled again
+        ending = {
+            q.seq_id for q in s.running if q.num_pending and q.at_length_limit(s._max_blocks, s.block_size)
+        }
+        decoding = {q.seq_id for q in s.running if q.is_decode} - ending
         batch = s.schedule()
         s.check_integrity()
-        if batch is None:
+        out = None
+        if batch is not None:
+            self._check_batch(batch, decoding)
+            out = self.engine.step(batch, self.inflight[1] if self.inflight else None)
+        elif self.inflight is None:
             self.idle += 1
             assert self.idle <= s.kv.pool.free_delay_steps + 1, "nothing scheduled although work is left"
-            return None
-        self.idle = 0
+        if self.inflight is not None:
+            self._update(*self.inflight)
+            self.inflight = None
+        if batch is not None:
+            self.idle = 0
+            if self.overlap:
+                self.inflight = (batch, out)
+            else:
+                self._update(batch, out)
+        return batch
+
+    def _update(self, batch: ScheduledBatch, out: StepOutput) -> None:
+        self.updating = batch.step_id
+        try:
+            self._apply(self.sched.update(batch, out))
+        finally:
+            self.updating = None
+        self.sched.check_integrity()
+
+    def _check_batch(self, batch: ScheduledBatch, decoding: set[int]) -> None:
+        s, lim = self.sched, self.sched.limits
+        self._check_reuse(batch)
         self.batches.append(batch)
         assert 0 < batch.num_tokens <= lim.max_num_tokens and batch.num_seqs <= lim.max_batch_size
         assert batch.num_tokens == int(batch.num_new_tokens.sum())
@@ -195,9 +282,6 @@ class Harness:
         missed = decoding - decode_part - waiting
         assert not missed or (s.kv.pool.free_delay_steps and not s.no_evict), f"decode starved: {missed}"
         assert np.all(batch.prompt_logprob_rows >= batch.num_decode)
-        self._apply(s.update(batch, self.engine.step(batch)))
-        s.check_integrity()
-        return batch
 
     def abort(self, rid: str, seq_index: int | None = None) -> None:
         self._apply(self.sched.abort(rid, seq_index))
@@ -205,10 +289,10 @@ class Harness:
 
     def run(self, max_steps: int = 3000) -> None:
         for _ in range(max_steps):
-            if not self.sched.has_unfinished():
+            if not self.sched.has_unfinished() and self.inflight is None:
                 break
             self.step()
-        assert not self.sched.has_unfinished(), "requests did not finish"
+        assert not self.sched.has_unfinished() and self.inflight is None, "requests did not finish"
         self.assert_no_leaks()
 
     def assert_no_leaks(self) -> None:
@@ -283,9 +367,10 @@ def test_admission_is_first_come_first_served_and_bounded_by_slots():
     h.check_against_reference()
 
 
-def test_finish_reasons():
+@pytest.mark.parametrize("overlap", [False, True])
+def test_finish_reasons(overlap):
     always = {"eos": lambda *a: EOS, "nine": lambda *a: 9}
-    h = Harness.make()
+    h = Harness.make(overlap=overlap)
     h.engine.next_fn = always["eos"]
     h.add("min", prompt_of(4), min_tokens=3, max_tokens=10)
     h.add("ign", prompt_of(4), ignore_eos=True, max_tokens=5)
@@ -294,7 +379,7 @@ def test_finish_reasons():
     assert h.finished[("min", 0)] == ("stop", None) and len(h.tokens[("min", 0)]) == 4
     assert h.finished[("ign", 0)] == ("length", None) and h.tokens[("ign", 0)] == [EOS] * 5
 
-    h = Harness.make(seq_len=16)
+    h = Harness.make(seq_len=16, overlap=overlap)
     h.engine.next_fn = always["nine"]
     h.add("stop_id", prompt_of(4), stop_token_ids=[9])
     h.add("ctx", prompt_of(10), max_tokens=None, stop_token_ids=[8])
@@ -303,8 +388,9 @@ def test_finish_reasons():
     assert h.finished[("ctx", 0)] == ("length", None) and len(h.tokens[("ctx", 0)]) == 6  # 10 + 6 = 16
 
 
-def test_stop_ids_are_ignored_before_min_tokens_even_if_sampled():
-    h = Harness.make()
+@pytest.mark.parametrize("overlap", [False, True])
+def test_stop_ids_are_ignored_before_min_tokens_even_if_sampled(overlap):
+    h = Harness.make(overlap=overlap)
     h.engine = FakeEngine(h.sched, next_fn=lambda *a: EOS, mask_stops=False)
     h.add("a", prompt_of(4), min_tokens=3, max_tokens=10)
     h.run()
@@ -430,25 +516,26 @@ def _workload(h: Harness, count: int = 8, n: int = 1) -> None:
         h.add(f"r{i}", prompt_of(6 + 3 * i, i), max_tokens=10 + i, n=n if i % 3 == 0 else 1)
 
 
-@pytest.mark.parametrize("delay", [0, 1])
-def test_preemption_with_a_tiny_pool_gives_the_same_tokens(delay):
-    big = Harness.make(num_blocks=200, free_delay_steps=delay)
+@pytest.mark.parametrize("delay, overlap", [(0, False), (1, False), (1, True)])
+def test_preemption_with_a_tiny_pool_gives_the_same_tokens(delay, overlap):
+    big = Harness.make(num_blocks=200, free_delay_steps=delay, overlap=overlap)
     _workload(big, n=2)
     big.run()
     big.check_against_reference()
-    tiny = Harness.make(num_blocks=17, free_delay_steps=delay)  # 16 usable: one max_seq_len sequence
+    # 16 usable blocks: one max_seq_len sequence
+    tiny = Harness.make(num_blocks=17, free_delay_steps=delay, overlap=overlap)
     _workload(tiny, n=2)
     tiny.run()
     assert tiny.sched.stats().num_preemptions > 0
     assert tiny.tokens == big.tokens and tiny.finished == big.finished
 
 
-@pytest.mark.parametrize("delay", [0, 1])
-def test_guaranteed_no_evict_never_preempts(delay):
-    h = Harness.make(policy="guaranteed_no_evict", num_blocks=25, free_delay_steps=delay)
+@pytest.mark.parametrize("delay, overlap", [(0, False), (1, False), (1, True)])
+def test_guaranteed_no_evict_never_preempts(delay, overlap):
+    h = Harness.make(policy="guaranteed_no_evict", num_blocks=25, free_delay_steps=delay, overlap=overlap)
     _workload(h, n=2)
     held_back = 0  # steps where requests waited although slots were free: the block budget said no
-    while h.sched.has_unfinished():
+    while h.sched.has_unfinished() or h.inflight:
         h.step()
         st_ = h.sched.stats()
         held_back += st_.num_waiting > 0 and st_.num_running <= 2
@@ -457,8 +544,9 @@ def test_guaranteed_no_evict_never_preempts(delay):
     assert h.sched.stats().num_preemptions == 0 and held_back > 0
 
 
-def test_preempted_prompt_logprobs_are_not_sent_twice():
-    h = Harness.make(num_blocks=17, tokens=8)
+@pytest.mark.parametrize("overlap", [False, True])
+def test_preempted_prompt_logprobs_are_not_sent_twice(overlap):
+    h = Harness.make(num_blocks=17, tokens=8, overlap=overlap)
     prompts = {f"p{i}": prompt_of(20 + i, i) for i in range(4)}
     for rid, p in prompts.items():
         h.add(rid, p, max_tokens=30, ignore_eos=True, prompt_logprobs=1)
@@ -531,6 +619,7 @@ def scenarios(draw):
         seq_len=seq_len,
         free_delay_steps=draw(st.integers(0, 1)),
         enable_block_reuse=draw(st.booleans()),
+        overlap=draw(st.booleans()),
     )
     bases = [prompt_of(40, 1), prompt_of(40, 2)]
     ops: list[tuple] = []
@@ -598,3 +687,125 @@ def test_random_workloads_keep_every_invariant(scenario):
             assert got == [(i, req.prompt_token_ids[i]) for i in range(1, len(got) + 1)]
     if cfg["policy"] == "guaranteed_no_evict":
         assert h.sched.stats().num_preemptions == 0
+
+
+# ---------------------------------------------------------------------------------------------- overlap
+def test_a_decode_reads_its_input_token_from_the_step_in_flight():
+    h = Harness.make(overlap=True)
+    h.add("a", prompt_of(6), max_tokens=4, ignore_eos=True)
+    b1 = h.step()  # prefill, samples the first token; its output is not applied yet
+    seq = h.sched.running[0]
+    assert b1.num_samples == 1 and not b1.reads_prev_samples and not h.tokens
+    assert (seq.num_computed, seq.num_known, seq.num_pending, seq.pending_from) == (6, 6, 1, (1, 0))
+    b2 = h.step()  # decodes the token sampled by step 1, then step 1's output is applied
+    assert b2.num_decode == 1 and b2.input_ids.tolist() == [-1] and b2.prev_sample_rows.tolist() == [0]
+    assert b2.num_computed.tolist() == [6] and b2.sample_positions.tolist() == [7]
+    assert b2.sample_num_output.tolist() == [1]  # the pending output counts (min_tokens)
+    assert len(h.tokens[("a", 0)]) == 1 and (seq.num_known, seq.num_pending) == (7, 1)
+    h.run()
+    h.check_against_reference()
+
+
+def test_with_a_step_in_flight_only_decodes_of_the_previous_step_read_the_device():
+    h = Harness.make(overlap=True, tokens=8, batch=4)
+    h.add("long", prompt_of(20), max_tokens=3, ignore_eos=True)  # chunks of 8: samples at step 3
+    h.add("short", prompt_of(3, 1), max_tokens=6, ignore_eos=True)
+    for b in iter(h.step, None):
+        known = b.input_ids >= 0
+        assert np.all(known[b.num_decode :]), "a context chunk reads a token in flight"
+        if b.reads_prev_samples:
+            prev = h.batches[-2]
+            assert prev.step_id == b.step_id - 1
+            reads = np.nonzero(b.prev_sample_rows >= 0)[0]
+            # each read row is the sampling row of that very sequence in the previous step
+            assert prev.sample_seq_ids[b.prev_sample_rows[reads]].tolist() == b.seq_ids[reads].tolist()
+        if not h.sched.has_unfinished() and h.inflight is None:
+            break
+    h.run()
+    h.check_against_reference()
+    assert sum(b.reads_prev_samples for b in h.batches) >= 5
+
+
+@pytest.mark.parametrize("max_tokens", [1, 2, 3])
+def test_a_sequence_ending_by_length_is_not_scheduled_past_its_last_token(max_tokens):
+    h = Harness.make(overlap=True)
+    h.add("a", prompt_of(5), max_tokens=max_tokens, ignore_eos=True)
+    h.run()
+    h.check_against_reference()
+    # prefill samples token 1, each decode one more: no step computes a token past max_tokens
+    assert [b.num_samples for b in h.batches] == [1] * max_tokens
+    assert len(h.tokens[("a", 0)]) == max_tokens
+
+
+def test_a_token_computed_after_a_stop_is_dropped():
+    h = Harness.make(overlap=True)
+    h.engine.next_fn = lambda seed, idx, ctx: EOS if len(ctx) >= 6 else 11
+    h.add("a", prompt_of(5), max_tokens=10, stop_token_ids=[EOS])
+    h.add("b", prompt_of(4, 1), max_tokens=3, ignore_eos=True)
+    h.step()  # both prefill
+    h.step()  # decodes both; a's EOS is sampled here (from a context of 6 tokens)
+    b3 = h.step()  # a is scheduled again (its token is unknown yet); then step 2's output finishes it
+    assert set(b3.seq_ids.tolist()) == {0, 1} and h.finished[("a", 0)] == ("stop", EOS)
+    assert h.sched.kv.blocks_of(int(b3.slots[list(b3.seq_ids).index(0)])).size == 0  # freed
+    h.run()  # step 3's token for a is never reported (the harness rejects updates after a finish)
+    assert h.tokens[("a", 0)] == [11, EOS]
+    h.check_against_reference()
+
+
+def test_abort_while_a_step_is_in_flight():
+    h = Harness.make(overlap=True)
+    h.add("a", prompt_of(5), max_tokens=20, ignore_eos=True)
+    h.add("b", prompt_of(9, 2), n=2, max_tokens=6, ignore_eos=True)
+    for _ in range(3):
+        h.step()
+    assert h.inflight is not None
+    h.abort("a")  # scheduled in the step in flight
+    h.abort("b", 1)
+    assert h.sched.kv.num_pending_blocks > 0  # come back only after the step in flight
+    got = len(h.tokens[("a", 0)])
+    h.run()
+    assert len(h.tokens[("a", 0)]) == got and h.finished[("a", 0)] == ("abort", None)
+    h.check_against_reference()
+
+
+def test_preempting_a_sequence_with_a_token_in_flight_drops_and_recomputes_it():
+    h = Harness.make(overlap=True, num_blocks=9, batch=2, tokens=16, seq_len=32)  # 8 blocks of 4
+    h.add("old", prompt_of(10), max_tokens=16, ignore_eos=True)
+    h.add("new", prompt_of(10, 3), max_tokens=16, ignore_eos=True)
+    preempted_in_flight = 0
+    while h.sched.has_unfinished() or h.inflight:
+        pending = {q.seq_id: q.num_pending for q in h.sched.running}
+        before = h.sched.stats().num_preemptions
+        h.step()
+        if h.sched.stats().num_preemptions > before:
+            victims = [q for q in h.sched.waiting if pending.get(q.seq_id)]
+            preempted_in_flight += len(victims)
+            assert all(q.num_pending == 0 and q.num_computed == 0 for q in victims)
+    h.assert_no_leaks()
+    h.check_against_reference()
+    assert preempted_in_flight > 0
+
+
+def test_forked_sequences_decode_from_their_own_rows():
+    h = Harness.make(overlap=True, tokens=8)
+    h.add("n3", prompt_of(10), n=3, max_tokens=4, ignore_eos=True)
+    h.step()
+    b2 = h.step()  # ends the prompt: forks and samples 3 rows
+    b3 = h.step()
+    assert b2.sample_rows.tolist() == [0, 0, 0]
+    order = {sid: r for r, sid in enumerate(b2.sample_seq_ids.tolist())}
+    assert b3.prev_sample_rows.tolist() == [order[sid] for sid in b3.seq_ids.tolist()]
+    assert b3.copy_blocks.shape == (2, 2)  # the shared partial prompt block is copied on write
+    h.run()
+    h.check_against_reference()
+
+
+def test_outputs_are_applied_in_order():
+    h = Harness.make(overlap=True)
+    h.add("a", prompt_of(5), max_tokens=5, ignore_eos=True)
+    b1 = h.sched.schedule()
+    o1 = h.engine.step(b1)
+    b2 = h.sched.schedule()
+    o2 = h.engine.step(b2, o1)
+    with pytest.raises(ValueError, match="step 2 applied before step 1"):
+        h.sched.update(b2, o2)

@@ -4,6 +4,8 @@ Per step: apply the batch's SlotInits, upload one small packed int array (slots,
 counts, random-row indices), gather per-row parameters by slot, process the logits (bias, min_tokens,
 penalties, temperature, top-k / top-p / min-p), pick tokens (argmax for greedy rows; an exponential
 race with counter-based noise for random rows), and bring everything back in ONE device-to-host copy.
+``sample_async`` only launches that copy: the sampled tokens stay on the device (``SampledStep.tokens``)
+for a next step built before this one's results reach the host (overlap scheduling).
 There is no Python loop over requests; the host decides only which stages any row needs, from the
 host mirrors of the per-slot parameters, so work that no row asked for is skipped.
 
@@ -36,6 +38,7 @@ from kiln.engine.sampling_state import (
     I_TOP_K,
     SamplingState,
 )
+from kiln.engine.staging import HostStaging
 from kiln.executor.messages import ScheduledBatch, SlotInit, StepOutput
 from kiln.sampling_params import SamplingParams
 
@@ -63,6 +66,46 @@ class _Plan:
         return self.random_rows.size == self.num_rows
 
 
+class SampledStep:
+    """One step's sampling, launched on the device; ``result()`` waits for it and reads it back."""
+
+    def __init__(
+        self,
+        step_id: int,
+        seq_ids: np.ndarray,
+        tokens: torch.Tensor,
+        packed: torch.Tensor,
+        num_logprobs: int,
+        ready: torch.cuda.Event | None = None,
+    ) -> None:
+        self.step_id = step_id
+        self.seq_ids = seq_ids  # [R] int32
+        # [R] int64 on the device, never written again: the next step may read its input tokens here
+        self.tokens = tokens
+        self._packed = packed  # host int32 words [R | R | R*K | R*K], complete once ``ready`` fired
+        self._k = num_logprobs
+        self._ready = ready
+        self._out: StepOutput | None = None
+
+    def result(self) -> StepOutput:
+        """The step's output on the host (blocks until the device is done with the step)."""
+        if self._out is None:
+            if self._ready is not None:
+                self._ready.synchronize()
+            host, r, k = self._packed.numpy(), int(self.seq_ids.size), self._k
+            out = StepOutput(
+                step_id=self.step_id,
+                seq_ids=self.seq_ids,
+                token_ids=host[:r].copy(),
+                logprobs=host[r : 2 * r].view(np.float32).copy(),
+            )
+            if k:
+                out.top_ids = host[2 * r : 2 * r + r * k].reshape(r, k).copy()
+                out.top_logprobs = host[2 * r + r * k :].view(np.float32).reshape(r, k).copy()
+            self._out, self._packed = out, torch.empty(0, dtype=torch.int32)
+        return self._out
+
+
 @dataclass
 class _Rows:
     """Per-row device inputs of one step (all [R] or [R, N])."""
@@ -86,23 +129,30 @@ class Decoder:
         self.vocab_size = vocab_size
         self.state = SamplingState(max_batch_size, vocab_size, self.device)
         self._vterm = rng.vocab_term(vocab_size, self.device)  # [V] int64
-        self._pinned: torch.Tensor | None = None  # reused H2D staging buffer (CUDA only)
+        # per-step H2D uploads: alternating pinned buffers, so building step N+1 never overwrites
+        # the inputs of step N while its copy may still be queued behind step N's forward
+        self._staging = HostStaging(self.device)
         # On CUDA these are compiled: the eager hash alone makes ~20 passes over [R, V].
         # (top_p_threshold stays eager: its compiled scan is slower than torch's cumsum)
         self._race_scores = _Compiled(race_scores, self.device)
         self._penalize = _Compiled(penalize, self.device)
-        # Device copy of the last sampled tokens [R] int64, for a next step built before this one returns.
+        # Device copy of the last sampled tokens [R] int64 (= the last SampledStep's tokens).
         self.last_sampled: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ public
     def sample(self, logits: torch.Tensor, batch: ScheduledBatch) -> StepOutput:
         """Sample one token per row of ``logits [R, V]`` (rows follow ``batch.sample_*``)."""
+        return self.sample_async(logits, batch).result()
+
+    def sample_async(self, logits: torch.Tensor, batch: ScheduledBatch) -> SampledStep:
+        """Launch the sampling of ``logits [R, V]`` and the copy of its results to the host; no wait."""
         self.state.apply(batch.slot_inits)
         r = batch.num_samples
         self._check_logits(logits, r)
         seq_ids = np.asarray(batch.sample_seq_ids, np.int32)
         if r == 0:
-            return StepOutput(batch.step_id, seq_ids, np.zeros(0, np.int32), np.zeros(0, np.float32))
+            empty = self.last_sampled = torch.zeros(0, dtype=torch.int64, device=self.device)
+            return SampledStep(batch.step_id, seq_ids, empty, torch.zeros(0, dtype=torch.int32), 0)
         plan = self._plan(batch)
         rows = self._upload(batch, plan)
         raw = logits.float()  # [R, V]
@@ -119,17 +169,14 @@ class Decoder:
             top_lp = top_vals - lse[:, None]
             parts += [top_ids.to(torch.int32).flatten(), top_lp.contiguous().view(torch.int32).flatten()]
         # the step's only device-to-host copy: every result packed as int32 words
-        host = torch.cat(parts).cpu().numpy()
-        out = StepOutput(
-            step_id=batch.step_id,
-            seq_ids=seq_ids,
-            token_ids=host[:r].copy(),
-            logprobs=host[r : 2 * r].view(np.float32).copy(),
-        )
-        if k:
-            out.top_ids = host[2 * r : 2 * r + r * k].reshape(r, k).copy()
-            out.top_logprobs = host[2 * r + r * k :].view(np.float32).reshape(r, k).copy()
-        return out
+        packed = torch.cat(parts)
+        if self.device.type != "cuda":
+            return SampledStep(batch.step_id, seq_ids, tokens, packed.cpu(), k)
+        host = torch.empty(packed.shape, dtype=torch.int32, pin_memory=True)
+        host.copy_(packed, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return SampledStep(batch.step_id, seq_ids, tokens, host, k, ready)
 
     def warm_up(self, num_rows: int | None = None) -> None:
         """Run the heaviest steps once, at ``num_rows`` (default max_batch_size) and at 1 row.
@@ -226,27 +273,14 @@ class Decoder:
 
     def _upload(self, batch: ScheduledBatch, plan: _Plan) -> _Rows:
         """One H2D copy of [slots | positions | num_output | random_rows] as int64."""
-        r = plan.num_rows
-        n = 3 * r + plan.random_rows.size
-        if self.device.type == "cuda":
-            if self._pinned is None or self._pinned.numel() < n:
-                self._pinned = torch.empty(max(n, 1024), dtype=torch.int64).pin_memory()
-            # safe to overwrite: the previous step's copy finished before its results were read back
-            host = self._pinned[:n]
-        else:
-            host = torch.empty(n, dtype=torch.int64)
-        h = host.numpy()
-        h[:r] = batch.sample_slots
-        h[r : 2 * r] = batch.sample_positions
-        h[2 * r : 3 * r] = batch.sample_num_output
-        h[3 * r :] = plan.random_rows
-        dev = host.to(self.device, non_blocking=True)
-        slots = dev[:r]
+        slots, positions, num_output, random_rows = self._staging.to_device(
+            [batch.sample_slots, batch.sample_positions, batch.sample_num_output, plan.random_rows]
+        )
         return _Rows(
             slots=slots,
-            positions=dev[r : 2 * r],
-            num_output=dev[2 * r : 3 * r],
-            random_rows=dev[3 * r :],
+            positions=positions,
+            num_output=num_output,
+            random_rows=random_rows,
             floats=self.state.floats[slots],
             ints=self.state.ints[slots],
         )

@@ -4,7 +4,8 @@ It owns the model weights, the paged KV cache and the device-side block table (o
 persistent slot, appended to by ``batch.block_updates``). Each step it builds the packed inputs and
 the AttentionMetadata with vectorised numpy, moves them to the device in a single copy, applies the
 step's block-table updates and block copies, runs the model, and computes logits only for the rows
-that sample (and, when asked, prompt logprobs in bounded slices).
+that sample (and, when asked, prompt logprobs in bounded slices). With overlap scheduling, decode
+input tokens not known on the host are gathered on the device from the previous step's sampled tokens.
 """
 
 from __future__ import annotations
@@ -150,11 +151,13 @@ class ModelEngine:
     # ------------------------------------------------------------------ one step
 
     @torch.no_grad()
-    def forward(self, batch: ScheduledBatch) -> ForwardOutput:
+    def forward(self, batch: ScheduledBatch, prev_sampled: torch.Tensor | None = None) -> ForwardOutput:
+        """``prev_sampled`` [R'] int64 on the device: the previous step's sampled tokens, which
+        ``batch.prev_sample_rows`` index (needed only when the batch reads them)."""
         assert self.kv_cache is not None, "forward() after close()"
-        self._validate(batch)
+        self._validate(batch, prev_sampled)
         self._prompt_logprobs.record_slots(batch.slot_inits)
-        step = self._prepare(batch)
+        step = self._prepare(batch, prev_sampled)
         if step.copy_src is not None and step.copy_dst is not None:
             self.kv_cache.copy_blocks(step.copy_src, step.copy_dst)  # before this step's KV writes
         if self._fits_graph(batch):  # generation-only step: replay the captured graph of the padded size
@@ -185,8 +188,20 @@ class ModelEngine:
             and batch.num_decode == batch.num_seqs
         )
 
-    def _validate(self, batch: ScheduledBatch) -> None:
+    def _validate(self, batch: ScheduledBatch, prev_sampled: torch.Tensor | None) -> None:
         lim = self.limits
+        prev_rows = np.asarray(batch.prev_sample_rows)
+        if prev_rows.size and prev_rows.size != batch.num_decode:
+            raise ValueError(
+                f"prev_sample_rows has {prev_rows.size} rows, the batch {batch.num_decode} decodes"
+            )
+        if batch.reads_prev_samples:
+            num_prev = 0 if prev_sampled is None else int(prev_sampled.shape[0])
+            if prev_rows.max() >= num_prev:
+                raise ValueError(
+                    f"prev_sample_rows reads row {int(prev_rows.max())} of the previous step's sampled "
+                    f"tokens, which has {num_prev}: pass that step's tokens as prev_sampled"
+                )
         num_new = np.asarray(batch.num_new_tokens)
         if batch.num_seqs > lim.max_batch_size or batch.num_tokens > lim.max_num_tokens:
             raise ValueError(
@@ -216,8 +231,9 @@ class ModelEngine:
         if cp.size and (cp.min() < 1 or cp.max() >= self.num_blocks):
             raise ValueError(f"copy_blocks ids must be in [1, {self.num_blocks})")
 
-    def _prepare(self, batch: ScheduledBatch) -> StepInputs:
+    def _prepare(self, batch: ScheduledBatch, prev_sampled: torch.Tensor | None = None) -> StepInputs:
         num_seqs, num_tokens = batch.num_seqs, batch.num_tokens
+        prev_rows = np.asarray(batch.prev_sample_rows, dtype=np.int64) if batch.reads_prev_samples else None
         num_new = np.asarray(batch.num_new_tokens, dtype=np.int64)
         num_computed = np.asarray(batch.num_computed, dtype=np.int64)
         slots = np.asarray(batch.slots, dtype=np.int64)
@@ -245,9 +261,16 @@ class ModelEngine:
             inverse.reshape(-1),
             updates.T.reshape(-1),  # slot row | block index row | block id row
             copies.T.reshape(-1),  # src row | dst row
+            np.zeros(0, np.int64) if prev_rows is None else prev_rows,
         ]
         (input_ids, positions_d, token_slots_d, slots_d, seq_lens_d, query_start_d, sample_idx_d,
-         inverse_d, updates_d, copies_d) = self._staging.to_device(segments)  # fmt: skip
+         inverse_d, updates_d, copies_d, prev_rows_d) = self._staging.to_device(segments)  # fmt: skip
+        if prev_rows is not None:
+            assert prev_sampled is not None
+            # decode rows come first, one token each: packed token i is decode row i
+            d = prev_rows.size
+            read = prev_sampled.index_select(0, prev_rows_d.clamp(min=0))  # [D] int64
+            input_ids[:d] = torch.where(prev_rows_d >= 0, read, input_ids[:d])
 
         if updates.shape[0]:
             upd = updates_d.view(3, -1)

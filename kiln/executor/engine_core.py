@@ -1,4 +1,11 @@
-"""EngineCore: scheduler -> model engine -> decoder, one step at a time; and the loop that drives it.
+"""EngineCore: scheduler -> model engine -> decoder, step after step; and the loop that drives it.
+
+Each ``step()`` launches the next step (schedule, forward, sampling, the results' copy to the host
+started), then, once ``depth`` steps are in flight or nothing new could be launched, waits for the
+oldest and applies its output. Depth 1 runs one step at a time. Depth 2 is overlap scheduling: step
+N+1 is scheduled and launched while the device still runs step N, its decode input tokens read from
+step N's sampled tokens on the device; the host then waits for step N and applies it. The scheduler
+keeps freed KV blocks back for one step (``free_delay_steps=1``) so none is reused while in flight.
 
 The loop is the same in a thread (CPU, tests) and in a worker process (the GPU default): it only
 sees two callables, ``receive(block)`` for incoming messages and ``send(msg)`` for outgoing ones.
@@ -10,13 +17,17 @@ from __future__ import annotations
 
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from kiln.config import EngineLimits, KvCacheConfig, SchedulerConfig
-from kiln.executor.messages import Request, ScheduledBatch, SequenceUpdate
+from kiln.executor.messages import PromptLogprobs, Request, ScheduledBatch, SequenceUpdate
 from kiln.executor.stats import EngineStats
+
+if TYPE_CHECKING:
+    from kiln.engine.decoder import SampledStep
 
 
 @dataclass
@@ -33,6 +44,17 @@ class EngineCoreConfig:
     plugin_backend: str = "reference"
     plugins: dict[str, str] | None = None
     cuda_graphs: bool = True
+    overlap_scheduling: bool = False  # schedule and launch step N+1 while the device runs step N
+
+
+@dataclass
+class _Launched:
+    """A step launched on the device whose output the scheduler has not applied yet."""
+
+    batch: ScheduledBatch
+    sampled: SampledStep
+    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
+    schedule_time: float = 0.0
 
 
 class EngineCore:
@@ -60,7 +82,11 @@ class EngineCore:
             tokens_per_block=cfg.kv_config.tokens_per_block,
             enable_block_reuse=cfg.kv_config.enable_block_reuse,
             seed=cfg.seed,
+            # a step in flight may still write the blocks its sequences held: keep them back one step
+            free_delay_steps=1 if cfg.overlap_scheduling else 0,
         )
+        self.depth = 2 if cfg.overlap_scheduling else 1  # steps in flight before the oldest is applied
+        self._launched: deque[_Launched] = deque()
         self.stats = EngineStats()
 
     def info(self) -> dict[str, Any]:
@@ -86,21 +112,40 @@ class EngineCore:
         return self.scheduler.abort(request_id, seq_index=seq_index, reason=reason, stop_reason=stop_reason)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._launched)
 
     def step(self) -> list[SequenceUpdate]:
+        """Launch the next step; apply the oldest in flight once ``depth`` are (or none could launch)."""
+        t0 = time.perf_counter()
+        launched = self._launch()
+        if not self._launched or (launched and len(self._launched) < self.depth):
+            return []
+        return self._apply(self._launched.popleft(), t0)
+
+    def _launch(self) -> bool:
         t0 = time.perf_counter()
         batch = self.scheduler.schedule()
         if batch is None:
-            return []
+            return False
         t1 = time.perf_counter()
-        fwd = self.engine.forward(batch)
-        out = self.decoder.sample(fwd.logits, batch)  # the step's one device -> host copy
-        out.prompt_logprobs = fwd.prompt_logprobs
+        if batch.reads_prev_samples:
+            prev = self._launched[-1] if self._launched else None
+            if prev is None or prev.batch.step_id != batch.step_id - 1:
+                raise RuntimeError(f"step {batch.step_id} reads the sampled tokens of a step not in flight")
+            fwd = self.engine.forward(batch, prev_sampled=prev.sampled.tokens)
+        else:
+            fwd = self.engine.forward(batch)
+        sampled = self.decoder.sample_async(fwd.logits, batch)
+        self._launched.append(_Launched(batch, sampled, fwd.prompt_logprobs, t1 - t0))
+        return True
+
+    def _apply(self, step: _Launched, t0: float) -> list[SequenceUpdate]:
+        out = step.sampled.result()  # the step's one device -> host copy: waits for the device
+        out.prompt_logprobs = step.prompt_logprobs
+        t1 = time.perf_counter()
+        updates = self.scheduler.update(step.batch, out)
         t2 = time.perf_counter()
-        updates = self.scheduler.update(batch, out)
-        t3 = time.perf_counter()
-        self._record(batch, t3 - t0, (t1 - t0) + (t3 - t2))
+        self._record(step.batch, t2 - t0, step.schedule_time + (t2 - t1))
         return updates
 
     def refresh_stats(self) -> EngineStats:

@@ -75,6 +75,15 @@ class ScheduledBatch:
     # --- prompt logprobs: indices into [S] of context chunks that want them, and how many top-N
     prompt_logprob_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     prompt_logprob_k: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    # --- overlap: [num_decode] or empty (= every input token is in input_ids). Where >= 0, the input
+    #     token of decode row i is row prev_sample_rows[i] of the previous step's sampled tokens, still
+    #     on the device when this step was built (input_ids holds -1 there). Where -1: input_ids has it.
+    prev_sample_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+
+    @property
+    def reads_prev_samples(self) -> bool:
+        """True if some input token must be read from the previous step's sampled tokens."""
+        return bool(self.prev_sample_rows.size) and bool((self.prev_sample_rows >= 0).any())
 
     @property
     def num_seqs(self) -> int:

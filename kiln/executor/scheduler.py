@@ -13,8 +13,14 @@ admitted requests may still take, and never preempts. ``max_utilization`` admits
 fits; when a sequence cannot grow it preempts the newest sequence not yet scheduled in the step
 (itself, for a decode, if it is the newest), which later recomputes its prompt and outputs.
 
-``update`` applies a step's output: it advances the computed tokens, appends sampled tokens, registers
-newly full blocks in the prefix cache and finishes sequences. Nothing here imports torch.
+Scheduling a step advances its sequences' computed tokens and marks its samples pending (see
+step_plan.py), so the next step can be scheduled while this one runs (overlap scheduling): a decode
+whose input token is still in flight reads it on the device, and a sequence sure to end by length
+with its pending token is not scheduled again. ``update`` applies a step's output: it appends the
+sampled tokens, registers newly full blocks in the prefix cache and finishes sequences; what a
+finished or preempted sequence was scheduled for meanwhile is dropped. With a step in flight, freed
+blocks must not be handed out before that step is done: use ``free_delay_steps=1``.
+Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from kiln.config import EngineLimits, SchedulerConfig
 from kiln.executor.kv_cache_manager import KVCacheManager
 from kiln.executor.messages import Request, ScheduledBatch, SequenceUpdate, StepOutput
 from kiln.executor.sequence import RequestState, SeqStatus, Sequence, stop_ids_of, worst_case_blocks
+from kiln.executor.step_plan import StepPlan, add_sampled_token, build_step
 
 RUNNING, WAITING, FINISHED = SeqStatus.RUNNING, SeqStatus.WAITING, SeqStatus.FINISHED
 
@@ -43,14 +50,6 @@ class SchedulerStats:
     prefix_hits: int  # tokens served from it
     num_preemptions: int
     num_scheduled_tokens: int  # total over all steps
-
-
-@dataclass
-class _StepPlan:
-    """What a scheduled step computes, so that update() applies its output to the right sequences."""
-
-    entries: list[tuple[Sequence, int, int]]  # (sequence, epoch, tokens computed)
-    samples: list[tuple[Sequence, int]]  # (sequence receiving a token, epoch), in sampling-row order
 
 
 class Scheduler:
@@ -90,7 +89,7 @@ class Scheduler:
         self._reserved_blocks = 0  # guaranteed_no_evict: sum of future_blocks of admitted requests
         self._next_seq_id = 0
         self._step = 0
-        self._inflight: dict[int, _StepPlan] = {}
+        self._inflight: dict[int, StepPlan] = {}  # scheduled steps whose output is not applied yet
         self._num_preemptions = 0
         self._num_scheduled_tokens = 0
         # state of the schedule() call in progress
@@ -152,8 +151,9 @@ class Scheduler:
         entries: list[tuple[Sequence, int]] = []  # (sequence, tokens computed), decode first
         forks: dict[int, list[Sequence]] = {}  # entry index -> children forked off it this step
         for seq in list(self._running):
-            if seq.status is RUNNING and seq.is_decode and self._fit(seq, 1, chunk=False):
-                self._add_entry(seq, 1, entries, forks)
+            if seq.status is RUNNING and seq.is_decode and not self._ends_in_flight(seq):
+                if self._fit(seq, 1, chunk=False):
+                    self._add_entry(seq, 1, entries, forks)
         num_decode = len(entries)
         budget = self.limits.max_num_tokens - num_decode
         for seq in list(self._running):
@@ -174,6 +174,10 @@ class Scheduler:
         if not entries:
             return None
         return self._build_batch(entries, num_decode, forks)
+
+    def _ends_in_flight(self, seq: Sequence) -> bool:
+        """Its pending token ends it by length: nothing more to compute, its blocks free soon."""
+        return seq.num_pending > 0 and seq.at_length_limit(self._max_blocks, self.block_size)
 
     def _fit(self, seq: Sequence, want: int, chunk: bool) -> int:
         """Allocate blocks for up to ``want`` new tokens of a running sequence (a chunk may shrink).
@@ -203,11 +207,12 @@ class Scheduler:
                 return 0
 
     def _victim(self, seq: Sequence, chunk: bool) -> Sequence | None:
-        """The newest running sequence not scheduled this step; a chunk never preempts older ones."""
+        """The newest running sequence not scheduled this step (nor ending with its pending token);
+        a chunk never preempts older ones."""
         for s in reversed(self._running):
             if s is seq:
                 return None if chunk else seq
-            if s.seq_id not in self._scheduled:
+            if s.seq_id not in self._scheduled and not self._ends_in_flight(s):
                 return s
         raise AssertionError(f"sequence {seq.seq_id} is not running")
 
@@ -218,6 +223,7 @@ class Scheduler:
         self._release_slot(seq)
         self._running.remove(seq)
         seq.status, seq.num_computed, seq.needs_slot_init = WAITING, 0, True
+        seq.num_pending, seq.pending_from = 0, (-1, -1)  # tokens in flight are dropped: recomputed later
         seq.epoch += 1
         self._waiting.appendleft(seq)  # first in line again; older ones preempted later go before it
         self._num_preemptions += 1
@@ -300,96 +306,40 @@ class Scheduler:
     def _build_batch(
         self, entries: list[tuple[Sequence, int]], num_decode: int, forks: dict[int, list[Sequence]]
     ) -> ScheduledBatch:
-        input_ids: list[int] = []
-        rows: list[tuple[int, int, int, int, int]] = []  # (row, slot, seq id, position, outputs so far)
-        samples: list[tuple[Sequence, int]] = []
-        plp_rows: list[int] = []
-        plp_k: list[int] = []
-        for i, (seq, n) in enumerate(entries):
-            nc = seq.num_computed
-            input_ids += seq.token_ids[nc : nc + n]
-            if nc + n == seq.num_tokens:  # computes up to its last known token: samples the next one
-                rows.append((i, seq.slot, seq.seq_id, seq.num_tokens, seq.num_outputs))
-                samples.append((seq, seq.epoch))
-            for child in forks.get(i, ()):
-                rows.append((i, child.slot, child.seq_id, child.num_tokens, 0))
-                samples.append((child, child.epoch))
-            k = seq.request.params.prompt_logprobs
-            # a chunk scores positions nc+1 .. nc+n; list it if one of them is a prompt position not sent yet
-            if k is not None and nc + 1 <= seq.request.num_prompt - 1 and nc + n >= seq.prompt_logprobs_next:
-                plp_rows.append(i)
-                plp_k.append(k)
         inits = [seq.slot_init() for seq in self._running if seq.needs_slot_init]
         for seq in self._running:
             seq.needs_slot_init = False
         block_updates, copy_blocks = self.kv.take_updates()
-        i32 = np.int32
-        r = np.asarray(rows, dtype=i32).reshape(-1, 5)  # [R, 5]
-        batch = ScheduledBatch(
-            step_id=self._step,
-            seq_ids=np.asarray([s.seq_id for s, _ in entries], dtype=i32),
-            slots=np.asarray([s.slot for s, _ in entries], dtype=i32),
-            num_computed=np.asarray([s.num_computed for s, _ in entries], dtype=i32),
-            num_new_tokens=np.asarray([n for _, n in entries], dtype=i32),
-            num_decode=num_decode,
-            input_ids=np.asarray(input_ids, dtype=i32),
-            block_updates=block_updates,
-            copy_blocks=copy_blocks,
-            sample_rows=np.ascontiguousarray(r[:, 0]),
-            sample_slots=np.ascontiguousarray(r[:, 1]),
-            sample_seq_ids=np.ascontiguousarray(r[:, 2]),
-            sample_positions=np.ascontiguousarray(r[:, 3]),
-            sample_num_output=np.ascontiguousarray(r[:, 4]),
-            slot_inits=inits,
-            prompt_logprob_rows=np.asarray(plp_rows, dtype=i32),
-            prompt_logprob_k=np.asarray(plp_k, dtype=i32),
-        )
-        self._inflight[self._step] = _StepPlan([(s, s.epoch, n) for s, n in entries], samples)
+        batch, plan = build_step(self._step, entries, num_decode, forks, inits, block_updates, copy_blocks)
+        self._inflight[self._step] = plan
         self._num_scheduled_tokens += batch.num_tokens
         return batch
 
     # ------------------------------------------------------------------ results in
     def update(self, batch: ScheduledBatch, out: StepOutput) -> list[SequenceUpdate]:
-        """Apply one step's output; one SequenceUpdate per sequence that got tokens or prompt logprobs."""
+        """Apply one step's output; one SequenceUpdate per sequence that got tokens or prompt logprobs.
+
+        Steps are applied in the order they were scheduled; the next one may already be scheduled.
+        """
         plan = self._inflight.pop(batch.step_id, None)
         if plan is None:
             raise ValueError(f"step {batch.step_id} was never scheduled or was already updated")
-        if out.step_id != batch.step_id or len(out.token_ids) != len(plan.samples):
-            raise ValueError(
-                f"step output (step {out.step_id}, {len(out.token_ids)} tokens) does not match the batch "
-                f"(step {batch.step_id}, {len(plan.samples)} sampling rows)"
-            )
+        if self._inflight and min(self._inflight) < batch.step_id:
+            raise ValueError(f"step {batch.step_id} applied before step {min(self._inflight)}")
+        plan.check_output(out)
         updates: dict[int, SequenceUpdate] = {}
-        for seq, epoch, n in plan.entries:
-            if seq.status is RUNNING and seq.epoch == epoch:  # else aborted or preempted since
-                seq.num_computed += n
-                self.kv.cache_full_blocks(seq.slot, seq.token_ids, seq.num_computed)
+        for seq, end in plan.computed():
+            self.kv.cache_full_blocks(seq.slot, seq.token_ids, end)
         for pl in out.prompt_logprobs:
             owner = self._seqs.get(int(pl.seq_id))
             if owner is not None and (kept := owner.new_prompt_logprobs(pl)) is not None:
                 self._update_of(updates, owner).prompt_logprobs.append(kept)
-        for r, (seq, epoch) in enumerate(plan.samples):
-            if seq.status is not RUNNING or seq.epoch != epoch:
-                continue
-            if int(out.seq_ids[r]) != seq.seq_id:
-                raise ValueError(
-                    f"sampling row {r} is for sequence {int(out.seq_ids[r])}, expected {seq.seq_id}"
-                )
-            tok = int(out.token_ids[r])
-            seq.token_ids.append(tok)
+        for r, seq in plan.sampled(out):
             up = self._update_of(updates, seq)
-            up.new_token_ids.append(tok)
-            up.new_logprobs.append(float(out.logprobs[r]))
-            k = seq.request.params.logprobs
-            if k is not None:
-                top = []
-                if out.top_ids is not None and out.top_logprobs is not None:
-                    top = list(
-                        zip(out.top_ids[r, :k].tolist(), out.top_logprobs[r, :k].tolist(), strict=True)
-                    )
-                up.new_top = (up.new_top or []) + [top]
+            seq.token_ids.append(add_sampled_token(up, out, r, seq.request.params.logprobs))
+            seq.num_pending -= 1
             reason, stop_reason = seq.finish_reason(self._max_blocks, self.block_size)
-            if reason is not None:
+            if reason is not None:  # a step already scheduled for it computes a token that is dropped
                 self._finish(seq)
                 up.finished, up.finish_reason, up.stop_reason = True, reason, stop_reason
         return list(updates.values())
@@ -504,6 +454,8 @@ class Scheduler:
         assert live == set(self._seqs), "a live sequence is neither running nor waiting"
         for s in self._running:
             assert s.num_computed <= int(self.kv.num_blocks_of[s.slot]) * self.block_size
+            assert s.num_computed <= s.num_tokens and 0 <= s.num_pending <= len(self._inflight)
+        assert all(s.num_pending == 0 for s in self._waiting), "a waiting sequence has tokens in flight"
         assert set(self._requests) == {s.request.request_id for s in self._seqs.values()}
         if self.no_evict:
             assert self._reserved_blocks == sum(r.future_blocks for r in self._requests.values())

@@ -4,8 +4,14 @@ A request with ``params.n = k`` gives k sequences. Before its prompt is computed
 exists (it prefills the prompt); the other indices are ``pending_children`` and are forked from the
 leader in the step whose chunk ends the prompt. After that every sequence lives on its own.
 
-A sequence's tokens are its prompt then its outputs. ``num_computed`` of them are in the KV cache;
-the rest (at least one: the last sampled token) are computed by later steps.
+A sequence's tokens are its prompt then its outputs. ``num_computed`` of them are in the KV cache
+(counted from the moment a step computing them is scheduled); the rest (at least one: the last
+sampled token) are computed by later steps.
+
+With overlap scheduling a step is built before the previous one's sampled tokens reach the host:
+``token_ids`` holds the *known* tokens and ``num_pending`` counts those sampled by steps in flight
+(appended when their step's output is applied). Scheduling reasons over all of them (``num_tokens``);
+what the host reports and checks (finish reasons, slot inits) uses the known ones only.
 """
 
 from __future__ import annotations
@@ -64,8 +70,10 @@ class Sequence:
     seq_id: int
     request: RequestState
     seq_index: int
-    token_ids: list[int]  # prompt, then outputs
+    token_ids: list[int]  # prompt, then the outputs known on the host
     num_computed: int = 0
+    num_pending: int = 0  # tokens sampled by steps in flight, not in token_ids yet
+    pending_from: tuple[int, int] = (-1, -1)  # (step id, sampling row) of the newest pending token
     slot: int = -1
     status: SeqStatus = SeqStatus.WAITING
     epoch: int = 0  # bumped on preemption: in-flight results of an older epoch are dropped
@@ -75,12 +83,17 @@ class Sequence:
     needs_slot_init: bool = True  # its slot's per-sequence state must be (re)written
 
     @property
-    def num_tokens(self) -> int:
+    def num_known(self) -> int:
         return len(self.token_ids)
 
     @property
+    def num_tokens(self) -> int:
+        """Known tokens plus those sampled by steps in flight."""
+        return len(self.token_ids) + self.num_pending
+
+    @property
     def num_outputs(self) -> int:
-        return len(self.token_ids) - self.request.num_prompt
+        return self.num_tokens - self.request.num_prompt
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -89,18 +102,25 @@ class Sequence:
     @property
     def remaining(self) -> int:
         """Tokens still to compute before the next token can be sampled."""
-        return len(self.token_ids) - self.num_computed
+        return self.num_tokens - self.num_computed
 
     @property
     def is_decode(self) -> bool:
         """Generation phase: everything known is computed except the last sampled token."""
         return self.num_outputs > 0 and self.remaining == 1
 
+    def at_length_limit(self, max_blocks: int, block_size: int, num_tokens: int | None = None) -> bool:
+        """True once ``num_tokens`` (default: all, pending included) end the sequence by length:
+        max_tokens or max_seq_len, or a next step needing more KV blocks than it can ever hold."""
+        n = self.num_tokens if num_tokens is None else num_tokens
+        return n >= self.request.max_total or -(-n // block_size) > max_blocks
+
     @property
     def is_prefork_leader(self) -> bool:
         return self is self.request.leader and bool(self.request.pending_children)
 
     def slot_init(self) -> SlotInit:
+        assert self.num_pending == 0, f"sequence {self.seq_id} takes a slot with tokens still in flight"
         req = self.request
         return SlotInit(
             slot=self.slot,
@@ -117,13 +137,11 @@ class Sequence:
 
         ``max_blocks``: the most blocks the sequence can ever hold (it must hold its whole next step).
         """
-        req, tok = self.request, self.token_ids[-1]
-        if tok in req.stop_ids and self.num_outputs >= req.params.min_tokens:
+        req, tok, known = self.request, self.token_ids[-1], len(self.token_ids)
+        if tok in req.stop_ids and known - req.num_prompt >= req.params.min_tokens:
             return "stop", (tok if tok in (req.params.stop_token_ids or ()) else None)
-        if self.num_tokens >= req.max_total:  # max_tokens or max_seq_len reached
+        if self.at_length_limit(max_blocks, block_size, known):
             return "length", None
-        if -(-self.num_tokens // block_size) > max_blocks:
-            return "length", None  # its next step needs more KV blocks than it can ever get
         return None, None
 
     def new_prompt_logprobs(self, pl: PromptLogprobs) -> PromptLogprobs | None:
