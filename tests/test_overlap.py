@@ -13,7 +13,7 @@ import pytest
 from kiln import LLM, KvCacheConfig, SamplingParams, SchedulerConfig
 from kiln.outputs import RequestOutput
 
-GREEDY = dict(temperature=0.0, ignore_eos=True)
+GREEDY: dict[str, Any] = dict(temperature=0.0, ignore_eos=True)
 
 
 def _prompts(n: int, seed: int = 0, lo: int = 1, hi: int = 70) -> list[list[int]]:
@@ -77,7 +77,9 @@ def _same(a: tuple[list[Any], list[float]], b: tuple[list[Any], list[float]]) ->
 Summary = tuple[list[Any], list[float]]
 
 
-def _both(path: str, prompts: list, params: Any, **kw: Any) -> tuple[Summary, Summary]:
+def _both(
+    path: str, prompts: list, params: Any, exact_counts: bool = True, **kw: Any
+) -> tuple[Summary, Summary]:
     """(one step at a time, overlapped) outputs; checks that overlap happened and that KV is freed."""
     results = []
     for overlap in (False, True):
@@ -92,7 +94,9 @@ def _both(path: str, prompts: list, params: Any, **kw: Any) -> tuple[Summary, Su
                 assert core.reads == 0
             results.append((_summary(outs), stats))
     (seq_out, seq_stats), (ovl_out, ovl_stats) = results
-    assert ovl_stats.generation_tokens_total >= seq_stats.generation_tokens_total
+    if exact_counts:  # the tokens delivered (those dropped after a finish are not counted)
+        assert ovl_stats.generation_tokens_total == seq_stats.generation_tokens_total
+        assert ovl_stats.prompt_tokens_total == seq_stats.prompt_tokens_total
     return seq_out, ovl_out
 
 
@@ -173,7 +177,7 @@ def test_stop_strings_and_stop_token_ids(tiny_model):
             params.append(SamplingParams(max_tokens=20, stop=[text[6:9]], **GREEDY))
         else:
             params.append(SamplingParams(max_tokens=20, stop_token_ids=[toks[5]], temperature=0.0))
-    seq, ovl = _both(path, prompts, params)
+    seq, ovl = _both(path, prompts, params, exact_counts=False)  # stop strings: aborts race the steps
     _same(ovl, seq)
     reasons = [o[3][0][3:5] for o in ovl[0]]
     assert all(r[0] == "stop" for r in reasons), reasons

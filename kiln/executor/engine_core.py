@@ -145,7 +145,7 @@ class EngineCore:
         t1 = time.perf_counter()
         updates = self.scheduler.update(step.batch, out)
         t2 = time.perf_counter()
-        self._record(step.batch, t2 - t0, step.schedule_time + (t2 - t1))
+        self._record(step.batch, updates, t2 - t0, step.schedule_time + (t2 - t1))
         return updates
 
     def refresh_stats(self) -> EngineStats:
@@ -156,10 +156,13 @@ class EngineCore:
         s.num_preemptions = int(sched.num_preemptions)
         return s
 
-    def _record(self, batch: ScheduledBatch, step_time: float, host_time: float) -> None:
+    def _record(
+        self, batch: ScheduledBatch, updates: list[SequenceUpdate], step_time: float, host_time: float
+    ) -> None:
         s = self.refresh_stats()
         s.prompt_tokens_total += batch.num_tokens - batch.num_decode
-        s.generation_tokens_total += batch.num_samples
+        # tokens delivered: one computed for a sequence that finished meanwhile is dropped, not counted
+        s.generation_tokens_total += sum(len(up.new_token_ids) for up in updates)
         s.steps += 1
         s.last_step_time, s.last_host_time = step_time, host_time
         s.last_batch_size, s.last_num_tokens = batch.num_seqs, batch.num_tokens

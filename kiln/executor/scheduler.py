@@ -18,8 +18,9 @@ step_plan.py), so the next step can be scheduled while this one runs (overlap sc
 whose input token is still in flight reads it on the device, and a sequence sure to end by length
 with its pending token is not scheduled again. ``update`` applies a step's output: it appends the
 sampled tokens, registers newly full blocks in the prefix cache and finishes sequences; what a
-finished or preempted sequence was scheduled for meanwhile is dropped. With a step in flight, freed
-blocks must not be handed out before that step is done: use ``free_delay_steps=1``.
+finished or preempted sequence was scheduled for meanwhile is dropped. With a step in flight use
+``free_delay_steps=1``: a block freed once step C is scheduled (steps up to C may still write it for
+its old holder) is handed out from step C+1 on, which the device runs after them.
 Nothing here imports torch.
 """
 
@@ -34,7 +35,14 @@ import numpy as np
 from kiln.config import EngineLimits, SchedulerConfig
 from kiln.executor.kv_cache_manager import KVCacheManager
 from kiln.executor.messages import Request, ScheduledBatch, SequenceUpdate, StepOutput
-from kiln.executor.sequence import RequestState, SeqStatus, Sequence, stop_ids_of, worst_case_blocks
+from kiln.executor.sequence import (
+    RequestState,
+    SeqStatus,
+    Sequence,
+    check_request,
+    stop_ids_of,
+    worst_case_blocks,
+)
 from kiln.executor.step_plan import StepPlan, add_sampled_token, build_step
 
 RUNNING, WAITING, FINISHED = SeqStatus.RUNNING, SeqStatus.WAITING, SeqStatus.FINISHED
@@ -99,40 +107,15 @@ class Scheduler:
 
     # ------------------------------------------------------------------ requests in
     def add_request(self, req: Request) -> None:
-        rid, p, lim, bs = req.request_id, req.params, self.limits, self.block_size
-        if rid in self._requests:
-            raise ValueError(f"request id {rid!r} is already used by an unfinished request")
-        num_prompt = len(req.prompt_token_ids)
-        usable = self.kv.num_usable_blocks
-        if num_prompt == 0:
-            raise ValueError("the prompt is empty: at least one token is needed")
-        if num_prompt >= lim.max_seq_len:
-            raise ValueError(
-                f"prompt of {num_prompt} tokens leaves no room to generate: max_seq_len is "
-                f"{lim.max_seq_len}, so a prompt may have at most {lim.max_seq_len - 1} tokens"
-            )
-        if -(-num_prompt // bs) > usable:
-            raise ValueError(
-                f"prompt of {num_prompt} tokens needs {-(-num_prompt // bs)} KV blocks of {bs} tokens but "
-                f"the pool has {usable} ({usable * bs} tokens): shorten the prompt or give the KV cache "
-                "more memory"
-            )
-        if p.n > lim.max_batch_size:
-            raise ValueError(f"n={p.n} sequences cannot run together: max_batch_size is {lim.max_batch_size}")
-        max_total = (
-            lim.max_seq_len if p.max_tokens is None else min(num_prompt + p.max_tokens, lim.max_seq_len)
-        )
-        if self.no_evict and (worst := worst_case_blocks(num_prompt, max_total, p.n, bs)) > usable:
-            raise ValueError(
-                f"the request may need {worst} KV blocks ({p.n} x {max_total} tokens) but the pool has "
-                f"{usable}; "
-                "under 'guaranteed_no_evict' its whole budget must fit: lower max_tokens or n, use the "
-                "'max_utilization' policy, or give the KV cache more memory"
-            )
+        """Queue a request; ValueError (saying what is allowed) if it can never run on this engine."""
+        if req.request_id in self._requests:
+            raise ValueError(f"request id {req.request_id!r} is already used by an unfinished request")
+        p = req.params
+        max_total = check_request(req, self.limits, self.kv.num_usable_blocks, self.block_size, self.no_evict)
         seed = p.seed if p.seed is not None else int(self._rng.integers(0, 2**63, dtype=np.uint64))
         state = RequestState(req, seed, stop_ids_of(req), max_total, pending_children=list(range(1, p.n)))
         state.leader = self._new_seq(state, 0, list(req.prompt_token_ids))
-        self._requests[rid] = state
+        self._requests[req.request_id] = state
         self._waiting.append(state.leader)
 
     def _new_seq(self, req: RequestState, seq_index: int, token_ids: list[int]) -> Sequence:
@@ -144,7 +127,14 @@ class Scheduler:
 
     # ------------------------------------------------------------------ one step
     def schedule(self) -> ScheduledBatch | None:
-        """The next step's work, or None if nothing can run now (the step clock still advances)."""
+        """The next step's work, or None if nothing can run now (the step clock still advances).
+
+        At most one scheduled step may still wait for ``update`` (overlap scheduling).
+        """
+        if len(self._inflight) > 1:
+            raise RuntimeError(
+                f"steps {sorted(self._inflight)} wait for update(): at most one step may be in flight"
+            )
         self._step += 1
         self.kv.begin_step(self._step)
         self._scheduled, self._promised, self._preempted_now = set(), 0, False
@@ -321,12 +311,13 @@ class Scheduler:
 
         Steps are applied in the order they were scheduled; the next one may already be scheduled.
         """
-        plan = self._inflight.pop(batch.step_id, None)
+        plan = self._inflight.get(batch.step_id)
         if plan is None:
             raise ValueError(f"step {batch.step_id} was never scheduled or was already updated")
-        if self._inflight and min(self._inflight) < batch.step_id:
+        if min(self._inflight) < batch.step_id:
             raise ValueError(f"step {batch.step_id} applied before step {min(self._inflight)}")
         plan.check_output(out)
+        del self._inflight[batch.step_id]
         updates: dict[int, SequenceUpdate] = {}
         for seq, end in plan.computed():
             self.kv.cache_full_blocks(seq.slot, seq.token_ids, end)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kiln.config import EngineLimits
 from kiln.executor.messages import PromptLogprobs, Request, SlotInit
 from kiln.sampling_params import SamplingParams
 
@@ -173,3 +174,36 @@ def worst_case_blocks(num_prompt: int, max_total: int, n: int, block_size: int) 
     shared = num_prompt // block_size
     per_seq = -(-(max_total - 1) // block_size)
     return shared + n * (per_seq - shared)
+
+
+def check_request(
+    req: Request, limits: EngineLimits, usable_blocks: int, block_size: int, no_evict: bool
+) -> int:
+    """Raise ValueError (saying what is allowed) if ``req`` can never run; returns its max_total
+    (prompt + max_tokens, capped at max_seq_len). ``no_evict``: its whole budget must fit the pool."""
+    p, num_prompt, bs = req.params, len(req.prompt_token_ids), block_size
+    if num_prompt == 0:
+        raise ValueError("the prompt is empty: at least one token is needed")
+    if num_prompt >= limits.max_seq_len:
+        raise ValueError(
+            f"prompt of {num_prompt} tokens leaves no room to generate: max_seq_len is "
+            f"{limits.max_seq_len}, so a prompt may have at most {limits.max_seq_len - 1} tokens"
+        )
+    if -(-num_prompt // bs) > usable_blocks:
+        raise ValueError(
+            f"prompt of {num_prompt} tokens needs {-(-num_prompt // bs)} KV blocks of {bs} tokens but "
+            f"the pool has {usable_blocks} ({usable_blocks * bs} tokens): shorten the prompt or give the "
+            "KV cache more memory"
+        )
+    if p.n > limits.max_batch_size:
+        raise ValueError(f"n={p.n} sequences cannot run together: max_batch_size is {limits.max_batch_size}")
+    max_total = limits.max_seq_len
+    if p.max_tokens is not None:
+        max_total = min(num_prompt + p.max_tokens, max_total)
+    if no_evict and (worst := worst_case_blocks(num_prompt, max_total, p.n, bs)) > usable_blocks:
+        raise ValueError(
+            f"the request may need {worst} KV blocks ({p.n} x {max_total} tokens) but the pool has "
+            f"{usable_blocks}; under 'guaranteed_no_evict' its whole budget must fit: lower max_tokens or "
+            "n, use the 'max_utilization' policy, or give the KV cache more memory"
+        )
+    return max_total
