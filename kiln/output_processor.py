@@ -72,6 +72,8 @@ class RequestState:
         if seq.finish_reason is not None:  # stopped here already; the executor's late tokens are dropped
             return
         self.num_cached_tokens = max(self.num_cached_tokens, up.num_cached_tokens)
+        if self.metrics.first_scheduled_time is None and up.first_scheduled_time is not None:
+            self.metrics.first_scheduled_time = up.first_scheduled_time
         if up.new_token_ids and self.metrics.first_token_time is None:
             self.metrics.first_token_time = time.time()
         for i, tok in enumerate(up.new_token_ids):

@@ -26,6 +26,7 @@ class CompletionOutput:
 @dataclass
 class RequestMetrics:
     arrival_time: float
+    first_scheduled_time: float | None = None  # queue time = first_scheduled_time - arrival_time
     first_token_time: float | None = None
     finished_time: float | None = None
 

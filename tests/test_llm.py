@@ -302,3 +302,13 @@ def test_llm_arguments_are_validated(tiny_model, kwargs, message):
     path = tiny_model("LlamaForCausalLM", tokenizer=True)
     with pytest.raises(ValueError, match=message):
         LLM(path, **{"max_batch_size": 8, **kwargs})
+
+
+def test_request_metrics_are_ordered(tiny_model):
+    path = tiny_model("LlamaForCausalLM", tokenizer=True)
+    with _llm(path) as llm:
+        outs = llm.generate(_prompts(4, seed=11), SamplingParams(max_tokens=5, **GREEDY), use_tqdm=False)
+    for out in outs:
+        m = out.metrics
+        assert m is not None and m.first_scheduled_time is not None
+        assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.finished_time

@@ -140,3 +140,4 @@ class SequenceUpdate:
     stop_reason: int | str | None = None  # the stop token id that ended it, or a stop string
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     error: str | None = None  # set when this request failed alone
+    first_scheduled_time: float | None = None  # wall clock when the request first got a slot

@@ -27,6 +27,7 @@ Nothing here imports torch.
 from __future__ import annotations
 
 import heapq
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -251,6 +252,8 @@ class Scheduler:
         seq.status = RUNNING
         if not seq.admitted:
             seq.admitted, seq.num_cached_tokens = True, seq.num_computed
+        if req.first_scheduled_time is None:
+            req.first_scheduled_time = time.time()
         if self.no_evict:
             req.future_blocks = cost
             self._reserved_blocks += cost
@@ -340,7 +343,12 @@ class Scheduler:
         up = updates.get(seq.seq_id)
         if up is None:
             up = updates[seq.seq_id] = SequenceUpdate(
-                seq.request.request_id, seq.seq_index, [], [], num_cached_tokens=seq.num_cached_tokens
+                seq.request.request_id,
+                seq.seq_index,
+                [],
+                [],
+                num_cached_tokens=seq.num_cached_tokens,
+                first_scheduled_time=seq.request.first_scheduled_time,
             )
         return up
 

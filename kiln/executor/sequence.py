@@ -43,6 +43,7 @@ class RequestState:
     live: dict[int, Sequence] = field(default_factory=dict)  # seq index -> unfinished forked/leader seq
     # guaranteed_no_evict: blocks this request may still take from the pool (reserved at admission)
     future_blocks: int = 0
+    first_scheduled_time: float | None = None  # wall clock (time.time) of the first admission
 
     @property
     def request_id(self) -> str:
