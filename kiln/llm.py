@@ -49,6 +49,7 @@ class LLM:
         plugin_backend: str | None = None,
         executor: str = "auto",
         cuda_graphs: bool = True,
+        compile: bool | None = None,
         overlap_scheduling: bool | None = None,
     ) -> None:
         if model is None:
@@ -60,6 +61,8 @@ class LLM:
         _check_type("scheduler_config", scheduler_config, SchedulerConfig)
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        if compile is not None and not isinstance(compile, bool):
+            raise ValueError(f"compile must be True, False or None (on CUDA only), got {compile!r}")
         if plugins is not None and not isinstance(plugins, dict):
             raise ValueError(f"plugins must be a dict of plugin kind -> plugin name, got {plugins!r}")
         if dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -95,6 +98,7 @@ class LLM:
             plugin_backend=plugin_backend or ("forward" if device.startswith("cuda") else "reference"),
             plugins=plugins,
             cuda_graphs=cuda_graphs,
+            compile=compile,
             overlap_scheduling=overlap,
         )
         self.model_path = model

@@ -20,6 +20,7 @@ from kiln.builder.loader import load_model
 from kiln.builder.model_config import ModelInfo
 from kiln.config import EngineLimits, KvCacheConfig
 from kiln.engine.attention_metadata import AttentionMetadata
+from kiln.engine.compile import CompiledLayers, compile_decoder_layers
 from kiln.engine.cuda_graphs import DecodeGraphRunner, default_graph_batch_sizes
 from kiln.engine.kv_cache import (
     KvCache,
@@ -69,6 +70,7 @@ class ModelEngine:
         plugins: PluginSet | None = None,
         cuda_graphs: bool = True,
         cuda_graph_batch_sizes: list[int] | None = None,
+        compile: bool | None = None,  # torch.compile the decoder layers; None = on CUDA only
     ) -> None:
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
@@ -97,6 +99,14 @@ class ModelEngine:
         self.num_blocks = 0
         self.kv_cache: KvCache | None = None
         self.graphs: DecodeGraphRunner | None = None  # captured after the KV pool exists
+        # compiled first: the KV-sizing warm-up and the CUDA-graph capture then run compiled code
+        self.compiled: CompiledLayers | None = None
+        if compile if compile is not None else self.device.type == "cuda":
+            # by default (compile=None) a failure is logged and the layers run eagerly
+            self.compiled = compile_decoder_layers(
+                self.model, self.kv_spec, self.max_blocks_per_seq, strict=compile is not None
+            )
+        self.compile_seconds = self.compiled.seconds if self.compiled is not None else 0.0
         num_blocks = self._plan_num_blocks()
         self.kv_cache = KvCache(self.kv_spec, num_blocks, self.device)
         self.num_blocks = num_blocks

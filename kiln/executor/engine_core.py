@@ -45,6 +45,7 @@ class EngineCoreConfig:
     plugins: dict[str, str] | None = None
     cuda_graphs: bool = True
     overlap_scheduling: bool = False  # schedule and launch step N+1 while the device runs step N
+    compile: bool | None = None  # torch.compile the decoder layers; None = on CUDA only
 
 
 @dataclass
@@ -73,6 +74,7 @@ class EngineCore:
             kv_config=cfg.kv_config,
             plugins=PluginSet(cfg.plugin_backend, cfg.plugins),
             cuda_graphs=cfg.cuda_graphs,
+            compile=cfg.compile,
         )
         self.decoder = Decoder(cfg.limits.max_batch_size, self.engine.vocab_size, self.engine.device)
         self.scheduler = Scheduler(
@@ -95,6 +97,8 @@ class EngineCore:
             "num_blocks": int(self.engine.num_blocks),
             "device": str(self.engine.device),
             "dtype": str(self.engine.dtype).replace("torch.", ""),
+            "compile_seconds": float(self.engine.compile_seconds),
+            "cuda_graph_capture_seconds": float(getattr(self.engine.graphs, "capture_seconds", 0.0)),
         }
 
     def add_request(self, req: Request) -> list[SequenceUpdate]:
