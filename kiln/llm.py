@@ -369,7 +369,12 @@ class LLM:
                 if state is None:
                     continue
                 if up.error is not None:
-                    deliveries.append((self._sinks[up.request_id][0], RequestFailedError(up.error)))
+                    err = (
+                        InvalidRequestError(up.error, "prompt")
+                        if up.rejected
+                        else RequestFailedError(up.error)
+                    )
+                    deliveries.append((self._sinks[up.request_id][0], err))
                     del self._states[up.request_id], self._sinks[up.request_id]
                     touched.pop(up.request_id, None)
                     continue

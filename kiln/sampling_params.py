@@ -89,7 +89,8 @@ class SamplingParams:
         if self.max_tokens is not None:
             _check(
                 isinstance(self.max_tokens, int) and self.max_tokens >= 1,
-                f"max_tokens must be an integer >= 1 (or None for the rest of the context), got {self.max_tokens!r}",
+                f"max_tokens must be an integer >= 1 (or None for the rest of the context), "
+                f"got {self.max_tokens!r}",
             )
             _check(
                 self.min_tokens <= self.max_tokens,

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tiny_tokenizer import save_tiny_tokenizer
 
 from kiln.config import EngineLimits, KvCacheConfig, SchedulerConfig
 from kiln.executor import codec
@@ -15,7 +16,6 @@ from kiln.executor.messages import PromptLogprobs, Request, SequenceUpdate
 from kiln.output_processor import RequestState
 from kiln.sampling_params import SamplingParams
 from kiln.tokenizer import IncrementalDetokenizer, Tokenizer
-from tiny_tokenizer import save_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,8 @@ def test_streamed_text_holds_back_possible_stop_prefix(tok):
 
 def test_logprobs_entries_put_sampled_token_first(tok):
     state = _state(tok, logprobs=2)
-    up = SequenceUpdate("r", 0, [5], [-1.0], new_top=[[(7, -0.1), (5, -1.0)]], finished=True, finish_reason="length")
+    top = [[(7, -0.1), (5, -1.0)]]
+    up = SequenceUpdate("r", 0, [5], [-1.0], new_top=top, finished=True, finish_reason="length")
     state.apply(up, lambda *a: None)
     out = state.output().outputs[0]
     assert list(out.logprobs[0].items()) == [(5, -1.0), (7, -0.1)]

@@ -10,7 +10,7 @@ import torch
 from tiny_models import hf_greedy, load_hf_model
 
 from kiln import LLM, KvCacheConfig, SamplingParams, SchedulerConfig
-from kiln.errors import ContextLengthExceededError, EngineDeadError, InvalidRequestError, RequestFailedError
+from kiln.errors import ContextLengthExceededError, EngineDeadError, InvalidRequestError
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -264,7 +264,7 @@ def test_a_request_that_cannot_fit_fails_alone(tiny_model):
             return tuple(await asyncio.gather(run([1] * 100, 8), run([1, 2, 3], 4)))
 
         too_big, fine = asyncio.run(both())
-        assert isinstance(too_big, RequestFailedError)
+        assert isinstance(too_big, InvalidRequestError)
         assert "needs 7 KV blocks of 16 tokens but the pool has 4" in str(too_big)
         assert fine.finished and len(fine.outputs[0].token_ids) == 4
         assert llm.is_alive()

@@ -118,8 +118,16 @@ def stage_train(args) -> None:
     t_all = time.perf_counter()
     for name in args.recipes.split(","):
         r = RECIPES[name]
-        res = train(r, tokens["train"], tokens["valid"], device, log, steps=_steps_for(args.steps, name),
-                    batch=args.batch, ctx=args.context)
+        res = train(
+            r,
+            tokens["train"],
+            tokens["valid"],
+            device,
+            log,
+            steps=_steps_for(args.steps, name),
+            batch=args.batch,
+            ctx=args.context,
+        )
         model = _model_with(r, res.state, device)
         test_t = torch.from_numpy(tokens["test"].astype("int64")).to(device)
         test_loss, n = evaluate(model, test_t, args.context, 64 if device.type == "cuda" else 4, device)
@@ -127,8 +135,10 @@ def stage_train(args) -> None:
         info.update(test_loss=test_loss, test_ppl=float(torch.tensor(test_loss).exp()), test_tokens=n)
         info["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
         runs[name] = info
-        log(f"[{name}] best step {res.best_step}: valid {res.best_valid_loss:.4f}, test {test_loss:.4f} "
-            f"(ppl {info['test_ppl']:.2f}), {res.train_seconds:.0f} s, {res.tokens_per_second:,.0f} tok/s")
+        log(
+            f"[{name}] best step {res.best_step}: valid {res.best_valid_loss:.4f}, test {test_loss:.4f} "
+            f"(ppl {info['test_ppl']:.2f}), {res.train_seconds:.0f} s, {res.tokens_per_second:,.0f} tok/s"
+        )
         save_shards(res.state, out, name, tied=True)
         if r.model == "base" and (best_base is None or res.best_valid_loss < best_base[0]):
             best_base = (res.best_valid_loss, name)
@@ -217,8 +227,13 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--src", required=True, help="a `train --out` folder")
     sub.add_parser("eval")
     args = p.parse_args(argv)
-    {"corpus": stage_corpus, "tokenizer": stage_tokenizer, "train": stage_train, "export": stage_export,
-     "eval": stage_eval}[args.stage](args)
+    {
+        "corpus": stage_corpus,
+        "tokenizer": stage_tokenizer,
+        "train": stage_train,
+        "export": stage_export,
+        "eval": stage_eval,
+    }[args.stage](args)
 
 
 if __name__ == "__main__":

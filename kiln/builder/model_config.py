@@ -249,7 +249,7 @@ def parse_common(hf: dict[str, Any], **flags: Any) -> ModelConfig:
 def resolve_dtype(
     dtype: str | torch.dtype, checkpoint_dtype: torch.dtype, device: torch.device
 ) -> torch.dtype:
-    """"auto" is the checkpoint's dtype on a GPU and float32 on the CPU."""
+    """ "auto" is the checkpoint's dtype on a GPU and float32 on the CPU."""
     allowed = "use 'auto', 'float32', 'bfloat16' or 'float16'"
     if isinstance(dtype, torch.dtype):
         if dtype not in _DTYPES.values():

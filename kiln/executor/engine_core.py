@@ -106,7 +106,16 @@ class EngineCore:
             self.scheduler.add_request(req)
         except ValueError as e:  # a bad request fails alone
             return [
-                SequenceUpdate(req.request_id, 0, [], [], finished=True, finish_reason="abort", error=str(e))
+                SequenceUpdate(
+                    req.request_id,
+                    0,
+                    [],
+                    [],
+                    finished=True,
+                    finish_reason="abort",
+                    error=str(e),
+                    rejected=True,
+                )
             ]
         return []
 
@@ -169,6 +178,8 @@ class EngineCore:
         s.generation_tokens_total += sum(len(up.new_token_ids) for up in updates)
         s.steps += 1
         s.last_step_time, s.last_host_time = step_time, host_time
+        s.step_time_total += step_time
+        s.host_time_total += host_time
         s.last_batch_size, s.last_num_tokens = batch.num_seqs, batch.num_tokens
 
     def close(self) -> None:

@@ -141,3 +141,4 @@ class SequenceUpdate:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     error: str | None = None  # set when this request failed alone
     first_scheduled_time: float | None = None  # wall clock when the request first got a slot
+    rejected: bool = False  # with error: the executor refused the request itself (an input error)

@@ -19,5 +19,7 @@ class EngineStats:
     steps: int = 0
     last_step_time: float = 0.0  # seconds, whole step (host + device)
     last_host_time: float = 0.0  # seconds spent outside forward + sampling
+    step_time_total: float = 0.0  # seconds over all steps; / steps = mean step period
+    host_time_total: float = 0.0  # of which scheduling and updating on the host
     last_batch_size: int = 0
     last_num_tokens: int = 0

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from demo_model import corpus
 from demo_model.presets import CONTEXT, SEED
 
@@ -51,8 +52,9 @@ def text_loss(model, ids: list[int], ctx: int = CONTEXT) -> float:
 def evaluate_exported(
     demo_dir: Path, corpus_dir: Path, sample_path: Path, log: Callable[[str], None]
 ) -> dict:
-    from demo_model.train import evaluate
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from demo_model.train import evaluate
 
     torch.manual_seed(SEED)
     meta = json.loads((corpus_dir / "bin" / "meta.json").read_text())
@@ -82,8 +84,10 @@ def evaluate_exported(
             "sample_tokens": len(sample_ids) - 1,
             "sample_ppl": math.exp(s_loss),
         }
-        log(f"{name}: test ppl {math.exp(loss):.3f} ({n:,} tokens, {time.perf_counter() - t0:.0f} s), "
-            f"bits/byte {results[name]['test_bits_per_byte']:.3f}, sample ppl {math.exp(s_loss):.3f}")
+        log(
+            f"{name}: test ppl {math.exp(loss):.3f} ({n:,} tokens, {time.perf_counter() - t0:.0f} s), "
+            f"bits/byte {results[name]['test_bits_per_byte']:.3f}, sample ppl {math.exp(s_loss):.3f}"
+        )
         prompt = tok("def fibonacci(n):", return_tensors="pt")
         out = model.generate(**prompt, max_new_tokens=64, do_sample=False)
         log(f"{name} greedy:\n{tok.decode(out[0], skip_special_tokens=True)}\n---")

@@ -42,7 +42,13 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         block = min(next_pow2(inter), _MAX_BLOCK)
         grid = (rows, triton.cdiv(inter, block))
         wrap_triton(_silu_and_mul_kernel)[grid](
-            x2, out2, inter, x2.stride(0), out2.stride(0), BLOCK=block, num_warps=4 if block >= 512 else 2,
+            x2,
+            out2,
+            inter,
+            x2.stride(0),
+            out2.stride(0),
+            BLOCK=block,
+            num_warps=4 if block >= 512 else 2,
             enable_fp_fusion=False,
         )
     return out
