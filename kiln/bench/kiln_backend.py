@@ -52,6 +52,8 @@ class KilnRun:
     peak_kv_usage: float = 0.0
     steps: int = 0
     num_preemptions: int = 0
+    mean_step_ms: float = 0.0  # engine step period (with overlap: one pipeline stage)
+    mean_host_ms: float = 0.0  # of which host work (scheduling, updating) per step
     samples: int = 0  # how many times the engine stats were read while the run went on
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -110,9 +112,15 @@ def run_workload(llm: LLM, workload: Workload) -> KilnRun:
         peak_step_batch=sampler.peak_batch,
         peak_kv_usage=sampler.peak_kv,
         steps=after.steps - before.steps,
+        mean_step_ms=_per_step_ms(after.step_time_total - before.step_time_total, after.steps - before.steps),
+        mean_host_ms=_per_step_ms(after.host_time_total - before.host_time_total, after.steps - before.steps),
         num_preemptions=after.num_preemptions - before.num_preemptions,
         samples=sampler.samples,
     )
+
+
+def _per_step_ms(seconds: float, steps: int) -> float:
+    return 1e3 * seconds / steps if steps > 0 else 0.0
 
 
 def warm_up(llm: LLM, num_requests: int, isl: int, osl: int, seed: int) -> float:

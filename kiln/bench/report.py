@@ -189,6 +189,7 @@ ROWS = {
         ("request latency p50 / p99 (s)", "e2e_s"),
         ("peak batch", "peak_batch"),
         ("peak KV usage", "peak_kv_usage"),
+        ("engine step / of it scheduling (ms)", "step_host_ms"),
         ("share of roofline", "roofline_share"),
     ],
     "latency": [
@@ -199,6 +200,7 @@ ROWS = {
         ("time per output token (ms)", "tpot_ms"),
         ("TTFT (ms)", "ttft_ms"),
         ("effective bandwidth (GB/s)", "effective_gb_s"),
+        ("engine step / of it scheduling (ms)", "step_host_ms"),
         ("share of roofline", "roofline_share"),
     ],
 }
@@ -207,6 +209,8 @@ ROWS = {
 def _cell(key: str, v: Any) -> str:
     if isinstance(v, dict):  # percentiles
         return " / ".join(_fmt(v.get(k)) for k in ("p50", "p90", "p99") if k in v)
+    if key == "step_host_ms" and isinstance(v, (list, tuple)):
+        return " / ".join(f"{x:.3f}" for x in v)
     if key in ("roofline_share", "peak_kv_usage") and isinstance(v, float):
         return f"{v:.1%}"
     return _fmt(v)

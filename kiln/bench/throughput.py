@@ -105,6 +105,7 @@ def kiln_figures(run: KilnRun, workload: Workload) -> dict[str, Any]:
         "peak_step_batch": run.peak_step_batch,
         "peak_kv_usage": run.peak_kv_usage,
         "steps": run.steps,
+        "step_host_ms": [run.mean_step_ms, run.mean_host_ms],
         "preemptions": run.num_preemptions,
         "wrong_lengths": wrong,
         "notes": notes,
