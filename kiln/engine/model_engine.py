@@ -11,6 +11,7 @@ input tokens not known on the host are gathered on the device from the previous 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -71,11 +72,15 @@ class ModelEngine:
         cuda_graphs: bool = True,
         cuda_graph_batch_sizes: list[int] | None = None,
         compile: bool | None = None,  # torch.compile the decoder layers; None = on CUDA only
+        # Called as sampler_warm_up(vocab_size, device) inside the KV-sizing warm-up, while that
+        # step's logits are alive, so the sampler's peak workspace (top-p sorts) is counted too.
+        sampler_warm_up: Callable[[int, torch.device], object] | None = None,
     ) -> None:
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.limits, self.kv_config = limits, kv_config
+        self._sampler_warm_up = sampler_warm_up
         self.plugins = plugins or PluginSet("reference")
         self.info: ModelInfo
         self.model, self.info = load_model(
@@ -140,7 +145,10 @@ class ModelEngine:
         self.kv_cache = KvCache(self.kv_spec, blocks_needed, self.device)
         self.num_blocks = blocks_needed
         temp_bytes = self.kv_cache.nbytes
-        self.forward(batch)
+        fwd = self.forward(batch)
+        if self._sampler_warm_up is not None:
+            self._sampler_warm_up(self.vocab_size, self.device)
+        del fwd
         torch.cuda.synchronize(self.device)
         activation_peak = torch.cuda.max_memory_allocated(self.device) - base - temp_bytes
         self.kv_cache.close()

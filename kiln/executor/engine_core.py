@@ -27,7 +27,9 @@ from kiln.executor.messages import PromptLogprobs, Request, ScheduledBatch, Sequ
 from kiln.executor.stats import EngineStats
 
 if TYPE_CHECKING:
-    from kiln.engine.decoder import SampledStep
+    import torch
+
+    from kiln.engine.decoder import Decoder, SampledStep
 
 
 @dataclass
@@ -66,6 +68,14 @@ class EngineCore:
         from kiln.plugins import PluginSet
 
         self.cfg = cfg
+        warmed: list[Decoder] = []
+
+        def build_sampler(vocab_size: int, device: torch.device) -> None:
+            # built and warmed up at the largest batch inside the KV-sizing warm-up (GPU), so the
+            # sampler's peak workspace is counted before the KV pool takes the rest
+            warmed.append(Decoder(cfg.limits.max_batch_size, vocab_size, device))
+            warmed[0].warm_up()
+
         self.engine = ModelEngine(
             cfg.model,
             dtype=cfg.dtype,
@@ -75,8 +85,11 @@ class EngineCore:
             plugins=PluginSet(cfg.plugin_backend, cfg.plugins),
             cuda_graphs=cfg.cuda_graphs,
             compile=cfg.compile,
+            sampler_warm_up=build_sampler,
         )
-        self.decoder = Decoder(cfg.limits.max_batch_size, self.engine.vocab_size, self.engine.device)
+        # no warm-up ran on the CPU or with a fixed KV size: build it now
+        self.decoder = warmed[0] if warmed else Decoder(cfg.limits.max_batch_size, self.engine.vocab_size,
+                                                        self.engine.device)  # fmt: skip
         self.scheduler = Scheduler(
             cfg.scheduler_config,
             cfg.limits,
