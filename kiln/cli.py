@@ -1,8 +1,9 @@
-"""The `kiln` command: generate, serve, bench."""
+"""The `kiln` command: build, generate, serve, bench."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -25,20 +26,82 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="per-request sampling seed")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
-    p.add_argument("--max-batch-size", type=int, default=64)
+    p.add_argument("--max-batch-size", type=int, default=None, help="default: 64, or a built engine's limit")
     p.add_argument("--max-seq-len", type=int, default=None)
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user chat message")
+
+
+def _add_build(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "build",
+        help="build an engine directory from a Hugging Face checkpoint",
+        description="Convert a Hugging Face checkpoint directory into a kiln engine directory: plan.json, "
+        "the weights converted to --dtype with q|k|v and gate|up fused (rank0*.safetensors), and the "
+        "config and tokenizer files. Load it with LLM(DIR) or `kiln generate --model DIR`: start-up "
+        "reads the weights as they are, and the limits given here are the engine's defaults and ceilings.",
+    )
+    p.add_argument("model", help="Hugging Face checkpoint directory (config.json + *.safetensors)")
+    p.add_argument("--output", "-o", required=True, help="engine directory to write (new or empty)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights dtype; auto = the checkpoint's on a GPU, float32 on the CPU (default: auto)",
+    )
+    p.add_argument(
+        "--device", default=None, help="device kind the engine is for: cpu or cuda (default: cuda if present)"
+    )
+    p.add_argument("--max-batch-size", type=int, default=256, help="most sequences per step (default: 256)")
+    p.add_argument("--max-num-tokens", type=int, default=8192, help="most tokens per step (default: 8192)")
+    p.add_argument(
+        "--max-seq-len", type=int, default=None, help="longest sequence (default: max_position_embeddings)"
+    )
+    p.add_argument(
+        "--tokens-per-block", type=int, default=32, choices=[8, 16, 32, 64, 128], help="KV block size"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an engine already in --output")
+
+
+def _run_build(args: argparse.Namespace) -> int:
+    from kiln.builder.build import build_engine
+
+    result = build_engine(
+        args.model,
+        args.output,
+        dtype=args.dtype,
+        device=args.device,
+        max_batch_size=args.max_batch_size,
+        max_num_tokens=args.max_num_tokens,
+        max_seq_len=args.max_seq_len,
+        tokens_per_block=args.tokens_per_block,
+        overwrite=args.overwrite,
+    )
+    plan = result.plan
+    files = ", ".join(plan.weight_files)
+    print(f"built {plan.architecture} engine from {plan.source}")
+    print(f"  output     {os.path.abspath(result.engine_dir)}")
+    print(f"  dtype      {plan.dtype} (for {plan.device})")
+    print(
+        f"  limits     max_batch_size={plan.max_batch_size} max_num_tokens={plan.max_num_tokens} "
+        f"max_seq_len={plan.max_seq_len} tokens_per_block={plan.tokens_per_block}"
+    )
+    print(f"  weights    {plan.num_tensors} tensors, {plan.weight_bytes / 2**20:.1f} MiB in {files}")
+    print(f"  took       {result.seconds:.2f} s")
+    return 0
 
 
 def _run_generate(args: argparse.Namespace) -> int:
     from kiln import LLM, SamplingParams
 
+    # a built engine's limits come from its plan; a checkpoint gets a small default
+    engine = bool(args.model) and os.path.isfile(os.path.join(args.model, "plan.json"))
+    batch = args.max_batch_size if args.max_batch_size is not None or engine else 64
     with LLM(
         model=args.model,
         dtype=args.dtype,
         device=args.device,
-        max_batch_size=args.max_batch_size,
-        max_num_tokens=max(2048, args.max_batch_size),
+        max_batch_size=batch,
+        max_num_tokens=None if engine or batch is None else max(2048, batch),
         max_seq_len=args.max_seq_len,
     ) as llm:
         defaults = llm.default_sampling_params()
@@ -79,8 +142,9 @@ def _run_generate(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kiln", description="kiln: an LLM inference engine")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_build(sub)
     _add_generate(sub)
-    commands = {"generate": _run_generate}
+    commands = {"build": _run_build, "generate": _run_generate}
     try:
         from kiln.serve import cli_args as serve_args
     except ImportError:

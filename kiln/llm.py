@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -28,6 +29,11 @@ Sink = Callable[[RequestOutput | Exception], None]
 class LLM:
     """An engine over one model. ``model=None`` serves the embedded demo model.
 
+    ``model`` is a Hugging Face checkpoint directory or an engine directory built by ``kiln build``;
+    an engine's plan.json gives the defaults of the limits, dtype, tokens_per_block and plugins, and
+    limits above the built ones are refused. Without a plan: max_batch_size 256, max_num_tokens 8192,
+    max_seq_len = max_position_embeddings.
+
     On a GPU the executor runs in a worker process; on the CPU in a thread (``executor`` picks).
     ``overlap_scheduling`` (default: on for CUDA) schedules and launches each step while the device
     still runs the previous one; outputs are the same either way.
@@ -39,8 +45,8 @@ class LLM:
         tokenizer: str | None = None,
         dtype: str = "auto",
         device: str | None = None,
-        max_batch_size: int = 256,
-        max_num_tokens: int = 8192,
+        max_batch_size: int | None = None,
+        max_num_tokens: int | None = None,
         max_seq_len: int | None = None,
         kv_cache_config: KvCacheConfig | None = None,
         scheduler_config: SchedulerConfig | None = None,
@@ -77,16 +83,27 @@ class LLM:
         overlap = device.startswith("cuda") if overlap_scheduling is None else overlap_scheduling
         if executor not in ("auto", "thread", "process"):
             raise ValueError(f"executor must be 'auto', 'thread' or 'process', got {executor!r}")
-        if max_seq_len is None:
-            max_seq_len = files.max_position_embeddings
-        elif max_seq_len > files.max_position_embeddings:
+        if max_seq_len is not None and max_seq_len > files.max_position_embeddings:
             raise ValueError(
                 f"max_seq_len ({max_seq_len}) exceeds the model's max_position_embeddings "
                 f"({files.max_position_embeddings})"
             )
-        limits = EngineLimits(
-            max_batch_size=max_batch_size, max_num_tokens=max_num_tokens, max_seq_len=max_seq_len
-        )
+        if os.path.isfile(os.path.join(model, "plan.json")):  # a built engine: defaults and ceilings
+            from kiln.builder.engine_dir import EnginePlan  # imports torch: only for an engine
+
+            plan = EnginePlan.load(model)
+            limits = plan.check_limits(max_batch_size, max_num_tokens, max_seq_len)
+            plan.resolve_dtype(dtype)
+            dtype = plan.dtype
+            kv_cache_config = kv_cache_config or KvCacheConfig(tokens_per_block=plan.tokens_per_block)
+            plugins = plan.plugins if plugins is None else plugins
+        else:
+            limits = EngineLimits(
+                max_batch_size=256 if max_batch_size is None else max_batch_size,
+                max_num_tokens=8192 if max_num_tokens is None else max_num_tokens,
+                max_seq_len=files.max_position_embeddings if max_seq_len is None else max_seq_len,
+            )
+        max_seq_len = limits.max_seq_len
         cfg = EngineCoreConfig(
             model=model,
             dtype=dtype,

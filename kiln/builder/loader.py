@@ -1,23 +1,36 @@
-"""Load a Hugging Face checkpoint (one or many safetensors files) into a kiln model.
+"""Load a Hugging Face checkpoint (one or many safetensors files), or a built engine, into a kiln model.
 
-The model is built on the meta device, so no memory is spent on random initial weights. Tensors are
-then read one at a time from the safetensors files, converted to the target dtype and device, and
-either kept as they are or copied into their slice of a fused projection (q|k|v, gate|up), which is
-allocated once at its final size. ``load_state_dict(assign=True)`` finally installs the tensors as
-the parameters: the weights exist once in memory, plus one checkpoint tensor in flight.
+The model is built on the meta device, so no memory is spent on random initial weights. From a
+checkpoint, ``runtime_state_dict`` reads tensors one at a time from the safetensors files, converts
+them to the target dtype and device, and either keeps them as they are or copies them into their
+slice of a fused projection (q|k|v, gate|up), which is allocated once at its final size.
+``load_state_dict(assign=True)`` finally installs the tensors as the parameters: the weights exist
+once in memory, plus one checkpoint tensor in flight.
+
+``runtime_state_dict`` is the one place a checkpoint becomes the runtime's tensors: the Builder
+(kiln/builder/build.py) saves its result, and an engine directory (plan.json) is then loaded as it
+is, with no conversion or fusing (``load_engine_model``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 from safetensors import safe_open
 
+from kiln.builder.engine_dir import (
+    ENGINE_DIR_ATTR,
+    EnginePlan,
+    EnginePlanError,
+    device_kind,
+    is_engine_dir,
+    model_config_to_json,
+)
 from kiln.builder.model_config import (
     ModelConfig,
     ModelInfo,
-    architecture_of,
     build_model_info,
     read_generation_config,
     read_hf_config,
@@ -27,6 +40,8 @@ from kiln.builder.model_config import (
 from kiln.models.decoder import DecoderForCausalLM
 from kiln.models.registry import get_model_spec, parse_model_config
 from kiln.plugins import PluginSet
+
+log = logging.getLogger(__name__)
 
 # Checkpoint tensors that carry no weights kiln needs (RoPE tables are recomputed).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
@@ -61,8 +76,18 @@ def load_model_config(model_dir: str) -> ModelConfig:
 def read_model_info(model_dir: str, dtype: str | torch.dtype = "auto", device: str = "cpu") -> ModelInfo:
     """ModelInfo without loading any weight (for a front end that needs EOS ids or the context length)."""
     cfg = load_model_config(model_dir)
-    target_dtype = resolve_dtype(dtype, cfg.checkpoint_dtype, torch.device(device))
+    if is_engine_dir(model_dir):
+        target_dtype = EnginePlan.load(model_dir).resolve_dtype(dtype)
+    else:
+        target_dtype = resolve_dtype(dtype, cfg.checkpoint_dtype, torch.device(device))
     return build_model_info(cfg, read_generation_config(model_dir), target_dtype)
+
+
+def build_meta_model(cfg: ModelConfig, plugins: PluginSet | None = None) -> DecoderForCausalLM:
+    """The model of ``cfg`` with every parameter on the meta device (shapes only, no memory)."""
+    spec = get_model_spec(cfg.architecture)
+    with torch.device("meta"):
+        return spec.model_cls(cfg, plugins or PluginSet("reference"))
 
 
 def load_model(
@@ -75,26 +100,93 @@ def load_model(
 ) -> tuple[DecoderForCausalLM, ModelInfo]:
     """Build the model of ``model_dir`` with its weights on ``device`` in ``dtype``.
 
-    ``max_positions`` sizes the RoPE table (default: max_position_embeddings).
+    ``model_dir`` is a Hugging Face checkpoint or an engine directory built by ``kiln build`` (it has
+    a plan.json), whose prebuilt weights are loaded as they are. ``max_positions`` sizes the RoPE
+    table (default: max_position_embeddings).
     """
+    if is_engine_dir(model_dir):
+        return load_engine_model(model_dir, dtype=dtype, device=device, plugins=plugins,
+                                 max_positions=max_positions)  # fmt: skip
     device = torch.device(device)
-    hf = read_hf_config(model_dir)
-    spec = get_model_spec(architecture_of(hf))
-    cfg = spec.parse_config(hf)
+    cfg = parse_model_config(read_hf_config(model_dir))
     target_dtype = resolve_dtype(dtype, cfg.checkpoint_dtype, device)
-    plugins = plugins or PluginSet("reference")
-    with torch.device("meta"):
-        model = spec.model_cls(cfg, plugins)
-    state = _read_weights(model, checkpoint_files(model_dir), target_dtype, device)
+    model = build_meta_model(cfg, plugins)
+    state = runtime_state_dict(model, checkpoint_files(model_dir), target_dtype, device)
+    return _install(model, state, model_dir, target_dtype, device, max_positions)
+
+
+def load_engine_model(
+    engine_dir: str,
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "cpu",
+    plugins: PluginSet | None = None,
+    max_positions: int | None = None,
+) -> tuple[DecoderForCausalLM, ModelInfo]:
+    """Load an engine directory: its weights are already converted and fused, so they are read
+    straight onto ``device`` and assigned to a meta-device model (no copy, no conversion)."""
+    from safetensors.torch import load_file
+
+    device = torch.device(device)
+    plan = EnginePlan.load(engine_dir)
+    target_dtype = plan.resolve_dtype(dtype)
+    cfg = parse_model_config(read_hf_config(engine_dir))
+    if model_config_to_json(cfg) != plan.model_config:
+        raise EnginePlanError(
+            f"config.json in {engine_dir!r} no longer matches the model config the engine was built "
+            f"from (plan.json); rebuild the engine with `kiln build {plan.source} --output {engine_dir}`"
+        )
+    here = device_kind(device)
+    if here != plan.device and not (plan.device == "cuda" and device.type == "cuda"):
+        log.warning("engine %s was built for %s and is loaded on %s", engine_dir, plan.device, here)
+    model = build_meta_model(cfg, plugins)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    state: dict[str, torch.Tensor] = {}
+    for name in plan.weight_files:
+        path = os.path.join(engine_dir, name)
+        try:
+            part = load_file(path, device=str(device))
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign file: say which one
+            raise EnginePlanError(f"cannot read engine weights {path}: {e}; rebuild the engine") from e
+        state.update(part)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [
+        f"{n}: {list(t.shape)} {t.dtype}"
+        for n, t in state.items()
+        if n in expected and (tuple(t.shape) != expected[n] or t.dtype != target_dtype)
+    ]
+    if missing or unexpected or wrong:
+        raise EnginePlanError(
+            f"engine weights in {engine_dir!r} do not match the {cfg.architecture} model of its plan "
+            f"({plan.dtype}): missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape or dtype "
+            f"{wrong[:5]}; rebuild the engine"
+        )
+    # read by the compile step (kiln/engine/compile.py): where the compile cache lives
+    setattr(model, ENGINE_DIR_ATTR, os.path.abspath(engine_dir))
+    return _install(model, state, engine_dir, target_dtype, device, max_positions)
+
+
+def _install(
+    model: DecoderForCausalLM,
+    state: dict[str, torch.Tensor],
+    model_dir: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_positions: int | None,
+) -> tuple[DecoderForCausalLM, ModelInfo]:
+    cfg = model.config
     model.load_state_dict(state, strict=True, assign=True)
     model.eval()
     model.materialize_rope(max_positions or cfg.max_position_embeddings, device)
-    return model, build_model_info(cfg, read_generation_config(model_dir), target_dtype)
+    return model, build_model_info(cfg, read_generation_config(model_dir), dtype)
 
 
-def _read_weights(
+def runtime_state_dict(
     model: DecoderForCausalLM, files: list[str], dtype: torch.dtype, device: torch.device
 ) -> dict[str, torch.Tensor]:
+    """The checkpoint ``files`` as the runtime parameters of ``model`` (a meta-device model, for its
+    names and shapes): converted to ``dtype`` on ``device``, q|k|v and gate|up fused."""
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     fused = model.fused_parts()  # module prefix -> MergedLinear
     # checkpoint projection name -> (fused parameter name, first row, rows)

@@ -27,14 +27,17 @@ engine's KV-sizing warm-up and CUDA-graph capture already run compiled code.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import logging
+import os
 import time
 import types
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import torch
@@ -251,6 +254,10 @@ def compile_decoder_layers(
         result.num_graphs += 1  # after: an attempt dynamo restarts (to specialise a float) raises
         return compiled_graph
 
+    device = next(model.parameters()).device
+    cache_path = _compile_cache_path(model, device)
+    if cache_path is not None:
+        _load_compile_cache(cache_path)
     # A fresh code object per model: dynamo caches compiled graphs on the code object, so each
     # engine's graphs are kept (and count towards the recompile limit) apart, and go with it.
     fn = types.FunctionType(_layer_forward.__code__.replace(), _layer_forward.__globals__, "layer_forward")
@@ -274,10 +281,75 @@ def compile_decoder_layers(
         log.warning("torch.compile of the decoder layers failed, running them eagerly: %s", e)
         return None
     result.seconds = time.perf_counter() - t0
+    if cache_path is not None and not os.path.exists(cache_path):
+        _save_compile_cache(cache_path, device)
     log.info(
         "compiled %d decoder layers into %d graphs in %.1f s", len(layers), result.num_graphs, result.seconds
     )
     return result
+
+
+# ------------------------------------------------------------------ compile cache of an engine directory
+# A model loaded from an engine directory (kiln build) keeps torch.compile's artifacts (inductor
+# kernels, autotuning results) in DIR/compile_cache.bin: saved after the first compiling start-up,
+# loaded before compiling on later ones. CUDA only (the CPU path compiles rarely and quickly). A
+# stale or incompatible cache must never stop start-up: every failure is logged and skipped.
+
+
+def _compile_cache_path(model: torch.nn.Module, device: torch.device) -> str | None:
+    from kiln.builder.engine_dir import COMPILE_CACHE_FILE, ENGINE_DIR_ATTR
+
+    engine_dir = getattr(model, ENGINE_DIR_ATTR, None)
+    if device.type != "cuda" or engine_dir is None:
+        return None
+    return os.path.join(engine_dir, COMPILE_CACHE_FILE)
+
+
+def _cache_environment(device: torch.device) -> dict[str, str]:
+    from kiln.builder.engine_dir import device_kind, environment_versions
+
+    versions = environment_versions()
+    return {"torch": versions["torch"], "triton": versions["triton"], "device": device_kind(device)}
+
+
+def _load_compile_cache(path: str) -> None:
+    if not os.path.isfile(path):
+        return
+    try:
+        from kiln.builder.engine_dir import EnginePlan
+
+        made_with = EnginePlan.load(os.path.dirname(path)).compile_cache
+        here = _cache_environment(torch.device("cuda", torch.cuda.current_device()))
+        if made_with is not None and any(made_with.get(k) != v for k, v in here.items()):
+            log.info("compile cache %s was made with %s, not %s: not used", path, made_with, here)
+            return
+        with open(path, "rb") as f:
+            torch.compiler.load_cache_artifacts(f.read())
+        log.info("loaded the compile cache %s", path)
+    except Exception as e:  # noqa: BLE001 - a bad cache only costs compile time
+        log.warning("ignoring the compile cache %s: %s", path, e)
+
+
+def _save_compile_cache(path: str, device: torch.device) -> None:
+    engine_dir = os.path.dirname(path)
+    if not os.access(engine_dir, os.W_OK):
+        return
+    try:
+        from kiln.builder.engine_dir import EnginePlan
+
+        saved = torch.compiler.save_cache_artifacts()
+        if saved is None:
+            return
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(saved[0])
+        os.replace(tmp, path)  # atomic: a concurrent start-up reads a whole cache or none
+        made_with = {**_cache_environment(device), "created": datetime.now(UTC).isoformat(timespec="seconds")}
+        plan = EnginePlan.load(engine_dir)
+        dataclasses.replace(plan, compile_cache=made_with).save(engine_dir)
+        log.info("saved the compile cache %s (%d bytes)", path, len(saved[0]))
+    except Exception as e:  # noqa: BLE001 - the engine runs without a cache
+        log.warning("could not save the compile cache %s: %s", path, e)
 
 
 @torch.no_grad()
