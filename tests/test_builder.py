@@ -292,7 +292,6 @@ def test_compile_cache_is_cuda_only_and_never_breaks_start_up(engine_copy, monke
     # the CUDA side, without a GPU: the device name and torch.compiler's artifacts stand in
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU")
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"artifacts", None))
     loaded: list[bytes] = []
     monkeypatch.setattr(torch.compiler, "load_cache_artifacts", loaded.append)
@@ -304,11 +303,11 @@ def test_compile_cache_is_cuda_only_and_never_breaks_start_up(engine_copy, monke
         and made_with["device"] == "Test GPU"
         and made_with["torch"] == torch.__version__
     )
-    compile_mod._load_compile_cache(path)
+    compile_mod._load_compile_cache(path, torch.device("cuda", 0))
     assert loaded == [b"artifacts"]
     # made elsewhere: skipped
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Other GPU")
-    compile_mod._load_compile_cache(path)
+    compile_mod._load_compile_cache(path, torch.device("cuda", 0))
     assert loaded == [b"artifacts"]
 
     # a cache torch cannot read: logged, start-up goes on
@@ -318,6 +317,6 @@ def test_compile_cache_is_cuda_only_and_never_breaks_start_up(engine_copy, monke
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU")
     monkeypatch.setattr(torch.compiler, "load_cache_artifacts", bad)
     with caplog.at_level(logging.WARNING, logger="kiln.engine.compile"):
-        compile_mod._load_compile_cache(path)
+        compile_mod._load_compile_cache(path, torch.device("cuda", 0))
     assert any("ignoring the compile cache" in r.getMessage() for r in caplog.records)
     assert EnginePlan.load(d).compile_cache == made_with  # the engine stays loadable

@@ -257,7 +257,7 @@ def compile_decoder_layers(
     device = next(model.parameters()).device
     cache_path = _compile_cache_path(model, device)
     if cache_path is not None:
-        _load_compile_cache(cache_path)
+        _load_compile_cache(cache_path, device)
     # A fresh code object per model: dynamo caches compiled graphs on the code object, so each
     # engine's graphs are kept (and count towards the recompile limit) apart, and go with it.
     fn = types.FunctionType(_layer_forward.__code__.replace(), _layer_forward.__globals__, "layer_forward")
@@ -312,14 +312,14 @@ def _cache_environment(device: torch.device) -> dict[str, str]:
     return {"torch": versions["torch"], "triton": versions["triton"], "device": device_kind(device)}
 
 
-def _load_compile_cache(path: str) -> None:
+def _load_compile_cache(path: str, device: torch.device) -> None:
     if not os.path.isfile(path):
         return
     try:
         from kiln.builder.engine_dir import EnginePlan
 
         made_with = EnginePlan.load(os.path.dirname(path)).compile_cache
-        here = _cache_environment(torch.device("cuda", torch.cuda.current_device()))
+        here = _cache_environment(device)
         if made_with is not None and any(made_with.get(k) != v for k, v in here.items()):
             log.info("compile cache %s was made with %s, not %s: not used", path, made_with, here)
             return
