@@ -96,6 +96,12 @@ class LLM:
             plan.resolve_dtype(dtype)
             dtype = plan.dtype
             kv_cache_config = kv_cache_config or KvCacheConfig(tokens_per_block=plan.tokens_per_block)
+            if kv_cache_config.tokens_per_block != plan.tokens_per_block:
+                raise ValueError(
+                    f"kv_cache_config.tokens_per_block ({kv_cache_config.tokens_per_block}) differs from the "
+                    f"engine's ({plan.tokens_per_block}); use {plan.tokens_per_block} or rebuild with "
+                    "kiln build --tokens-per-block"
+                )
             plugins = plan.plugins if plugins is None else plugins
         else:
             limits = EngineLimits(

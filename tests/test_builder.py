@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from kiln import LLM, SamplingParams
+from kiln import LLM, KvCacheConfig, SamplingParams
 from kiln.builder import loader
 from kiln.builder.build import build_engine
 from kiln.builder.engine_dir import (
@@ -154,6 +154,8 @@ def test_plan_defaults_for_kv_blocks_and_plugins(tiny_model, tmp_path):
         llm.generate(shared + [5], GREEDY, use_tqdm=False)
         second = llm.generate(shared + [6], GREEDY, use_tqdm=False)[0]
         assert second.num_cached_tokens == 80
+    with pytest.raises(ValueError, match=r"tokens_per_block \(32\) differs from the engine's \(16\)"):
+        LLM(out, kv_cache_config=KvCacheConfig(tokens_per_block=32))
     with pytest.raises(ValueError, match="tokens_per_block must be one of"):
         build_engine(src, str(tmp_path / "bad"), device="cpu", tokens_per_block=12)
     with pytest.raises(ValueError, match="max_seq_len .* exceeds the model's max_position_embeddings"):

@@ -32,8 +32,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     eng = parser.add_argument_group("engine")
     eng.add_argument("--dtype", default="auto", help="weight / activation dtype (default auto)")
     eng.add_argument("--device", default=None, help="device (default: cuda when present, else cpu)")
-    eng.add_argument("--max-batch-size", type=int, default=256, help="most sequences in one step")
-    eng.add_argument("--max-num-tokens", type=int, default=8192, help="most tokens in one step")
+    eng.add_argument(
+        "--max-batch-size", type=int, default=None,
+        help="most sequences in one step (default: an engine's built limit, else 256)",
+    )  # fmt: skip
+    eng.add_argument(
+        "--max-num-tokens", type=int, default=None,
+        help="most tokens in one step (default: an engine's built limit, else 8192)",
+    )  # fmt: skip
     eng.add_argument("--max-seq-len", type=int, default=None, help="context length (default: the model's)")
     eng.add_argument(
         "--kv-cache-max-tokens", type=int, default=None, help="cap of the KV cache pool, in tokens"
