@@ -104,6 +104,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         max_num_tokens=None if engine or batch is None else max(2048, batch),
         max_seq_len=args.max_seq_len,
     ) as llm:
+        print(f"kiln: {llm.startup_summary()}", file=sys.stderr)
         defaults = llm.default_sampling_params()
         sp = SamplingParams(
             n=args.n,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 import threading
 import time
@@ -21,6 +22,8 @@ from kiln.output_processor import RequestState
 from kiln.outputs import RequestOutput
 from kiln.sampling_params import SamplingParams
 from kiln.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 PromptType = str | list[int] | dict[str, Any]
 Sink = Callable[[RequestOutput | Exception], None]
@@ -140,9 +143,12 @@ class LLM:
         use_process = executor == "process" or (executor == "auto" and device.startswith("cuda"))
         from kiln.executor.client import ProcessExecutor, ThreadExecutor
 
+        t_start = time.perf_counter()
         self._executor = (ProcessExecutor if use_process else ThreadExecutor)(cfg, self._on_output)
         self.vocab_size: int = int(self._executor.info["vocab_size"])
         self.engine_info: dict[str, Any] = dict(self._executor.info)
+        self.engine_info["startup_seconds"] = time.perf_counter() - t_start
+        log.info("engine ready: %s", self.startup_summary())
 
     # ------------------------------------------------------------------ public API
     def generate(
@@ -258,6 +264,15 @@ class LLM:
             self._sinks.pop(request_id, None)
         if known and self._dead is None and not self._closed:
             self._executor.abort(request_id)
+
+    def startup_summary(self) -> str:
+        """One line: start-up time and where it went (load, compile, CUDA-graph capture)."""
+        i = self.engine_info
+        return (
+            f"{self.model_name} on {i['device']} ({i['dtype']}), {i['num_blocks']} KV blocks; ready in "
+            f"{i['startup_seconds']:.1f} s (torch.compile {i.get('compile_seconds', 0.0):.1f} s, "
+            f"CUDA graphs {i.get('cuda_graph_capture_seconds', 0.0):.1f} s)"
+        )
 
     def default_sampling_params(self) -> SamplingParams:
         """SamplingParams with the model's generation_config.json defaults."""

@@ -322,3 +322,22 @@ def test_compile_cache_is_cuda_only_and_never_breaks_start_up(engine_copy, monke
         compile_mod._load_compile_cache(path, torch.device("cuda", 0))
     assert any("ignoring the compile cache" in r.getMessage() for r in caplog.records)
     assert EnginePlan.load(d).compile_cache == made_with  # the engine stays loadable
+
+
+def test_serve_takes_an_engines_limits_and_block_size(tiny_model, tmp_path):
+    import argparse
+
+    from kiln.serve.cli_args import add_serve_arguments
+    from kiln.serve.server import _build_engine
+
+    src = tiny_model("LlamaForCausalLM", tokenizer=True)
+    out = str(tmp_path / "served")
+    build_engine(src, out, device="cpu", tokens_per_block=16, **SMALL)
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    llm = _build_engine(parser.parse_args([out, "--device", "cpu"]))
+    try:
+        assert llm.limits.max_batch_size == SMALL["max_batch_size"]
+        assert llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)[0].finished
+    finally:
+        llm.shutdown()

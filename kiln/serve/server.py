@@ -145,9 +145,14 @@ def main(args: argparse.Namespace) -> int:
 
 def _build_engine(args: argparse.Namespace) -> Any:
     from kiln import LLM
+    from kiln.builder.engine_dir import EnginePlan, is_engine_dir
     from kiln.config import KvCacheConfig, SchedulerConfig
 
-    return LLM(
+    # a built engine fixes its KV block size; a checkpoint gets the default
+    tokens_per_block = (
+        EnginePlan.load(args.model).tokens_per_block if args.model and is_engine_dir(args.model) else 32
+    )
+    llm = LLM(
         model=args.model,
         tokenizer=args.tokenizer,
         dtype=args.dtype,
@@ -159,8 +164,11 @@ def _build_engine(args: argparse.Namespace) -> Any:
             free_gpu_memory_fraction=args.kv_cache_free_memory_fraction,
             max_tokens=args.kv_cache_max_tokens,
             enable_block_reuse=not args.no_prefix_caching,
+            tokens_per_block=tokens_per_block,
         ),
         scheduler_config=SchedulerConfig(policy=args.scheduler_policy),
         seed=args.seed,
         executor=args.executor,
     )
+    logger.info("engine ready: %s", llm.startup_summary())
+    return llm
