@@ -72,3 +72,20 @@ def test_bf16_top1_or_top5_agreement(tiny_model):
                 assert a in torch.topk(ref_lp[i], 5).indices.tolist()
                 assert b in got.logprobs[i]
                 break
+
+
+def test_overlap_and_compile_give_same_tokens_as_plain_eager(tiny_model):
+    path = tiny_model("Qwen3ForCausalLM", tokenizer=True, **SHAPE)
+    prompts = _prompts(24, seed=10)
+    sp = SamplingParams(max_tokens=20, **GREEDY)
+    seeded = SamplingParams(max_tokens=20, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True)
+    plain = dict(cuda_graphs=False, compile=False, overlap_scheduling=False, executor="thread")
+    with _llm(path, dtype="float32", **plain) as llm:
+        ref = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
+        ref_s = [o.outputs[0].token_ids for o in llm.generate(prompts, seeded, use_tqdm=False)]
+    with _llm(path, dtype="float32", executor="process") as fast:  # graphs, compile, overlap: the defaults
+        info = fast.engine_info
+        got = [o.outputs[0].token_ids for o in fast.generate(prompts, sp, use_tqdm=False)]
+        got_s = [o.outputs[0].token_ids for o in fast.generate(prompts, seeded, use_tqdm=False)]
+    assert info["cuda_graph_capture_seconds"] > 0
+    assert got == ref and got_s == ref_s
