@@ -100,3 +100,17 @@ def test_reference_ops_pass_opcheck():
     )
     torch.library.opcheck(get_plugin("paged_attention").reference_op, (*args, 5, 20, 0.17, 0))
     assert torch.equal(get_plugin("rms_norm").reference_op(x, w, 1e-6), rms_norm_reference(x, w, 1e-6))
+
+
+def test_registration_requires_all_three_implementations():
+    with pytest.raises(ValueError, match="must implement reference"):
+
+        @plugin("half_done_norm", kind="rms_norm")
+        class HalfDone(Plugin):
+            schema = "(Tensor x, Tensor weight, float eps) -> Tensor"
+
+            def shape_dtype_inference(self, x, weight, eps):
+                return torch.empty_like(x)
+
+            def forward(self, x, weight, eps):
+                return x

@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import queue
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +16,7 @@ from kiln.executor.messages import Request
 OnOutput = Callable[[tuple[Any, ...]], None]
 
 
-class ExecutorClient:
+class ExecutorClient(ABC):
     """Sends requests to the engine loop; the loop's outputs arrive through ``on_output``."""
 
     info: dict[str, Any]
@@ -32,11 +33,11 @@ class ExecutorClient:
     ) -> None:
         self._send(("abort", request_id, seq_index, reason, stop_reason))
 
-    def _send(self, msg: tuple[Any, ...]) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def _send(self, msg: tuple[Any, ...]) -> None: ...
 
-    def shutdown(self) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def shutdown(self) -> None: ...
 
 
 class ThreadExecutor(ExecutorClient):

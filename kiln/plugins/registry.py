@@ -70,12 +70,16 @@ def plugin(name: str, *, kind: str) -> Callable[[type[Plugin]], type[Plugin]]:
         inst.name, inst.kind = name, kind
         if not inst.schema:
             raise ValueError(f"plugin {name!r} must declare a schema, e.g. '(Tensor x) -> Tensor'")
-        expected = _KIND_SCHEMAS.setdefault(kind, inst.schema)
+        expected = _KIND_SCHEMAS.get(kind, inst.schema)
         if _normalise(expected) != _normalise(inst.schema):
             raise ValueError(
                 f"plugin {name!r} of kind {kind!r} has schema {inst.schema!r}; "
                 f"plugins of this kind must have schema {expected!r}"
             )
+        base = ("shape_dtype_inference", "forward", "reference")
+        missing = [m for m in base if getattr(cls, m) is getattr(Plugin, m)]
+        if missing:
+            raise ValueError(f"plugin {name!r} must implement {', '.join(missing)}")
         ops = []
         for suffix, impl in (("", inst.forward), ("_reference", inst.reference)):
             op = torch.library.custom_op(
@@ -83,6 +87,7 @@ def plugin(name: str, *, kind: str) -> Callable[[type[Plugin]], type[Plugin]]:
             )
             op.register_fake(inst.shape_dtype_inference)
             ops.append(op)
+        _KIND_SCHEMAS.setdefault(kind, inst.schema)
         _REGISTRY[name] = RegisteredPlugin(inst, ops[0], ops[1])
         return cls
 
