@@ -5,16 +5,15 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
-from kiln.config import EngineLimits, KvCacheConfig, SchedulerConfig
+from kiln.config import KvCacheConfig, SchedulerConfig
+from kiln.engine_args import resolve_engine_config
 from kiln.errors import ContextLengthExceededError, EngineDeadError, InvalidRequestError, RequestFailedError
-from kiln.executor.engine_core import EngineCoreConfig
 from kiln.executor.messages import Request
 from kiln.executor.stats import EngineStats
 from kiln.model_files import read_model_files
@@ -66,67 +65,26 @@ class LLM:
 
             model = demo_model_path()
         files = read_model_files(model)
-        _check_type("kv_cache_config", kv_cache_config, KvCacheConfig)
-        _check_type("scheduler_config", scheduler_config, SchedulerConfig)
-        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-        if compile is not None and not isinstance(compile, bool):
-            raise ValueError(f"compile must be True, False or None (on CUDA only), got {compile!r}")
-        if plugins is not None and not isinstance(plugins, dict):
-            raise ValueError(f"plugins must be a dict of plugin kind -> plugin name, got {plugins!r}")
-        if dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
-        device = device or _default_device()
-        if not (device == "cpu" or device.startswith("cuda")):
-            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-        if overlap_scheduling is not None and not isinstance(overlap_scheduling, bool):
-            raise ValueError(
-                f"overlap_scheduling must be True, False or None (on CUDA only), got {overlap_scheduling!r}"
-            )
-        overlap = device.startswith("cuda") if overlap_scheduling is None else overlap_scheduling
-        if executor not in ("auto", "thread", "process"):
-            raise ValueError(f"executor must be 'auto', 'thread' or 'process', got {executor!r}")
-        if max_seq_len is not None and max_seq_len > files.max_position_embeddings:
-            raise ValueError(
-                f"max_seq_len ({max_seq_len}) exceeds the model's max_position_embeddings "
-                f"({files.max_position_embeddings})"
-            )
-        if os.path.isfile(os.path.join(model, "plan.json")):  # a built engine: defaults and ceilings
-            from kiln.builder.engine_dir import EnginePlan  # imports torch: only for an engine
-
-            plan = EnginePlan.load(model)
-            limits = plan.check_limits(max_batch_size, max_num_tokens, max_seq_len)
-            plan.resolve_dtype(dtype)
-            dtype = plan.dtype
-            kv_cache_config = kv_cache_config or KvCacheConfig(tokens_per_block=plan.tokens_per_block)
-            if kv_cache_config.tokens_per_block != plan.tokens_per_block:
-                raise ValueError(
-                    f"kv_cache_config.tokens_per_block ({kv_cache_config.tokens_per_block}) differs from the "
-                    f"engine's ({plan.tokens_per_block}); use {plan.tokens_per_block} or rebuild with "
-                    "kiln build --tokens-per-block"
-                )
-            plugins = plan.plugins if plugins is None else plugins
-        else:
-            limits = EngineLimits(
-                max_batch_size=256 if max_batch_size is None else max_batch_size,
-                max_num_tokens=8192 if max_num_tokens is None else max_num_tokens,
-                max_seq_len=files.max_position_embeddings if max_seq_len is None else max_seq_len,
-            )
-        max_seq_len = limits.max_seq_len
-        cfg = EngineCoreConfig(
-            model=model,
+        cfg, use_process = resolve_engine_config(
+            model,
+            files,
             dtype=dtype,
             device=device,
-            limits=limits,
-            kv_config=kv_cache_config or KvCacheConfig(),
-            scheduler_config=scheduler_config or SchedulerConfig(),
+            max_batch_size=max_batch_size,
+            max_num_tokens=max_num_tokens,
+            max_seq_len=max_seq_len,
+            kv_cache_config=kv_cache_config,
+            scheduler_config=scheduler_config,
             seed=seed,
-            plugin_backend=plugin_backend or ("forward" if device.startswith("cuda") else "reference"),
             plugins=plugins,
+            plugin_backend=plugin_backend,
+            executor=executor,
             cuda_graphs=cuda_graphs,
             compile=compile,
-            overlap_scheduling=overlap,
+            overlap_scheduling=overlap_scheduling,
         )
+        limits = cfg.limits
+        max_seq_len = limits.max_seq_len
         self.model_path = model
         self.model_name = files.name
         self.limits = limits
@@ -140,7 +98,6 @@ class LLM:
         self._dead: str | None = None
         self._closed = False
         self._stats = EngineStats()
-        use_process = executor == "process" or (executor == "auto" and device.startswith("cuda"))
         from kiln.executor.client import ProcessExecutor, ThreadExecutor
 
         t_start = time.perf_counter()
@@ -439,17 +396,6 @@ class LLM:
             self._sinks.clear()
         for sink in sinks:
             sink(err)
-
-
-def _check_type(name: str, value: object, cls: type) -> None:
-    if value is not None and not isinstance(value, cls):
-        raise ValueError(f"{name} must be a {cls.__name__} (or None for the defaults), got {value!r}")
-
-
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:

@@ -1,0 +1,108 @@
+"""Engine arguments: every LLM(...) argument validated and resolved into one EngineCoreConfig.
+
+A built engine directory (plan.json) supplies the defaults of the limits, dtype, KV block size and
+plugins, and refuses limits above the built ones; a checkpoint gets the plain defaults.
+"""
+
+from __future__ import annotations
+
+import os
+
+from kiln.config import EngineLimits, KvCacheConfig, SchedulerConfig
+from kiln.executor.engine_core import EngineCoreConfig
+from kiln.model_files import ModelFiles
+
+
+def resolve_engine_config(
+    model: str,
+    files: ModelFiles,
+    *,
+    dtype: str,
+    device: str | None,
+    max_batch_size: int | None,
+    max_num_tokens: int | None,
+    max_seq_len: int | None,
+    kv_cache_config: KvCacheConfig | None,
+    scheduler_config: SchedulerConfig | None,
+    seed: int,
+    plugins: dict[str, str] | None,
+    plugin_backend: str | None,
+    executor: str,
+    cuda_graphs: bool,
+    compile: bool | None,
+    overlap_scheduling: bool | None,
+) -> tuple[EngineCoreConfig, bool]:
+    """The worker's configuration and whether it runs in its own process; ValueError naming any bad value."""
+    _check_type("kv_cache_config", kv_cache_config, KvCacheConfig)
+    _check_type("scheduler_config", scheduler_config, SchedulerConfig)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    if compile is not None and not isinstance(compile, bool):
+        raise ValueError(f"compile must be True, False or None (on CUDA only), got {compile!r}")
+    if plugins is not None and not isinstance(plugins, dict):
+        raise ValueError(f"plugins must be a dict of plugin kind -> plugin name, got {plugins!r}")
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
+    device = device or _default_device()
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if overlap_scheduling is not None and not isinstance(overlap_scheduling, bool):
+        raise ValueError(
+            f"overlap_scheduling must be True, False or None (on CUDA only), got {overlap_scheduling!r}"
+        )
+    overlap = device.startswith("cuda") if overlap_scheduling is None else overlap_scheduling
+    if executor not in ("auto", "thread", "process"):
+        raise ValueError(f"executor must be 'auto', 'thread' or 'process', got {executor!r}")
+    if max_seq_len is not None and max_seq_len > files.max_position_embeddings:
+        raise ValueError(
+            f"max_seq_len ({max_seq_len}) exceeds the model's max_position_embeddings "
+            f"({files.max_position_embeddings})"
+        )
+    if os.path.isfile(os.path.join(model, "plan.json")):  # a built engine: defaults and ceilings
+        from kiln.builder.engine_dir import EnginePlan  # imports torch: only for an engine
+
+        plan = EnginePlan.load(model)
+        limits = plan.check_limits(max_batch_size, max_num_tokens, max_seq_len)
+        plan.resolve_dtype(dtype)
+        dtype = plan.dtype
+        kv_cache_config = kv_cache_config or KvCacheConfig(tokens_per_block=plan.tokens_per_block)
+        if kv_cache_config.tokens_per_block != plan.tokens_per_block:
+            raise ValueError(
+                f"kv_cache_config.tokens_per_block ({kv_cache_config.tokens_per_block}) differs from the "
+                f"engine's ({plan.tokens_per_block}); use {plan.tokens_per_block} or rebuild with "
+                "kiln build --tokens-per-block"
+            )
+        plugins = plan.plugins if plugins is None else plugins
+    else:
+        limits = EngineLimits(
+            max_batch_size=256 if max_batch_size is None else max_batch_size,
+            max_num_tokens=8192 if max_num_tokens is None else max_num_tokens,
+            max_seq_len=files.max_position_embeddings if max_seq_len is None else max_seq_len,
+        )
+    cfg = EngineCoreConfig(
+        model=model,
+        dtype=dtype,
+        device=device,
+        limits=limits,
+        kv_config=kv_cache_config or KvCacheConfig(),
+        scheduler_config=scheduler_config or SchedulerConfig(),
+        seed=seed,
+        plugin_backend=plugin_backend or ("forward" if device.startswith("cuda") else "reference"),
+        plugins=plugins,
+        cuda_graphs=cuda_graphs,
+        compile=compile,
+        overlap_scheduling=overlap,
+    )
+    use_process = executor == "process" or (executor == "auto" and device.startswith("cuda"))
+    return cfg, use_process
+
+
+def _check_type(name: str, value: object, cls: type) -> None:
+    if value is not None and not isinstance(value, cls):
+        raise ValueError(f"{name} must be a {cls.__name__} (or None for the defaults), got {value!r}")
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
