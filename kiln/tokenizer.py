@@ -28,6 +28,11 @@ class Tokenizer:
             ids.append(self.hf.eos_token_id)
         self.eos_token_ids: tuple[int, ...] = tuple(ids)
         self.vocab_size: int = len(self.hf)
+        # The Rust tokenizer behind a fast HF tokenizer streams exactly what decode() gives, unless
+        # decode() also cleans up spaces afterwards; then the windowed detokenizer is used instead.
+        backend = getattr(self.hf, "backend_tokenizer", None)
+        cleans_up = bool(getattr(self.hf, "clean_up_tokenization_spaces", False))
+        self.stream_backend: Any = backend if backend is not None and not cleans_up else None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
@@ -70,6 +75,8 @@ class IncrementalDetokenizer:
 
     Invariant: the concatenation of everything ``add`` and ``flush`` returned equals the decoded
     text of all output tokens (decoded with the prompt's last tokens as left context).
+    With a fast tokenizer the Rust ``DecodeStream`` does the work (one call per token); otherwise a
+    window of ids is decoded twice per step, and text is emitted once it no longer ends in U+FFFD.
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], skip_special_tokens: bool = True) -> None:
@@ -78,11 +85,25 @@ class IncrementalDetokenizer:
         self._ids: list[int] = list(prompt_ids[-_CONTEXT_TOKENS:])
         self._prefix = 0  # start of the window decoded for context
         self._read = len(self._ids)  # tokens before this are already emitted
+        self._stream: Any = None
+        self._outputs: list[int] = []  # stream path: every output id, for the final flush
+        self._pieces: list[str] = []  # stream path: everything emitted
+        if tokenizer.stream_backend is not None:
+            from tokenizers.decoders import DecodeStream
+
+            self._stream = DecodeStream(ids=list(self._ids), skip_special_tokens=skip_special_tokens)
 
     def _decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=self._skip)
 
     def add(self, new_ids: list[int]) -> str:
+        if self._stream is not None:
+            backend = self._tok.stream_backend
+            self._outputs.extend(new_ids)
+            text = "".join(p for t in new_ids if (p := self._stream.step(backend, t)))
+            if text:
+                self._pieces.append(text)
+            return text
         self._ids.extend(new_ids)
         prefix_text = self._decode(self._ids[self._prefix : self._read])
         full_text = self._decode(self._ids[self._prefix :])
@@ -94,6 +115,12 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """At the end: whatever is still held back (possibly a replacement character)."""
+        if self._stream is not None:  # the stream holds back an incomplete character: decode once
+            emitted, full = "".join(self._pieces), self._decode(self._outputs)
+            if not full.startswith(emitted):
+                return ""
+            self._pieces = [full]
+            return full[len(emitted) :]
         if self._read >= len(self._ids):
             return ""
         prefix_text = self._decode(self._ids[self._prefix : self._read])

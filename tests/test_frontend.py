@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tiny_tokenizer import save_tiny_tokenizer
 
@@ -62,9 +62,23 @@ def test_configs_reject_bad_values():
         EngineLimits(max_batch_size=64, max_num_tokens=32)
 
 
-@settings(max_examples=60, deadline=None)
+@pytest.fixture(params=["stream", "window"])
+def detok_tok(request, tok) -> Tokenizer:
+    """The tokenizer with the Rust decode stream (fast path) or without it (the windowed fallback)."""
+    import copy
+
+    t = copy.copy(tok)
+    if request.param == "window":
+        t.stream_backend = None
+    else:
+        assert t.stream_backend is not None
+    return t
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ids=st.lists(st.integers(0, 319), min_size=1, max_size=40), chunk=st.integers(1, 4))
-def test_detokenizer_deltas_concatenate_to_decoded_text(tok, ids, chunk):
+def test_detokenizer_deltas_concatenate_to_decoded_text(detok_tok, ids, chunk):
+    tok = detok_tok
     d = IncrementalDetokenizer(tok, [], skip_special_tokens=False)
     pieces = [d.add(ids[i : i + chunk]) for i in range(0, len(ids), chunk)] + [d.flush()]
     assert "".join(pieces) == tok.decode(ids, skip_special_tokens=False)
@@ -72,7 +86,8 @@ def test_detokenizer_deltas_concatenate_to_decoded_text(tok, ids, chunk):
     assert all(not p.endswith("\ufffd") for p in pieces[:-2] if p)
 
 
-def test_detokenizer_holds_back_split_utf8(tok):
+def test_detokenizer_holds_back_split_utf8(detok_tok):
+    tok = detok_tok
     ids = tok.encode("東")
     assert len(ids) > 1, "the test needs a character split over several byte tokens"
     d = IncrementalDetokenizer(tok, tok.encode("x"), skip_special_tokens=True)
