@@ -170,4 +170,8 @@ def test_codec_round_trips_messages():
     up = SequenceUpdate("a", 1, [4], [-0.1], new_top=[[(4, -0.1)]], prompt_logprobs=[pl], finished=True)
     got = codec.decode(codec.encode(up))
     assert got.prompt_logprobs[0].top_ids.dtype == np.int32 and got.prompt_logprobs[0].top_ids.shape == (3, 2)
-    assert got.finished and got.new_token_ids == [4]
+    assert got.finished and got.new_token_ids == [4] and got.new_top == [[(4, -0.1)]]
+    rejected = SequenceUpdate(
+        "b", 0, [], [], finished=True, error="no", rejected=True, first_scheduled_time=2.5
+    )
+    assert codec.decode(codec.encode(("updates", [rejected], None)))[1][0] == rejected
