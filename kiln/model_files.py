@@ -1,14 +1,26 @@
-"""Reading a model directory's JSON files (config, generation config) without building anything."""
+"""The front end's view of a model directory: its config files, read without building anything.
+
+The JSON readers and the EOS-id rules are the builder's (kiln/builder/model_config.py); this adds
+what the front end needs from them: the served name, the context limit, the EOS ids and the
+SamplingParams defaults of generation_config.json.
+"""
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
-# generation_config.json keys that become SamplingParams defaults when the caller gives none.
-_SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+from kiln.builder.model_config import (
+    as_id_tuple,
+    merge_ids,
+    read_generation_config,
+    read_hf_config,
+)
+
+# The generation-config keys that are SamplingParams fields of the same meaning (do_sample is
+# handled apart; the output length stays the caller's choice).
+_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 @dataclass(frozen=True)
@@ -27,20 +39,17 @@ class ModelFiles:
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
-        ids: list[int] = []
-        for src in (self.config, self.generation_config):
-            v = src.get("eos_token_id")
-            for t in v if isinstance(v, list) else [v]:
-                if isinstance(t, int) and t not in ids:
-                    ids.append(t)
-        return tuple(ids)
+        return merge_ids(
+            as_id_tuple(self.config.get("eos_token_id")),
+            as_id_tuple(self.generation_config.get("eos_token_id")),
+        )
 
     @property
     def sampling_defaults(self) -> dict[str, Any]:
         g = self.generation_config
         if g.get("do_sample") is False:
             return {"temperature": 0.0}
-        return {k: g[k] for k in _SAMPLING_KEYS if g.get(k) is not None}
+        return {k: g[k] for k in _SAMPLING_FIELDS if g.get(k) is not None}
 
 
 def read_model_files(path: str) -> ModelFiles:
@@ -48,14 +57,6 @@ def read_model_files(path: str) -> ModelFiles:
         raise ValueError(
             f"model must be a directory with config.json and safetensors weights; {path!r} is not a directory"
         )
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
+    if not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError(f"model directory {path!r} has no config.json")
-    with open(cfg_path) as f:
-        config = json.load(f)
-    gen: dict[str, Any] = {}
-    gen_path = os.path.join(path, "generation_config.json")
-    if os.path.isfile(gen_path):
-        with open(gen_path) as f:
-            gen = json.load(f)
-    return ModelFiles(path=path, config=config, generation_config=gen)
+    return ModelFiles(path=path, config=read_hf_config(path), generation_config=read_generation_config(path))
