@@ -12,6 +12,8 @@
 #   latency     bs=1 ISL 128 / 256 new: llama-3.2-1b and llama-3.1-8b, kiln + transformers peer (~5-8 min)
 #   throughput  llama-3.1-8b 128/128 x 512 requests, kiln + transformers peer on 256   (~4-7 min)
 #   nano        qwen3-0.6b nano-vllm workload (256 requests), kiln + peer on 128       (~3-6 min)
+#   serve       `kiln serve` llama-3.1-8b + `kiln bench serve` ISL/OSL 1024, Poisson rates 2 4 6 (~5-7 min);
+#               the server's packages come as wheels in .whl/ (see docs/benchmarks.md) when not installed
 #   all         every group above, in that order (longer than one call: use it on a long lease)
 #
 # Reports go to $OUT (./out when unset): one JSON and one log per benchmark, pytest's log, and
@@ -92,10 +94,10 @@ smoke() {
 }
 
 latency() {
-  bench latency_llama1b_bs1 latency --model preset:llama-3.2-1b --isl 128 --osl 256 --batch-size 1 \
-    --backend "$PEER"
-  bench latency_llama8b_bs1 latency --model preset:llama-3.1-8b --isl 128 --osl 256 --batch-size 1 \
-    --backend "$PEER"
+  # LATENCY_MODELS: presets to run (default: llama-3.2-1b llama-3.1-8b)
+  for m in ${LATENCY_MODELS:-llama-3.2-1b llama-3.1-8b}; do
+    bench "latency_${m}_bs1" latency --model "preset:$m" --isl 128 --osl 256 --batch-size 1 --backend "$PEER"
+  done
 }
 
 throughput() {
@@ -109,14 +111,44 @@ nano() {
 }
 
 profile() {
-  for m in llama-3.2-1b llama-3.1-8b; do
-    note "profile $m: scripts/profile_step.py (batch 1 and 64)"
-    for b in 1 64; do
-      timeout --kill-after=30 "$BENCH_TIMEOUT" "$PY" scripts/profile_step.py --model "preset:$m" --batch-size $b \
-        2>&1 | tee "$OUT/profile_${m}_bs$b.log"
-      printf 'profile_%s_bs%s\t%s\t%s\n' "$m" "$b" "${PIPESTATUS[0]}" "see profile_${m}_bs$b.log" >>"$STATUS_FILE"
-    done
+  # PROFILE_RUNS: "preset:batch ..." (default: 1B and 8B at batch 1 and 64)
+  for run in ${PROFILE_RUNS:-llama-3.2-1b:1 llama-3.2-1b:64 llama-3.1-8b:1 llama-3.1-8b:64}; do
+    local m=${run%%:*} b=${run##*:}
+    note "profile $m batch $b: scripts/profile_step.py"
+    timeout --kill-after=30 "$BENCH_TIMEOUT" "$PY" scripts/profile_step.py --model "preset:$m" --batch-size "$b" \
+      "${CACHE_ARGS[@]}" 2>&1 | tee "$OUT/profile_${m}_bs$b.log"
+    printf 'profile_%s_bs%s\t%s\t%s\n' "$m" "$b" "${PIPESTATUS[0]}" "see profile_${m}_bs$b.log" >>"$STATUS_FILE"
   done
+}
+
+serve_bench() {
+  if ! "$PY" -c "import fastapi, uvicorn, pydantic" 2>/dev/null; then
+    note "installing the server's wheels from .whl/"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/kiln-site .whl/*.whl \
+      && export PYTHONPATH="$PYTHONPATH:/tmp/kiln-site"
+  fi
+  local dir
+  dir=$("$PY" -m kiln.cli bench presets --make llama-3.1-8b "${CACHE_ARGS[@]}" | tail -n 1)
+  note "kiln serve $dir"
+  local t0=$(date +%s)
+  "$PY" -m kiln.cli serve "$dir" --port 8123 >"$OUT/serve_server.log" 2>&1 &
+  local pid=$!
+  until curl -sf http://127.0.0.1:8123/health >/dev/null; do
+    if ! kill -0 $pid 2>/dev/null || [ $(($(date +%s) - t0)) -gt 240 ]; then
+      printf 'serve_llama8b\t1\tserver did not come up (see serve_server.log)\n' >>"$STATUS_FILE"
+      kill $pid 2>/dev/null
+      return
+    fi
+    sleep 1
+  done
+  note "server up in $(($(date +%s) - t0)) s"
+  timeout --kill-after=30 "$BENCH_TIMEOUT" "$PY" -m kiln.cli bench serve --base-url http://127.0.0.1:8123 \
+    --isl 1024 --osl 1024 --rate ${SERVE_RATES:-2 4 6} --num-requests "${SERVE_REQUESTS:-160}" \
+    --json "$OUT/serve_llama8b.json" --plot "$OUT/serve_llama8b.png" 2>&1 | tee "$OUT/serve_llama8b.log"
+  local rc=${PIPESTATUS[0]}
+  kill -TERM $pid
+  wait $pid
+  printf 'serve_llama8b\t%s\tsee serve_llama8b.log (%s s)\n' "$rc" "$(($(date +%s) - t0))" >>"$STATUS_FILE"
 }
 
 summary() {
@@ -133,7 +165,7 @@ head = ("run", "kind", "model", "kiln", "transformers", "bound", "kiln/bound", "
 table = [head]
 for name, rc, why in rows:
     path = os.path.join(out, f"{name}.json")
-    if name == "pytest-gpu" or not os.path.isfile(path):
+    if name == "pytest-gpu" or name.startswith("serve") or not os.path.isfile(path):
         table.append((name, "-", "-", f"rc={rc}", "-", "-", "-", why[:60]))
         continue
     r = json.load(open(path))
@@ -162,8 +194,8 @@ groups=("$@")
 [ ${#groups[@]} -eq 0 ] && groups=(tests)
 for g in "${groups[@]}"; do
   case "$g" in
-    env | tiny | tests | smoke | profile | latency | throughput | nano | all) ;;
-    *) echo "unknown group '$g'; use env, tiny, tests, smoke, profile, latency, throughput, nano or all" >&2
+    env | tiny | tests | smoke | profile | latency | throughput | nano | serve | all) ;;
+    *) echo "unknown group '$g'; use env, tiny, tests, smoke, profile, latency, throughput, nano, serve or all" >&2
        exit 2 ;;
   esac
 done
@@ -178,6 +210,7 @@ for g in "${groups[@]}"; do
     latency) latency ;;
     throughput) throughput ;;
     nano) nano ;;
+    serve) serve_bench ;;
     all) run_tests; smoke; latency; throughput; nano ;;
   esac
 done

@@ -28,13 +28,15 @@ def main() -> None:
     ap.add_argument("--isl", type=int, default=128)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--no-overlap", action="store_true", help="one step at a time (overlap is the GPU default)")
+    ap.add_argument("--preset-cache", default=None, metavar="DIR", help="where presets are materialised")
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu, to check the script itself")
     args = ap.parse_args()
 
     from kiln.bench.presets import resolve_model
     from kiln.config import EngineLimits, KvCacheConfig, SchedulerConfig
 
-    path, _ = resolve_model(args.model)
+    path, _ = resolve_model(args.model, args.preset_cache)
     on_gpu = args.device.startswith("cuda")
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     max_seq = args.isl + 3 * args.steps + 16
@@ -47,6 +49,7 @@ def main() -> None:
         scheduler_config=SchedulerConfig(),
         plugin_backend="forward" if args.device.startswith("cuda") else "reference",
         cuda_graphs=not args.no_graphs,
+        overlap_scheduling=on_gpu and not args.no_overlap,
     )
     t0 = time.perf_counter()
     core = EngineCore(cfg)
@@ -54,7 +57,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     sp = SamplingParams(temperature=0, max_tokens=3 * args.steps, ignore_eos=True)
     for i in range(args.batch_size):
-        core.add_request(Request(f"r{i}", rng.integers(1, 1000, args.isl).tolist(), sp))
+        core.add_request(Request(f"r{i}", rng.integers(1, min(1000, core.engine.vocab_size), args.isl).tolist(), sp))
     while core.scheduler.stats().num_waiting or core.stats.steps < 2:  # prefill, then decode only
         core.step()
 
@@ -63,6 +66,8 @@ def main() -> None:
         t = time.perf_counter()
         core.step()
         plain.append(time.perf_counter() - t)
+    while core._launched:  # the phase timing below runs one step at a time
+        core._apply(core._launched.popleft(), time.perf_counter())
     sync()
 
     phases: dict[str, list[float]] = {k: [] for k in ("schedule", "forward", "sample", "update")}
@@ -88,14 +93,16 @@ def main() -> None:
         for _ in range(n_prof):
             core.step()
         sync()
-    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    # kernels only: an op such as aten::mm also reports its kernel's time and would count it twice
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0 and not e.key.startswith("aten::")]
     gpu_us = sum(e.self_device_time_total for e in events) / n_prof
 
     ms = lambda xs: 1e3 * statistics.median(xs)  # noqa: E731
     card = torch.cuda.get_device_name() if on_gpu else "cpu"
     rate = args.batch_size / statistics.median(plain)
+    mode = "overlapped" if cfg.overlap_scheduling else "one at a time"
     print(f"\n== decode step, batch {args.batch_size}, context ~{args.isl}+ tokens, {card}")
-    print(f"  step (no syncs)        {ms(plain):7.3f} ms   -> {rate:,.0f} tok/s")
+    print(f"  step ({mode}, no syncs) {ms(plain):7.3f} ms   -> {rate:,.0f} tok/s")
     for k, v in phases.items():
         print(f"  {k:<22} {ms(v):7.3f} ms   (synced after each phase)")
     print(f"  GPU kernels per step   {gpu_us / 1e3:7.3f} ms   (torch.profiler, self device time)")
@@ -103,6 +110,10 @@ def main() -> None:
     top = sorted(events, key=lambda e: -e.self_device_time_total)[:15]
     for e in top:
         print(f"  {e.self_device_time_total / n_prof / 1e3:8.3f} ms  x{e.count // n_prof:<4} {e.key[:90]}")
+    print("\n== top host ops (self CPU time per step)")
+    host = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:15]
+    for e in host:
+        print(f"  {e.self_cpu_time_total / n_prof / 1e3:8.3f} ms  x{e.count // n_prof:<4} {e.key[:90]}")
     core.close()
 
 

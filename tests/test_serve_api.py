@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from openai import OpenAI
+openai = pytest.importorskip("openai", reason="the openai client is not installed (pip install 'kiln[test]')")
+OpenAI = openai.OpenAI
 from test_serve_harness import API_KEY, MODEL_NAME, ServerProcess
 
 from kiln.sampling_params import SamplingParams

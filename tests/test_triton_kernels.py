@@ -26,7 +26,9 @@ if not ON_GPU and tuple(int(p) for p in np.__version__.split(".")[:2]) >= (2, 4)
 from kiln.plugins import get_plugin  # noqa: E402
 from kiln.plugins.triton import attention_plan  # noqa: E402
 from kiln.plugins.triton.activation import silu_and_mul  # noqa: E402
+from kiln.engine.decoder import greedy_sample_reference  # noqa: E402
 from kiln.plugins.triton.attention_plan import plan_passes  # noqa: E402
+from kiln.plugins.triton.greedy_sample import greedy_sample  # noqa: E402
 from kiln.plugins.triton.norms import fused_add_rms_norm, rms_norm  # noqa: E402
 from kiln.plugins.triton.paged_attention import paged_attention  # noqa: E402
 from kiln.plugins.triton.rope_kv_write import rope_kv_write  # noqa: E402
@@ -115,6 +117,36 @@ def test_silu_and_mul(dtype, shape):
     out = silu_and_mul(x)
     assert out.shape == (*shape[:-1], shape[-1] // 2)
     _assert_rounds_like(out, _ref("silu_and_mul")(x))
+
+
+# ----------------------------------------------------------------------------- greedy sampling
+
+
+def _check_greedy(logits: torch.Tensor) -> None:
+    tokens, packed = greedy_sample(logits)
+    ref_tokens, ref_packed = greedy_sample_reference(logits)
+    r = logits.shape[0]
+    assert tokens.dtype == torch.int64 and packed.dtype == torch.int32 and packed.shape == (2 * r,)
+    assert tokens.tolist() == ref_tokens.tolist()
+    assert packed[:r].tolist() == ref_packed[:r].tolist()
+    torch.testing.assert_close(packed[r:].view(torch.float32), ref_packed[r:].view(torch.float32),
+                               atol=1e-5, rtol=1e-5)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows,vocab", [(1, 5000), (3, 1000), (20, 2500), (2, 7)])
+def test_greedy_sample(dtype, rows, vocab):
+    _check_greedy((torch.randn(rows, vocab, device=DEVICE) * 4).to(dtype))
+
+
+def test_greedy_sample_ties_and_masked_rows():
+    logits = torch.full((4, 3000), -5.0, device=DEVICE)
+    logits[0, [7, 2100, 2999]] = 3.0  # a tie across chunks: the lowest index wins, as in argmax
+    logits[1, -1] = 1.0  # the maximum in the last, partial block
+    logits[2, :1500] = float("-inf")  # half of the row masked out
+    logits[3, 0] = 9.0
+    _check_greedy(logits)
+    assert greedy_sample(logits)[0].tolist() == [7, 2999, 1500, 0]
 
 
 # ----------------------------------------------------------------------------- rope + kv write
@@ -346,6 +378,13 @@ def test_gpu_bf16_norms_activation_rope():
 def test_gpu_attention_mixed(dtype, head_dim, group, block_size, window):
     seqs = [(1, 1), (1, 300), (1, 77), (1, 1025), (64, 64), (100, 612), (333, 1000), (5, 129)]
     _check_attention(seqs, 2 * group, 2, head_dim, block_size, dtype, window=window)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 7, 256])
+def test_gpu_greedy_sample_bf16_llama_vocab(rows):
+    _check_greedy((torch.randn(rows, 128256, device=DEVICE) * 3).to(torch.bfloat16))
 
 
 @gpu

@@ -65,6 +65,11 @@ class _Plan:
     def all_random(self) -> bool:
         return self.random_rows.size == self.num_rows
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Every row takes the argmax of the raw logits and reports only its own logprob."""
+        return not (self.any_random or self.num_logprobs or self.bias or self.min_tokens or self.penalties)
+
 
 class SampledStep:
     """One step's sampling, launched on the device; ``result()`` waits for it and reads it back."""
@@ -154,6 +159,8 @@ class Decoder:
             empty = self.last_sampled = torch.zeros(0, dtype=torch.int64, device=self.device)
             return SampledStep(batch.step_id, seq_ids, empty, torch.zeros(0, dtype=torch.int32), 0)
         plan = self._plan(batch)
+        if plan.plain_greedy:
+            return self._sample_greedy(logits, batch, seq_ids)
         rows = self._upload(batch, plan)
         raw = logits.float()  # [R, V]
         lse = torch.logsumexp(raw, dim=-1)  # [R]
@@ -169,14 +176,32 @@ class Decoder:
             top_lp = top_vals - lse[:, None]
             parts += [top_ids.to(torch.int32).flatten(), top_lp.contiguous().view(torch.int32).flatten()]
         # the step's only device-to-host copy: every result packed as int32 words
-        packed = torch.cat(parts)
+        return self._to_host(batch.step_id, seq_ids, tokens, torch.cat(parts), k)
+
+    def _sample_greedy(self, logits: torch.Tensor, batch: ScheduledBatch, seq_ids: np.ndarray) -> SampledStep:
+        """Argmax rows with nothing to process and no top logprobs: two launches on CUDA."""
+        if self.device.type == "cuda":
+            from kiln.plugins.triton.greedy_sample import greedy_sample
+
+            tokens, packed = greedy_sample(logits)
+        else:
+            tokens, packed = greedy_sample_reference(logits)
+        # no row uses penalties, so no output counts need recording: a slot's counts are rebuilt
+        # from its SlotInit whenever a request that uses them takes the slot
+        self.last_sampled = tokens
+        return self._to_host(batch.step_id, seq_ids, tokens, packed, 0)
+
+    def _to_host(
+        self, step_id: int, seq_ids: np.ndarray, tokens: torch.Tensor, packed: torch.Tensor, k: int
+    ) -> SampledStep:
+        """Start the step's one device-to-host copy of ``packed`` (int32 words); no wait."""
         if self.device.type != "cuda":
-            return SampledStep(batch.step_id, seq_ids, tokens, packed.cpu(), k)
+            return SampledStep(step_id, seq_ids, tokens, packed.cpu(), k)
         host = torch.empty(packed.shape, dtype=torch.int32, pin_memory=True)
         host.copy_(packed, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
-        return SampledStep(batch.step_id, seq_ids, tokens, host, k, ready)
+        return SampledStep(step_id, seq_ids, tokens, host, k, ready)
 
     def warm_up(self, num_rows: int | None = None) -> None:
         """Run the heaviest steps once, at ``num_rows`` (default max_batch_size) and at 1 row.
@@ -348,6 +373,15 @@ class Decoder:
 
 
 # ---------------------------------------------------------------------- device math (compiled on CUDA)
+def greedy_sample_reference(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """logits [R, V] -> (argmax tokens [R] int64, packed [2R] int32 = [tokens | float32 bits of the
+    token's log_softmax]). The Triton kernel ``plugins/triton/greedy_sample.py`` gives the same."""
+    raw = logits.float()
+    tokens = raw.argmax(dim=-1)
+    logprob = raw.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(raw, dim=-1)
+    return tokens, torch.cat([tokens.to(torch.int32), logprob.view(torch.int32)])
+
+
 def penalize(
     x: Tensor, counts: Tensor, prompt_mask: Tensor, slots: Tensor, rep: Tensor, freq: Tensor, pres: Tensor
 ) -> Tensor:
