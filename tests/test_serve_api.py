@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import httpx
 import pytest
-openai = pytest.importorskip("openai", reason="the openai client is not installed (pip install 'kiln[test]')")
-OpenAI = openai.OpenAI
 from test_serve_harness import API_KEY, MODEL_NAME, ServerProcess
 
 from kiln.sampling_params import SamplingParams
+
+OpenAI = pytest.importorskip("openai", reason="the openai client is not installed (pip install 'kiln[test]')").OpenAI
 
 TEMPLATE = (
     "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"

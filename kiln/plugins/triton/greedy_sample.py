@@ -81,7 +81,7 @@ def greedy_sample(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [R, V] (fp32, fp16 or bf16, last dim contiguous) -> (tokens [R] int64,
     packed [2R] int32 = [tokens | float32 bits of log_softmax at the token])."""
     if logits.dim() != 2 or logits.stride(-1) != 1:
-        raise ValueError(f"greedy_sample needs logits [R, V] contiguous in V, got shape {tuple(logits.shape)}")
+        raise ValueError(f"greedy_sample needs logits [R, V] contiguous in V, got {tuple(logits.shape)}")
     rows, vocab = logits.shape
     dev = logits.device
     tokens = torch.empty(rows, dtype=torch.int64, device=dev)
