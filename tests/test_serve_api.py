@@ -12,7 +12,7 @@ from test_serve_harness import API_KEY, MODEL_NAME, ServerProcess
 
 from kiln.sampling_params import SamplingParams
 
-OpenAI = pytest.importorskip("openai", reason="the openai client is not installed (pip install 'kiln[test]')").OpenAI
+OpenAI = pytest.importorskip("openai", reason="needs the openai client (pip install 'kiln[test]')").OpenAI
 
 TEMPLATE = (
     "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
