@@ -61,7 +61,12 @@ EOF
 
 run_tests() {
   note "pytest -m gpu (timeout ${TEST_TIMEOUT} s)"
-  timeout --kill-after=30 "$TEST_TIMEOUT" "$PY" -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 \
+  # one worker process (pytest-xdist, when present): a device-side assert then fails its own test and
+  # a fresh worker runs the rest, instead of the CUDA context of every later test being lost
+  local iso=()
+  "$PY" -c "import xdist" 2>/dev/null && iso=(-n 1 --max-worker-restart 100)
+  CUDA_LAUNCH_BLOCKING=1 timeout --kill-after=30 "$TEST_TIMEOUT" "$PY" -m pytest -q -rfE --tb=short -m gpu tests/ \
+    -p no:cacheprovider "${iso[@]}" --junitxml="$OUT/pytest_gpu.xml" 2>&1 \
     | tee "$OUT/pytest_gpu.log"
   local rc=${PIPESTATUS[0]}
   printf 'pytest-gpu\t%s\t%s\n' "$rc" "$(tail -n 1 "$OUT/pytest_gpu.log")" >>"$STATUS_FILE"
