@@ -65,7 +65,7 @@ run_tests() {
   # a fresh worker runs the rest, instead of the CUDA context of every later test being lost
   local iso=()
   "$PY" -c "import xdist" 2>/dev/null && iso=(-n 1 --max-worker-restart 100)
-  CUDA_LAUNCH_BLOCKING=1 timeout --kill-after=30 "$TEST_TIMEOUT" "$PY" -m pytest -q -rfE --tb=short -m gpu tests/ \
+  timeout --kill-after=30 "$TEST_TIMEOUT" "$PY" -m pytest -q -rfE --tb=short -m gpu tests/ \
     -p no:cacheprovider "${iso[@]}" --junitxml="$OUT/pytest_gpu.xml" 2>&1 \
     | tee "$OUT/pytest_gpu.log"
   local rc=${PIPESTATUS[0]}

@@ -79,7 +79,7 @@ def test_overlap_and_compile_give_same_tokens_as_plain_eager(tiny_model):
     prompts = _prompts(24, seed=10)
     sp = SamplingParams(max_tokens=20, **GREEDY)
     seeded = SamplingParams(max_tokens=20, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True)
-    plain = dict(cuda_graphs=False, compile=False, overlap_scheduling=False, executor="thread")
+    plain = dict(cuda_graphs=False, compile=False, overlap_scheduling=False, executor="process")
     with _llm(path, dtype="float32", **plain) as llm:
         ref = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
         ref_s = [o.outputs[0].token_ids for o in llm.generate(prompts, seeded, use_tqdm=False)]

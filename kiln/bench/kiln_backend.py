@@ -54,6 +54,10 @@ class KilnRun:
     num_preemptions: int = 0
     mean_step_ms: float = 0.0  # engine step period (with overlap: one pipeline stage)
     mean_host_ms: float = 0.0  # of which host work (scheduling, updating) per step
+    # decode-only (graph) steps against mixed / prefill steps: [count, mean ms] each
+    step_kinds: list[list[float]] = field(default_factory=list)
+    # per step: host work, waiting on the device, engine-loop I/O (ms); a wait near 0 means host-bound
+    step_split_ms: list[float] = field(default_factory=list)
     samples: int = 0  # how many times the engine stats were read while the run went on
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -105,7 +109,17 @@ def run_workload(llm: LLM, workload: Workload) -> KilnRun:
         outputs = llm.generate(prompts, params, use_tqdm=False)
         wall = time.perf_counter() - t0
     after = llm.stats()
+    steps = after.steps - before.steps
+    dec = after.decode_steps - before.decode_steps
+    dec_s = after.decode_step_time_total - before.decode_step_time_total
+    mixed_s = after.step_time_total - before.step_time_total - dec_s
     return KilnRun(
+        step_kinds=[[dec, _per_step_ms(dec_s, dec)], [steps - dec, _per_step_ms(mixed_s, steps - dec)]],
+        step_split_ms=[
+            _per_step_ms(after.host_time_total - before.host_time_total, steps),
+            _per_step_ms(after.device_wait_total - before.device_wait_total, steps),
+            _per_step_ms(after.loop_io_time_total - before.loop_io_time_total, steps),
+        ],
         outputs=outputs,
         wall_s=wall,
         peak_running=sampler.peak_running,

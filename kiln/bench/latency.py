@@ -45,7 +45,7 @@ def _prompt_sets(model: BenchModel, opts: LatencyOptions) -> list[list[list[int]
 def _kiln_latency(model: BenchModel, opts: LatencyOptions, engine: EngineSettings) -> dict[str, Any]:
     from kiln.bench.workloads import Workload
 
-    ttfts, tpots, step_ms, host_ms = [], [], [], []
+    ttfts, tpots, step_ms, host_ms, splits = [], [], [], [], []
     wrong = 0
     with open_llm(model.path, engine) as llm:
         _say(f"kiln: engine ready ({llm.engine_info})")
@@ -65,6 +65,7 @@ def _kiln_latency(model: BenchModel, opts: LatencyOptions, engine: EngineSetting
                 tpots.append(statistics.mean(it_tpot))
                 step_ms.append(run.mean_step_ms)
                 host_ms.append(run.mean_host_ms)
+                splits.append(run.step_split_ms)
         info = dict(llm.engine_info)
     if not tpots:
         raise RuntimeError("no iteration produced timings (request metrics are missing)")
@@ -79,6 +80,7 @@ def _kiln_latency(model: BenchModel, opts: LatencyOptions, engine: EngineSetting
         "batch_decode_tok_s": opts.batch_size / tpot,
         "tpot_ms": tpot * 1e3,
         "step_host_ms": [statistics.median(step_ms), statistics.median(host_ms)],
+        "step_split_ms": [statistics.median(col) for col in zip(*splits, strict=True)],
         "ttft_ms": statistics.median(ttfts) * 1e3,
         "per_iteration_decode_tok_s": [1.0 / t for t in tpots],
         "wrong_lengths": wrong,

@@ -190,6 +190,8 @@ ROWS = {
         ("peak batch", "peak_batch"),
         ("peak KV usage", "peak_kv_usage"),
         ("engine step / of it scheduling (ms)", "step_host_ms"),
+        ("steps decode-only / mixed (n @ ms)", "step_kinds"),
+        ("per step host / device wait / I/O (ms)", "step_split_ms"),
         ("share of roofline", "roofline_share"),
     ],
     "latency": [
@@ -201,6 +203,7 @@ ROWS = {
         ("TTFT (ms)", "ttft_ms"),
         ("effective bandwidth (GB/s)", "effective_gb_s"),
         ("engine step / of it scheduling (ms)", "step_host_ms"),
+        ("per step host / device wait / I/O (ms)", "step_split_ms"),
         ("share of roofline", "roofline_share"),
     ],
 }
@@ -209,8 +212,10 @@ ROWS = {
 def _cell(key: str, v: Any) -> str:
     if isinstance(v, dict):  # percentiles
         return " / ".join(_fmt(v.get(k)) for k in ("p50", "p90", "p99") if k in v)
-    if key == "step_host_ms" and isinstance(v, (list, tuple)):
+    if key in ("step_host_ms", "step_split_ms") and isinstance(v, (list, tuple)):
         return " / ".join(f"{x:.3f}" for x in v)
+    if key == "step_kinds" and isinstance(v, (list, tuple)):
+        return " / ".join(f"{int(n)} @ {ms:.2f}" for n, ms in v)
     if key in ("roofline_share", "peak_kv_usage") and isinstance(v, float):
         return f"{v:.1%}"
     return _fmt(v)

@@ -106,6 +106,8 @@ def kiln_figures(run: KilnRun, workload: Workload) -> dict[str, Any]:
         "peak_kv_usage": run.peak_kv_usage,
         "steps": run.steps,
         "step_host_ms": [run.mean_step_ms, run.mean_host_ms],
+        "step_kinds": run.step_kinds,
+        "step_split_ms": run.step_split_ms,
         "preemptions": run.num_preemptions,
         "wrong_lengths": wrong,
         "notes": notes,

@@ -166,12 +166,13 @@ class EngineCore:
         return True
 
     def _apply(self, step: _Launched, t0: float) -> list[SequenceUpdate]:
+        tw = time.perf_counter()
         out = step.sampled.result()  # the step's one device -> host copy: waits for the device
         out.prompt_logprobs = step.prompt_logprobs
         t1 = time.perf_counter()
         updates = self.scheduler.update(step.batch, out)
         t2 = time.perf_counter()
-        self._record(step.batch, updates, t2 - t0, step.schedule_time + (t2 - t1))
+        self._record(step.batch, updates, t2 - t0, step.schedule_time + (t2 - t1), t1 - tw)
         return updates
 
     def refresh_stats(self) -> EngineStats:
@@ -183,7 +184,12 @@ class EngineCore:
         return s
 
     def _record(
-        self, batch: ScheduledBatch, updates: list[SequenceUpdate], step_time: float, host_time: float
+        self,
+        batch: ScheduledBatch,
+        updates: list[SequenceUpdate],
+        step_time: float,
+        host_time: float,
+        wait_time: float,
     ) -> None:
         s = self.refresh_stats()
         s.prompt_tokens_total += batch.num_tokens - batch.num_decode
@@ -193,6 +199,10 @@ class EngineCore:
         s.last_step_time, s.last_host_time = step_time, host_time
         s.step_time_total += step_time
         s.host_time_total += host_time
+        s.device_wait_total += wait_time
+        if batch.num_decode == batch.num_seqs:
+            s.decode_steps += 1
+            s.decode_step_time_total += step_time
         s.last_batch_size, s.last_num_tokens = batch.num_seqs, batch.num_tokens
 
     def close(self) -> None:
@@ -207,7 +217,10 @@ def run_engine_loop(core: EngineCore, receive: Receive, send: Send) -> None:
     """Serve messages and step until shutdown. A step that raises is fatal: every caller hears of it."""
     try:
         while True:
-            msgs = receive(not core.has_work())
+            busy, t0 = core.has_work(), time.perf_counter()
+            msgs = receive(not busy)
+            if busy:  # a blocking wait for requests while idle is no overhead
+                core.stats.loop_io_time_total += time.perf_counter() - t0
             updates: list[SequenceUpdate] = []
             for msg in msgs:
                 kind = msg[0]
@@ -223,6 +236,8 @@ def run_engine_loop(core: EngineCore, receive: Receive, send: Send) -> None:
                 send(("updates", updates, core.refresh_stats()))
             if core.has_work():
                 updates = core.step()
+                t1 = time.perf_counter()
                 send(("updates", updates, core.stats))
+                core.stats.loop_io_time_total += time.perf_counter() - t1
     except Exception:  # noqa: BLE001 - reported to every waiting caller, then the loop ends
         send(("fatal", traceback.format_exc()))

@@ -21,5 +21,9 @@ class EngineStats:
     last_host_time: float = 0.0  # seconds spent outside forward + sampling
     step_time_total: float = 0.0  # seconds over all steps; / steps = mean step period
     host_time_total: float = 0.0  # of which scheduling and updating on the host
+    device_wait_total: float = 0.0  # of which waiting for the device's results (~0: the host is the limit)
+    decode_steps: int = 0  # steps with generation rows only (the CUDA-graph steps)
+    decode_step_time_total: float = 0.0  # their share of step_time_total
+    loop_io_time_total: float = 0.0  # engine loop, outside steps: receiving requests, sending updates
     last_batch_size: int = 0
     last_num_tokens: int = 0

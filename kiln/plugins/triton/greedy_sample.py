@@ -105,4 +105,3 @@ def greedy_sample(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         BLOCK_C=next_pow2(num_chunks), num_warps=1,
     )  # fmt: skip
     return tokens, packed
-
