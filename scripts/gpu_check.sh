@@ -56,7 +56,7 @@ if torch.cuda.is_available():
 else:
     print("no CUDA device visible")
 EOF
-  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo 'not a git checkout')"
+  echo "commit: $(git describe --always --dirty 2>/dev/null || echo "not a git checkout")"
 }
 
 run_tests() {

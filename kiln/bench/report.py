@@ -55,13 +55,13 @@ def _version(module: str) -> str | None:
 
 
 def _git_commit() -> str | None:
-    """The source tree's commit, when it is a git checkout (None otherwise)."""
+    """The source tree's commit, "-dirty" when the working tree differs from it (None outside git)."""
     import subprocess
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
         out = subprocess.run(
-            ["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+            ["git", "-C", root, "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=5
         )
     except (OSError, subprocess.SubprocessError):
         return None
