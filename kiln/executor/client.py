@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import queue
 import threading
@@ -99,6 +100,10 @@ def _worker_main(cfg_bytes: bytes, inbox: Any, outbox: Any) -> None:
 
         send(("fatal", f"engine start-up failed: {e}\n{traceback.format_exc()}"))
         return
+    # Everything built so far (modules, compiled code, graphs) lives as long as the process: keep it
+    # out of the cyclic collector, whose full passes would otherwise rescan it mid-run and stall steps.
+    gc.collect()
+    gc.freeze()
     send(("ready", core.info()))
     run_engine_loop(core, receive, send)
     core.close()
