@@ -14,6 +14,7 @@ a ``PluginSet`` that maps a *kind* (``"attention"``, ``"rms_norm"``, ...) to the
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -46,11 +47,40 @@ class RegisteredPlugin:
     plugin: Plugin
     forward_op: Callable[..., Any]
     reference_op: Callable[..., Any]
+    forward_impl: Callable[..., Any]  # what forward_op runs: the plugin's forward, launching directly
 
     def op(self, backend: str) -> Callable[..., Any]:
         if backend not in BACKENDS:
             raise ValueError(f"plugin backend must be one of {BACKENDS}, got {backend!r}")
         return self.forward_op if backend == "forward" else self.reference_op
+
+    def impl(self, backend: str) -> Callable[..., Any]:
+        """The Python function behind ``op(backend)``, for a caller that is already inside a custom
+        op (no second dispatcher call)."""
+        self.op(backend)  # checks the backend
+        return self.forward_impl if backend == "forward" else self.plugin.reference
+
+
+def _launch_triton_directly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` with ``wrap_triton(kernel)[grid](...)`` launching the kernel straight away.
+
+    By default wrap_triton routes every launch through a higher-order op made for tracing (pytree
+    flattening, inspect.signature, HOP dispatch): ~75-240 us of host time per launch, and each
+    launch's constant args kept for good in torch's kernel side table. A plugin's implementation
+    only ever runs on real tensors (tracing uses shape_dtype_inference), so it needs none of it;
+    torch.library.triton_op turns it off the same way.
+    """
+    try:
+        from torch._library.triton import set_wrap_triton_enabled
+    except ImportError:  # a torch without the switch: launches go through the HOP
+        return fn
+
+    @functools.wraps(fn)
+    def run(*args: Any) -> Any:
+        with set_wrap_triton_enabled(False):
+            return fn(*args)
+
+    return run
 
 
 _REGISTRY: dict[str, RegisteredPlugin] = {}
@@ -81,14 +111,15 @@ def plugin(name: str, *, kind: str) -> Callable[[type[Plugin]], type[Plugin]]:
         if missing:
             raise ValueError(f"plugin {name!r} must implement {', '.join(missing)}")
         ops = []
-        for suffix, impl in (("", inst.forward), ("_reference", inst.reference)):
+        forward = _launch_triton_directly(inst.forward)
+        for suffix, impl in (("", forward), ("_reference", inst.reference)):
             op = torch.library.custom_op(
                 f"kiln::{name}{suffix}", impl, mutates_args=inst.mutates_args, schema=inst.schema
             )
             op.register_fake(inst.shape_dtype_inference)
             ops.append(op)
         _KIND_SCHEMAS.setdefault(kind, inst.schema)
-        _REGISTRY[name] = RegisteredPlugin(inst, ops[0], ops[1])
+        _REGISTRY[name] = RegisteredPlugin(inst, ops[0], ops[1], forward)
         return cls
 
     return register
