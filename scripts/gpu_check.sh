@@ -12,7 +12,8 @@
 #   latency     bs=1 ISL 128 / 256 new: llama-3.2-1b and llama-3.1-8b, kiln + transformers peer (~5-8 min)
 #   throughput  llama-3.1-8b 128/128 x 512 requests, kiln + transformers peer on 256   (~4-7 min)
 #   nano        qwen3-0.6b nano-vllm workload (256 requests), kiln + peer on 128       (~3-6 min)
-#   serve       `kiln serve` llama-3.1-8b + `kiln bench serve` ISL/OSL 1024, Poisson rates 2 4 6 (~5-7 min);
+#   serve       `kiln serve` llama-3.1-8b + `kiln bench serve` ISL/OSL 1024, Poisson rates 2 4 6 (~5-7 min;
+#               SERVE_MODEL, SERVE_ISL, SERVE_OSL, SERVE_RATES, SERVE_REQUESTS change it);
 #               the server's packages come as wheels in .whl/ (see docs/benchmarks.md) when not installed
 #   all         every group above, in that order (longer than one call: use it on a long lease)
 #
@@ -133,27 +134,31 @@ serve_bench() {
       && export PYTHONPATH="$PYTHONPATH:/tmp/kiln-site"
   fi
   local dir
-  dir=$("$PY" -m kiln.cli bench presets --make llama-3.1-8b "${CACHE_ARGS[@]}" | tail -n 1)
+  local model=${SERVE_MODEL:-llama-3.1-8b}
+  dir=$("$PY" -m kiln.cli bench presets --make "$model" "${CACHE_ARGS[@]}" | tail -n 1)
   note "kiln serve $dir"
   local t0=$(date +%s)
   "$PY" -m kiln.cli serve "$dir" --port 8123 >"$OUT/serve_server.log" 2>&1 &
   local pid=$!
   until curl -sf http://127.0.0.1:8123/health >/dev/null; do
     if ! kill -0 $pid 2>/dev/null || [ $(($(date +%s) - t0)) -gt 240 ]; then
-      printf 'serve_llama8b\t1\tserver did not come up (see serve_server.log)\n' >>"$STATUS_FILE"
+      printf 'serve_%s\t1\tserver did not come up (see serve_server.log)\n' "$model" >>"$STATUS_FILE"
       kill $pid 2>/dev/null
       return
     fi
     sleep 1
   done
   note "server up in $(($(date +%s) - t0)) s"
+  local plot=png
+  "$PY" -c "import matplotlib" 2>/dev/null || plot=svg
   timeout --kill-after=30 "$BENCH_TIMEOUT" "$PY" -m kiln.cli bench serve --base-url http://127.0.0.1:8123 \
-    --isl 1024 --osl 1024 --rate ${SERVE_RATES:-2 4 6} --num-requests "${SERVE_REQUESTS:-160}" \
-    --json "$OUT/serve_llama8b.json" --plot "$OUT/serve_llama8b.png" 2>&1 | tee "$OUT/serve_llama8b.log"
+    --isl "${SERVE_ISL:-1024}" --osl "${SERVE_OSL:-1024}" --rate ${SERVE_RATES:-2 4 6} \
+    --num-requests "${SERVE_REQUESTS:-160}" --json "$OUT/serve_$model.json" --plot "$OUT/serve_$model.$plot" 2>&1 \
+    | tee "$OUT/serve_$model.log"
   local rc=${PIPESTATUS[0]}
   kill -TERM $pid
   wait $pid
-  printf 'serve_llama8b\t%s\tsee serve_llama8b.log (%s s)\n' "$rc" "$(($(date +%s) - t0))" >>"$STATUS_FILE"
+  printf 'serve_%s\t%s\tsee serve_%s.log (%s s)\n' "$model" "$rc" "$model" "$(($(date +%s) - t0))" >>"$STATUS_FILE"
 }
 
 summary() {
