@@ -327,6 +327,41 @@ def test_attention_rejects_bad_shapes():
 # ----------------------------------------------------------------------------- custom-op checks
 
 
+def _spec_class(v: int) -> str:
+    # the classes Triton specialises an int argument on
+    return "one" if v == 1 else "div16" if v % 16 == 0 else "other"
+
+
+def test_step_varying_int_args_are_not_specialised(monkeypatch):
+    """An int argument that changes with the batch (sequence count, tile count, splits, rows) must be
+    unspecialised: otherwise the first step of each new shape class compiles a kernel mid-run."""
+    from kiln.plugins.triton import greedy_sample as gs
+    from kiln.plugins.triton import paged_attention as pa
+
+    kernels = {k.__name__: k for k in (pa._attention_tile_kernel, pa._merge_splits_kernel,
+                                       gs._greedy_partial_kernel, gs._greedy_merge_kernel)}  # fmt: skip
+    seen: dict[str, dict[str, set[str]]] = {name: {} for name in kernels}
+    for name, k in kernels.items():
+        arg_names = list(__import__("inspect").signature(k.fn).parameters)
+
+        def record(*args, grid, warmup, _run=k.run, _name=name, _names=arg_names, **kw):
+            for n, a in zip(_names, args, strict=False):
+                if isinstance(a, int) and not isinstance(a, bool) and not n.startswith("stride"):
+                    seen[_name].setdefault(n, set()).add(_spec_class(a))
+            return _run(*args, grid=grid, warmup=warmup, **kw)
+
+        monkeypatch.setattr(k, "run", record)
+    for seqs in (DECODE, DECODE[:1], [(1, 40)] * 16, [(1, 40)] * 17, MIXED, [(16, 16)] * 3):
+        args = _paged_batch(seqs, 4, 2, 64, 16, torch.float32)
+        paged_attention(*args, 0)
+    for rows in (1, 3, 16, 17):
+        greedy_sample(torch.randn(rows, 3000, device=DEVICE))
+    for name, k in kernels.items():
+        fixed = set(getattr(k, "kwargs", {}).get("do_not_specialize") or getattr(k, "do_not_specialize", []))
+        varying = {n for n, classes in seen[name].items() if len(classes) > 1}
+        assert varying <= fixed, f"{name}: {sorted(varying - fixed)} vary by step but are specialised"
+
+
 def test_opcheck_norms_activation():
     x = torch.randn(3, 64, device=DEVICE)
     w = torch.randn(64, device=DEVICE)

@@ -23,7 +23,8 @@ _BLOCK = 1024  # vocabulary entries a program loads per iteration
 _TARGET_WAVES = 2  # programs per SM to aim for at small batch
 
 
-@triton.jit
+# the batch size changes every step: no int argument derived from it is specialised (no mid-run compiles)
+@triton.jit(do_not_specialize=["chunk", "num_chunks"])
 def _greedy_partial_kernel(
     logits_ptr, stride_row, vocab, chunk, part_max_ptr, part_sum_ptr, part_idx_ptr, num_chunks,
     BLOCK: tl.constexpr,
@@ -55,7 +56,7 @@ def _greedy_partial_kernel(
     tl.store(part_idx_ptr + out, row_idx)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_chunks", "num_rows"])
 def _greedy_merge_kernel(
     part_max_ptr, part_sum_ptr, part_idx_ptr, num_chunks, vocab, tokens_ptr, packed_ptr, num_rows,
     BLOCK_C: tl.constexpr,

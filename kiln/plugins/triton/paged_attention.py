@@ -77,7 +77,11 @@ def _attend(
     return acc, m_i, l_i
 
 
-@triton.jit
+# Triton compiles a variant per class of each int argument (== 1, divisible by 16, other); arguments
+# that change from step to step are left unspecialised, so a new batch shape never compiles mid-run.
+@triton.jit(
+    do_not_specialize=["num_seqs", "q_len_lo", "q_len_hi", "tiles_per_seq", "search_steps", "num_splits"]
+)
 def _attention_tile_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
     out_ptr, part_acc_ptr, part_ml_ptr,
@@ -175,7 +179,9 @@ def _attention_tile_kernel(
             tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit
+@triton.jit(
+    do_not_specialize=["num_seqs", "search_steps", "decode_tokens", "decode_splits", "prefill_splits"]
+)
 def _merge_splits_kernel(
     part_acc_ptr, part_ml_ptr, out_ptr, query_start_loc_ptr,
     num_seqs, search_steps, decode_tokens, decode_splits, prefill_splits,
