@@ -12,6 +12,7 @@
 #   latency     bs=1 ISL 128 / 256 new: llama-3.2-1b and llama-3.1-8b, kiln + transformers peer (~5-8 min)
 #   throughput  llama-3.1-8b 128/128 x 512 requests, kiln + transformers peer on 256   (~4-7 min)
 #   nano        qwen3-0.6b nano-vllm workload (256 requests), kiln + peer on 128       (~3-6 min)
+#   gemm        scripts/bench_skinny_gemm.py: decode-sized linears, cuBLAS vs the skinny GEMM, 1B and 8B (~1 min)
 #   serve       `kiln serve` llama-3.1-8b + `kiln bench serve` ISL/OSL 1024, Poisson rates 2 4 6 (~5-7 min;
 #               SERVE_MODEL, SERVE_ISL, SERVE_OSL, SERVE_RATES, SERVE_REQUESTS change it);
 #               the server's packages come as wheels in .whl/ (see docs/benchmarks.md) when not installed
@@ -127,6 +128,15 @@ profile() {
   done
 }
 
+gemm() {
+  for m in llama-3.2-1b llama-3.1-8b; do
+    note "skinny GEMM vs cuBLAS, $m shapes"
+    timeout --kill-after=30 "$BENCH_TIMEOUT" "$PY" scripts/bench_skinny_gemm.py --preset "$m" \
+      --json "$OUT/gemm_$m.json" 2>&1 | tee "$OUT/gemm_$m.log"
+    printf 'gemm_%s\t%s\tsee gemm_%s.log\n' "$m" "${PIPESTATUS[0]}" "$m" >>"$STATUS_FILE"
+  done
+}
+
 serve_bench() {
   if ! "$PY" -c "import fastapi, uvicorn, pydantic" 2>/dev/null; then
     note "installing the server's wheels from .whl/"
@@ -175,7 +185,7 @@ head = ("run", "kind", "model", "kiln", "transformers", "bound", "kiln/bound", "
 table = [head]
 for name, rc, why in rows:
     path = os.path.join(out, f"{name}.json")
-    if name == "pytest-gpu" or name.startswith("serve") or not os.path.isfile(path):
+    if name == "pytest-gpu" or name.startswith(("serve", "gemm")) or not os.path.isfile(path):
         table.append((name, "-", "-", f"rc={rc}", "-", "-", "-", why[:60]))
         continue
     r = json.load(open(path))
@@ -204,8 +214,8 @@ groups=("$@")
 [ ${#groups[@]} -eq 0 ] && groups=(tests)
 for g in "${groups[@]}"; do
   case "$g" in
-    env | tiny | tests | smoke | profile | latency | throughput | nano | serve | all) ;;
-    *) echo "unknown group '$g'; use env, tiny, tests, smoke, profile, latency, throughput, nano, serve or all" >&2
+    env | tiny | tests | smoke | profile | latency | throughput | nano | gemm | serve | all) ;;
+    *) echo "unknown group '$g'; use env, tiny, tests, smoke, profile, latency, throughput, nano, gemm, serve or all" >&2
        exit 2 ;;
   esac
 done
@@ -220,6 +230,7 @@ for g in "${groups[@]}"; do
     latency) latency ;;
     throughput) throughput ;;
     nano) nano ;;
+    gemm) gemm ;;
     serve) serve_bench ;;
     all) run_tests; smoke; latency; throughput; nano ;;
   esac

@@ -32,6 +32,7 @@ from kiln.plugins.triton.greedy_sample import greedy_sample  # noqa: E402
 from kiln.plugins.triton.norms import fused_add_rms_norm, rms_norm  # noqa: E402
 from kiln.plugins.triton.paged_attention import paged_attention  # noqa: E402
 from kiln.plugins.triton.rope_kv_write import rope_kv_write  # noqa: E402
+from kiln.plugins.triton.skinny_gemm import skinny_gemm  # noqa: E402
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 # the interpreter converts 1-element arrays to ints in loop bounds; numpy 2.3 warns about it each time
@@ -147,6 +148,29 @@ def test_greedy_sample_ties_and_masked_rows():
     logits[3, 0] = 9.0
     _check_greedy(logits)
     assert greedy_sample(logits)[0].tolist() == [7, 2999, 1500, 0]
+
+
+# ----------------------------------------------------------------------------- skinny GEMM
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "m,n,k,splits", [(1, 96, 200, None), (3, 70, 1100, None), (8, 33, 64, 1), (5, 130, 700, 3)]
+)
+def test_skinny_gemm(dtype, m, n, k, splits):
+    x = torch.randn(m, k, device=DEVICE).to(dtype)
+    w = (torch.randn(n, k, device=DEVICE) / k**0.5).to(dtype)
+    out = skinny_gemm(x, w, num_splits=splits)
+    ref = (x.float() @ w.float().T).to(dtype)
+    assert out.shape == (m, n) and out.dtype == dtype
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+
+
+def test_skinny_gemm_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="1 to 8 rows"):
+        skinny_gemm(torch.randn(9, 16, device=DEVICE), torch.randn(4, 16, device=DEVICE))
+    with pytest.raises(ValueError, match=r"x \[M, K\] and w \[N, K\]"):
+        skinny_gemm(torch.randn(2, 16, device=DEVICE), torch.randn(4, 8, device=DEVICE))
 
 
 # ----------------------------------------------------------------------------- rope + kv write
@@ -420,6 +444,17 @@ def test_gpu_attention_mixed(dtype, head_dim, group, block_size, window):
 @pytest.mark.parametrize("rows", [1, 7, 256])
 def test_gpu_greedy_sample_bf16_llama_vocab(rows):
     _check_greedy((torch.randn(rows, 128256, device=DEVICE) * 3).to(torch.bfloat16))
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 2, 4, 8])
+@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 4096), (4096, 14336), (3072, 2048)])
+def test_gpu_skinny_gemm_bf16_model_shapes(m, n, k):
+    x = torch.randn(m, k, device=DEVICE).to(torch.bfloat16)
+    w = (torch.randn(n, k, device=DEVICE) / k**0.5).to(torch.bfloat16)
+    ref = (x.float() @ w.float().T).to(torch.bfloat16)
+    torch.testing.assert_close(skinny_gemm(x, w), ref, **TOL[torch.bfloat16])
 
 
 @gpu

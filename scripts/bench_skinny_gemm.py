@@ -1,0 +1,93 @@
+"""Decode-sized linear layers: torch (cuBLAS) against kiln's split-K skinny GEMM, on a preset's shapes.
+
+    python3 scripts/bench_skinny_gemm.py --preset llama-3.1-8b --rows 1 2 4 8 [--json FILE]
+
+Each layer's weight is cycled through enough copies to exceed the L2 cache, as in a real step where
+every layer reads its own weights; times are CUDA-event medians; GB/s counts the weight bytes.
+Both outputs are checked against an fp32 product before anything is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+
+from kiln.bench.presets import get_preset
+from kiln.plugins.triton.skinny_gemm import skinny_gemm
+
+_L2_BYTES = 256 << 20  # copies of a weight until this much is cycled through (H100/H200 L2: 50 MB)
+
+
+def shapes(name: str) -> dict[str, tuple[int, int]]:
+    """(N, K) of each fused linear layer of the preset's decoder layer, and of the LM head."""
+    c = get_preset(f"preset:{name}").config
+    h, i, nh = c["hidden_size"], c["intermediate_size"], c["num_attention_heads"]
+    kv, d = c.get("num_key_value_heads", nh), c.get("head_dim") or c["hidden_size"] // nh
+    return {
+        "qkv": ((nh + 2 * kv) * d, h),
+        "o": (h, nh * d),
+        "gate_up": (2 * i, h),
+        "down": (h, i),
+        "lm_head": (c["vocab_size"], h),
+    }
+
+
+def time_fn(fn, weights: list[torch.Tensor], x: torch.Tensor, iters: int) -> float:
+    """Median microseconds of fn(x, w), cycling through the weight copies."""
+    for w in weights[:3]:
+        fn(x, w)
+    start = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    end = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    torch.cuda.synchronize()
+    for j in range(iters):
+        w = weights[j % len(weights)]
+        start[j].record()
+        fn(x, w)
+        end[j].record()
+    torch.cuda.synchronize()
+    return 1e3 * statistics.median(s.elapsed_time(e) for s, e in zip(start, end, strict=True))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="llama-3.1-8b")
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    rows_out = []
+    print(f"{args.preset} on {torch.cuda.get_device_name()}, bf16; us and GB/s of weight bytes")
+    head = ("layer", "N x K", "M", "torch us", "GB/s", "skinny us", "GB/s", "speed-up")
+    print("{:<8} {:>14} {:>2} {:>9} {:>6} {:>9} {:>6} {:>8}".format(*head))
+    for layer, (n, k) in shapes(args.preset).items():
+        nbytes = n * k * 2
+        copies = max(2, min(64, _L2_BYTES // nbytes + 1))
+        weights = [(torch.randn(n, k, device=dev) / k**0.5).to(torch.bfloat16) for _ in range(copies)]
+        for m in args.rows:
+            x = torch.randn(m, k, device=dev).to(torch.bfloat16)
+            ref = x.float() @ weights[0].float().T
+            for name, fn in (("torch", torch.nn.functional.linear), ("skinny", skinny_gemm)):
+                err = (fn(x, weights[0]).float() - ref).abs().max().item()
+                if err > 0.05 * ref.abs().max().item() + 1e-2:
+                    raise SystemExit(f"{name} {layer} M={m}: max error {err:.3g}, not timing a wrong kernel")
+            t_torch = time_fn(torch.nn.functional.linear, weights, x, args.iters)
+            t_skinny = time_fn(skinny_gemm, weights, x, args.iters)
+            gbs = lambda t, b=nbytes: b / (t * 1e-6) / 1e9  # noqa: E731
+            print(f"{layer:<8} {f'{n} x {k}':>14} {m:>2} {t_torch:9.1f} {gbs(t_torch):6.0f} {t_skinny:9.1f} "
+                  f"{gbs(t_skinny):6.0f} {t_torch / t_skinny:7.2f}x")  # fmt: skip
+            rows_out.append(dict(layer=layer, n=n, k=k, m=m, torch_us=t_torch, skinny_us=t_skinny,
+                                 torch_gb_s=gbs(t_torch), skinny_gb_s=gbs(t_skinny)))  # fmt: skip
+        del weights
+    if args.json:
+        meta = dict(preset=args.preset, card=torch.cuda.get_device_name(), torch=torch.__version__)
+        with open(args.json, "w") as f:
+            json.dump(dict(meta=meta, rows=rows_out), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
