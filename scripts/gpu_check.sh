@@ -12,7 +12,8 @@
 #   latency     bs=1 ISL 128 / 256 new: llama-3.2-1b and llama-3.1-8b, kiln + transformers peer (~5-8 min)
 #   throughput  llama-3.1-8b 128/128 x 512 requests, kiln + transformers peer on 256   (~4-7 min)
 #   nano        qwen3-0.6b nano-vllm workload (256 requests), kiln + peer on 128       (~3-6 min)
-#   gemm        scripts/bench_skinny_gemm.py: decode-sized linears, cuBLAS vs the skinny GEMM, 1B and 8B (~1 min)
+#   gemm        scripts/bench_skinny_gemm.py: decode-sized linears, cuBLAS vs the skinny GEMM, 1B and 8B,
+#               then the bs-1 latency runs with --plugin linear=skinny_linear (~3-4 min)
 #   serve       `kiln serve` llama-3.1-8b + `kiln bench serve` ISL/OSL 1024, Poisson rates 2 4 6 (~5-7 min;
 #               SERVE_MODEL, SERVE_ISL, SERVE_OSL, SERVE_RATES, SERVE_REQUESTS change it);
 #               the server's packages come as wheels in .whl/ (see docs/benchmarks.md) when not installed
@@ -134,6 +135,11 @@ gemm() {
     timeout --kill-after=30 "$BENCH_TIMEOUT" "$PY" scripts/bench_skinny_gemm.py --preset "$m" \
       --json "$OUT/gemm_$m.json" 2>&1 | tee "$OUT/gemm_$m.log"
     printf 'gemm_%s\t%s\tsee gemm_%s.log\n' "$m" "${PIPESTATUS[0]}" "$m" >>"$STATUS_FILE"
+  done
+  # end to end: the same bs-1 latency runs as `latency`, with the skinny GEMM for the projections
+  for m in ${LATENCY_MODELS:-llama-3.2-1b llama-3.1-8b}; do
+    bench "latency_${m}_bs1_skinny" latency --model "preset:$m" --isl 128 --osl 256 --batch-size 1 \
+      --plugin linear=skinny_linear
   done
 }
 

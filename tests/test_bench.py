@@ -341,6 +341,10 @@ def test_cli_defaults_and_dispatch():
     assert ("serve" in choices) == has_serve and {"throughput", "latency", "presets"} <= set(choices)
     with pytest.raises(SystemExit):
         _bench_parser().parse_args(["throughput", "--model", "m", "--backend", "vllm"])
+    args = _bench_parser().parse_args(["latency", "--model", "m", "--plugin", "linear=skinny_linear"])
+    assert cli._plugin_overrides(args.plugin) == (("linear", "skinny_linear"),)
+    with pytest.raises(ValueError, match="KIND=NAME"):
+        cli._plugin_overrides(["skinny_linear"])
 
 
 def test_hf_backend_runs_a_tiny_workload(tmp_path):

@@ -225,7 +225,8 @@ def test_kv_cache_sizing(tiny_model):
 
 
 @pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
-def test_triton_backend_end_to_end(tiny_model):
+@pytest.mark.parametrize("linear", ["linear", "skinny_linear"])
+def test_triton_backend_end_to_end(tiny_model, linear):
     """The same paged schedule through the Triton plugins: compiled on a GPU, else Triton's interpreter."""
     pytest.importorskip("triton")
     if not ON_GPU and tuple(int(p) for p in np.__version__.split(".")[:2]) >= (2, 4):
@@ -238,7 +239,7 @@ def test_triton_backend_end_to_end(tiny_model):
         device="cuda" if ON_GPU else "cpu",
         limits=LIMITS,
         kv_config=KV,
-        plugins=PluginSet("forward"),
+        plugins=PluginSet("forward", {"linear": linear}),
     )
     builder = StepBuilder(BLOCK)
     for chunks in schedule()[:6]:

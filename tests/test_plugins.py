@@ -44,6 +44,22 @@ def test_user_plugin_selected_by_kind_gives_same_tokens(tiny_model):
     assert CALLS["n"] > before
 
 
+def test_linear_plugin_is_called_only_when_chosen(tiny_model):
+    """The default linear (cuBLAS) is called directly; another linear plugin goes through its op."""
+    path = tiny_model("LlamaForCausalLM", tokenizer=True)
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    outs = {}
+    for choice in (None, "skinny_linear"):
+        plugins = None if choice is None else {"linear": choice}
+        with LLM(path, max_batch_size=4, max_num_tokens=64, max_seq_len=128, plugins=plugins,
+                 executor="thread") as llm:  # fmt: skip
+            model = llm._executor._core.engine.model
+            ops = {m.linear_op for m in model.modules() if hasattr(m, "linear_op")}
+            assert ops == ({None} if choice is None else {get_plugin(choice).reference_op})
+            outs[choice] = llm.generate([[1, 2, 3, 4]], sp, use_tqdm=False)[0].outputs[0].token_ids
+    assert outs[None] == outs["skinny_linear"]
+
+
 def test_forward_launches_triton_kernels_directly():
     """Inside a plugin's op, wrap_triton launches go straight to the kernel: its tracing path costs
     ~0.1-0.2 ms of host time per launch and keeps each launch's arguments in a global table."""

@@ -79,6 +79,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--executor", default="auto", choices=["auto", "thread", "process"])
     p.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="KIND=NAME",
+        help="use plugin NAME for KIND (repeatable), e.g. linear=skinny_linear",
+    )
+    p.add_argument(
         "--preset-cache",
         default=None,
         metavar="DIR",
@@ -192,6 +199,16 @@ def _presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plugin_overrides(specs: list[str]) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for spec in specs:
+        kind, sep, name = spec.partition("=")
+        if not sep or not kind or not name:
+            raise ValueError(f"--plugin takes KIND=NAME (e.g. linear=skinny_linear), got {spec!r}")
+        pairs.append((kind, name))
+    return tuple(pairs)
+
+
 def _run(args: argparse.Namespace) -> int:
     from kiln.bench.kiln_backend import EngineSettings
     from kiln.bench.report import append_results, failed_backends, render_table, write_json
@@ -215,6 +232,7 @@ def _run(args: argparse.Namespace) -> int:
         kv_fraction=args.kv_fraction,
         executor=args.executor,
         seed=args.seed,
+        plugins=_plugin_overrides(args.plugin),
     )
     if engine.max_num_tokens < engine.max_batch_size:
         raise ValueError(

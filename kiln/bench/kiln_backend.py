@@ -24,6 +24,7 @@ class EngineSettings:
     kv_fraction: float = 0.9
     executor: str = "auto"
     seed: int = 0
+    plugins: tuple[tuple[str, str], ...] = ()  # (kind, plugin name) overrides
 
 
 def open_llm(model_dir: str, s: EngineSettings) -> LLM:
@@ -38,6 +39,7 @@ def open_llm(model_dir: str, s: EngineSettings) -> LLM:
         max_num_tokens=s.max_num_tokens,
         max_seq_len=s.max_seq_len,
         kv_cache_config=KvCacheConfig(free_gpu_memory_fraction=s.kv_fraction),
+        plugins=dict(s.plugins) or None,
         seed=s.seed,
         executor=s.executor,
     )

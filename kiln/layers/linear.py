@@ -1,4 +1,4 @@
-"""Linear layers. Plain cuBLAS GEMMs through ``torch.nn.functional.linear``.
+"""Linear layers: cuBLAS GEMMs through ``torch.nn.functional.linear``, or the chosen ``linear`` plugin.
 
 Projections that read the same input are fused into one weight at load time (q|k|v, gate|up):
 ``MergedLinear`` records the row ranges of its parts so the loader knows where each checkpoint
@@ -11,18 +11,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kiln.plugins import DEFAULT_PLUGINS, PluginSet
+
 
 class Linear(nn.Module):
-    """y = x @ W^T (+ b). weight [out, in], bias [out]."""
+    """y = x @ W^T (+ b). weight [out, in], bias [out].
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+    With ``plugins`` choosing a ``linear`` plugin other than the default, the product goes through
+    that plugin's op; the default (cuBLAS) is called directly, without a custom-op dispatch.
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = False, plugins: PluginSet | None = None
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self.linear_op = None
+        if plugins is not None and plugins.choice["linear"][0] != DEFAULT_PLUGINS["linear"]:
+            self.linear_op = plugins.linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)  # [T, in] -> [T, out]
+        if self.linear_op is None:
+            return F.linear(x, self.weight, self.bias)  # [T, in] -> [T, out]
+        y = self.linear_op(x, self.weight)
+        return y if self.bias is None else y + self.bias
 
 
 class MergedLinear(Linear):
@@ -32,8 +46,14 @@ class MergedLinear(Linear):
     (("q_proj", 512), ("k_proj", 128), ("v_proj", 128)).
     """
 
-    def __init__(self, in_features: int, parts: tuple[tuple[str, int], ...], bias: bool = False) -> None:
-        super().__init__(in_features, sum(size for _, size in parts), bias)
+    def __init__(
+        self,
+        in_features: int,
+        parts: tuple[tuple[str, int], ...],
+        bias: bool = False,
+        plugins: PluginSet | None = None,
+    ) -> None:
+        super().__init__(in_features, sum(size for _, size in parts), bias, plugins)
         self.parts = parts
 
     def part_rows(self, name: str) -> tuple[int, int]:

@@ -13,8 +13,8 @@ class GatedMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool, plugins: PluginSet) -> None:
         super().__init__()
         parts = (("gate_proj", intermediate_size), ("up_proj", intermediate_size))
-        self.gate_up_proj = MergedLinear(hidden_size, parts, bias=bias)
-        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
+        self.gate_up_proj = MergedLinear(hidden_size, parts, bias=bias, plugins=plugins)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias, plugins=plugins)
         self.silu_and_mul_op = plugins.silu_and_mul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

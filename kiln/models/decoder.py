@@ -30,8 +30,8 @@ class SelfAttention(nn.Module):
         self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         parts = (("q_proj", cfg.q_size), ("k_proj", cfg.kv_size), ("v_proj", cfg.kv_size))
-        self.qkv_proj = MergedLinear(cfg.hidden_size, parts, bias=cfg.qkv_bias)
-        self.o_proj = Linear(cfg.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.qkv_proj = MergedLinear(cfg.hidden_size, parts, bias=cfg.qkv_bias, plugins=plugins)
+        self.o_proj = Linear(cfg.q_size, cfg.hidden_size, bias=cfg.o_bias, plugins=plugins)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, plugins) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, plugins) if cfg.qk_norm else None
         self.attn = PagedAttention(

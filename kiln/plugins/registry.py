@@ -155,6 +155,7 @@ DEFAULT_PLUGINS = {
     "rms_norm": "rms_norm",
     "fused_add_rms_norm": "fused_add_rms_norm",
     "silu_and_mul": "silu_and_mul",
+    "linear": "linear",
 }
 
 

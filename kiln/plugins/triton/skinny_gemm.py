@@ -8,8 +8,9 @@ tile once (contiguous along K) and applies it to all rows of x; with several K s
 partials are summed by a second launch. Splits are chosen so that the grid covers the GPU about
 twice even when N is small.
 
-Not wired into the layers yet: ``scripts/bench_skinny_gemm.py`` times it against ``torch.mm`` on a
-model's shapes, and it replaces cuBLAS only where it measurably wins.
+The ``skinny_linear`` plugin (opt-in: ``LLM(..., plugins={"linear": "skinny_linear"})``) uses it;
+``scripts/bench_skinny_gemm.py`` times it against cuBLAS on a model's shapes, and it becomes the
+default only where it measurably wins.
 """
 
 from __future__ import annotations
