@@ -119,13 +119,17 @@ nano() {
 }
 
 profile() {
-  # PROFILE_RUNS: "preset:batch ..." (default: 1B and 8B at batch 1 and 64)
+  # PROFILE_RUNS: "preset:batch ..." decode steps, "preset:batch:isl" prefill steps of batch x isl tokens
+  # (default: 1B and 8B decode at batch 1 and 64)
   for run in ${PROFILE_RUNS:-llama-3.2-1b:1 llama-3.2-1b:64 llama-3.1-8b:1 llama-3.1-8b:64}; do
-    local m=${run%%:*} b=${run##*:}
-    note "profile $m batch $b: scripts/profile_step.py"
+    local m b isl extra=() name
+    IFS=: read -r m b isl <<<"$run"
+    name="profile_${m}_bs$b"
+    [ -n "$isl" ] && extra=(--prefill --isl "$isl") && name="${name}_prefill$isl"
+    note "profile $m batch $b ${isl:+prefill $isl}: scripts/profile_step.py"
     timeout --kill-after=30 "$BENCH_TIMEOUT" "$PY" scripts/profile_step.py --model "preset:$m" --batch-size "$b" \
-      "${CACHE_ARGS[@]}" 2>&1 | tee "$OUT/profile_${m}_bs$b.log"
-    printf 'profile_%s_bs%s\t%s\t%s\n' "$m" "$b" "${PIPESTATUS[0]}" "see profile_${m}_bs$b.log" >>"$STATUS_FILE"
+      "${extra[@]}" "${CACHE_ARGS[@]}" 2>&1 | tee "$OUT/$name.log"
+    printf '%s\t%s\t%s\n' "$name" "${PIPESTATUS[0]}" "see $name.log" >>"$STATUS_FILE"
   done
 }
 

@@ -1,6 +1,7 @@
 """Where a decode step's time goes: host phases, GPU kernels, and the gap between them.
 
     python3 scripts/profile_step.py --model preset:llama-3.2-1b --batch-size 1 --isl 128 --steps 64
+    python3 scripts/profile_step.py --model preset:llama-3.1-8b --prefill --batch-size 1 --isl 2048
 
 Drives the EngineCore by hand (no worker process) so every phase can be timed: first a plain
 run (the real step time), then a run with a device sync after each phase (host time of each phase,
@@ -27,6 +28,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--isl", type=int, default=128)
     ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument(
+        "--prefill", action="store_true", help="profile prefill steps (batch x isl new tokens, no decode)"
+    )
     ap.add_argument("--no-graphs", action="store_true")
     ap.add_argument("--no-overlap", action="store_true", help="one step at a time (GPU default: overlapped)")
     ap.add_argument("--preset-cache", default=None, metavar="DIR", help="where presets are materialised")
@@ -40,11 +44,14 @@ def main() -> None:
     on_gpu = args.device.startswith("cuda")
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     max_seq = args.isl + 3 * args.steps + 16
+    max_tokens = max(8192, args.batch_size * args.isl if args.prefill else 0)
     cfg = EngineCoreConfig(
         model=path,
         dtype="auto",
         device=args.device,
-        limits=EngineLimits(max_batch_size=max(8, args.batch_size), max_num_tokens=8192, max_seq_len=max_seq),
+        limits=EngineLimits(
+            max_batch_size=max(8, args.batch_size), max_num_tokens=max_tokens, max_seq_len=max_seq
+        ),
         kv_config=KvCacheConfig(),
         scheduler_config=SchedulerConfig(),
         plugin_backend="forward" if args.device.startswith("cuda") else "reference",
@@ -55,6 +62,11 @@ def main() -> None:
     core = EngineCore(cfg)
     print(f"engine ready in {time.perf_counter() - t0:.1f} s: {core.info()}")
     rng = np.random.default_rng(0)
+    card = torch.cuda.get_device_name() if on_gpu else "cpu"
+    if args.prefill:
+        profile_prefill(core, args, rng, sync, card)
+        core.close()
+        return
     sp = SamplingParams(temperature=0, max_tokens=3 * args.steps, ignore_eos=True)
     for i in range(args.batch_size):
         ids = rng.integers(1, min(1000, core.engine.vocab_size), args.isl).tolist()
@@ -86,36 +98,75 @@ def main() -> None:
         for name, dt in zip(phases, (t1 - t, t2 - t1, t3 - t2, t4 - t3), strict=True):
             phases[name].append(dt)
 
-    from torch.profiler import ProfilerActivity, profile
-
     n_prof = 8
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
-    with profile(activities=activities) as prof:
-        for _ in range(n_prof):
-            core.step()
-        sync()
-    # kernels only: an op such as aten::mm also reports its kernel's time and would count it twice
-    events = [e for e in prof.key_averages() if e.self_device_time_total > 0 and not e.key.startswith("aten")]
-    gpu_us = sum(e.self_device_time_total for e in events) / n_prof
-
-    ms = lambda xs: 1e3 * statistics.median(xs)  # noqa: E731
-    card = torch.cuda.get_device_name() if on_gpu else "cpu"
+    prof = _profiled(lambda: [core.step() for _ in range(n_prof)], on_gpu, sync)
     rate = args.batch_size / statistics.median(plain)
     mode = "overlapped" if cfg.overlap_scheduling else "one at a time"
     print(f"\n== decode step, batch {args.batch_size}, context ~{args.isl}+ tokens, {card}")
-    print(f"  step ({mode}, no syncs) {ms(plain):7.3f} ms   -> {rate:,.0f} tok/s")
+    print(f"  step ({mode}, no syncs) {_ms(plain):7.3f} ms   -> {rate:,.0f} tok/s")
     for k, v in phases.items():
-        print(f"  {k:<22} {ms(v):7.3f} ms   (synced after each phase)")
-    print(f"  GPU kernels per step   {gpu_us / 1e3:7.3f} ms   (torch.profiler, self device time)")
-    print("\n== top kernels (per step)")
-    top = sorted(events, key=lambda e: -e.self_device_time_total)[:15]
-    for e in top:
-        print(f"  {e.self_device_time_total / n_prof / 1e3:8.3f} ms  x{e.count // n_prof:<4} {e.key[:90]}")
-    print("\n== top host ops (self CPU time per step)")
-    host = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:15]
-    for e in host:
-        print(f"  {e.self_cpu_time_total / n_prof / 1e3:8.3f} ms  x{e.count // n_prof:<4} {e.key[:90]}")
+        print(f"  {k:<22} {_ms(v):7.3f} ms   (synced after each phase)")
+    _print_tables(prof, n_prof, "step")
     core.close()
+
+
+def profile_prefill(
+    core: EngineCore, args: argparse.Namespace, rng: np.random.Generator, sync, card: str
+) -> None:
+    """Time steps that prefill batch_size fresh prompts of isl tokens each and sample one token."""
+    sp = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    vocab = min(1000, core.engine.vocab_size)
+    counter = iter(range(1 << 30))
+
+    def one_prefill() -> None:
+        for _ in range(args.batch_size):
+            core.add_request(Request(f"p{next(counter)}", rng.integers(1, vocab, args.isl).tolist(), sp))
+        while core.has_work():
+            core.step()
+
+    for _ in range(3):  # warm-up: compiled code, kernel variants
+        one_prefill()
+    sync()
+    times = []
+    for _ in range(max(3, args.steps // 8)):
+        t = time.perf_counter()
+        one_prefill()
+        sync()
+        times.append(time.perf_counter() - t)
+    n_prof = 3
+    prof = _profiled(lambda: [one_prefill() for _ in range(n_prof)], core.engine.device.type == "cuda", sync)
+    tokens = args.batch_size * args.isl
+    print(f"\n== prefill step, {args.batch_size} x {args.isl} = {tokens} new tokens, {card}")
+    rate = tokens / statistics.median(times)
+    print(f"  prefill + first token  {_ms(times):7.3f} ms   -> {rate:,.0f} prompt tok/s")
+    _print_tables(prof, n_prof, "prefill")
+
+
+def _ms(xs: list[float]) -> float:
+    return 1e3 * statistics.median(xs)
+
+
+def _profiled(fn, on_gpu: bool, sync):
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as prof:
+        fn()
+        sync()
+    return prof
+
+
+def _print_tables(prof, n: int, unit: str) -> None:
+    # kernels only: an op such as aten::mm also reports its kernel's time and would count it twice
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0 and not e.key.startswith("aten")]
+    gpu_us = sum(e.self_device_time_total for e in events) / n
+    print(f"  GPU kernels per {unit:<7} {gpu_us / 1e3:7.3f} ms   (torch.profiler, self device time)")
+    print(f"\n== top kernels (per {unit})")
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:15]:
+        print(f"  {e.self_device_time_total / n / 1e3:8.3f} ms  x{e.count // n:<4} {e.key[:90]}")
+    print(f"\n== top host ops (self CPU time per {unit})")
+    for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:15]:
+        print(f"  {e.self_cpu_time_total / n / 1e3:8.3f} ms  x{e.count // n:<4} {e.key[:90]}")
 
 
 if __name__ == "__main__":
