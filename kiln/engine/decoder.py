@@ -232,26 +232,12 @@ class Decoder:
                 inits[0] = SlotInit(
                     0, SamplingParams(temperature=0, logprobs=1), [0], [], seed=0, seq_index=0
                 )
-            slots = np.arange(n, dtype=np.int32)
-            empty = np.zeros(0, np.int32)
-            batch = ScheduledBatch(
-                step_id=-1,
-                seq_ids=slots,
-                slots=slots,
-                num_computed=empty,
-                num_new_tokens=empty,
-                num_decode=n,
-                input_ids=empty,
-                block_updates=np.zeros((0, 3), np.int32),
-                copy_blocks=np.zeros((0, 2), np.int32),
-                sample_rows=slots,
-                sample_slots=slots,
-                sample_seq_ids=slots,
-                sample_positions=np.ones(n, np.int32),
-                sample_num_output=np.zeros(n, np.int32),
-                slot_inits=inits,
-            )
-            self.sample(torch.randn(n, self.vocab_size, device=self.device), batch)
+            self.sample(torch.randn(n, self.vocab_size, device=self.device), _warm_up_batch(inits))
+            # every row plain greedy: the two-launch greedy kernels, compiled here rather than mid-run
+            plain = [
+                SlotInit(j, SamplingParams(temperature=0), [0], [], seed=0, seq_index=0) for j in range(n)
+            ]
+            self.sample(torch.randn(n, self.vocab_size, device=self.device), _warm_up_batch(plain))
 
     def processed_logits(self, logits: torch.Tensor, batch: ScheduledBatch) -> torch.Tensor:
         """The logits after logit_bias, min_tokens and penalties (before temperature and filters), [R, V].
@@ -370,6 +356,30 @@ class Decoder:
         if greedy is None:
             return drawn
         return greedy.index_copy(0, rows.random_rows, drawn)
+
+
+def _warm_up_batch(inits: list[SlotInit]) -> ScheduledBatch:
+    """A decode step of one row per SlotInit (slots 0..n-1), for the sampler alone."""
+    n = len(inits)
+    slots = np.arange(n, dtype=np.int32)
+    empty = np.zeros(0, np.int32)
+    return ScheduledBatch(
+        step_id=-1,
+        seq_ids=slots,
+        slots=slots,
+        num_computed=empty,
+        num_new_tokens=empty,
+        num_decode=n,
+        input_ids=empty,
+        block_updates=np.zeros((0, 3), np.int32),
+        copy_blocks=np.zeros((0, 2), np.int32),
+        sample_rows=slots,
+        sample_slots=slots,
+        sample_seq_ids=slots,
+        sample_positions=np.ones(n, np.int32),
+        sample_num_output=np.zeros(n, np.int32),
+        slot_inits=inits,
+    )
 
 
 # ---------------------------------------------------------------------- device math (compiled on CUDA)
