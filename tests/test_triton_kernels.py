@@ -394,6 +394,12 @@ def test_opcheck_norms_activation():
     torch.library.opcheck(get_plugin("silu_and_mul").forward_op, (torch.randn(3, 128, device=DEVICE),))
 
 
+def test_opcheck_skinny_linear():
+    x, w = torch.randn(3, 96, device=DEVICE), torch.randn(40, 96, device=DEVICE)
+    torch.library.opcheck(get_plugin("skinny_linear").forward_op, (x, w))
+    torch.library.opcheck(get_plugin("skinny_linear").forward_op, (torch.randn(12, 96, device=DEVICE), w))
+
+
 def test_opcheck_rope_kv_write():
     q, k, v = (torch.randn(5, h, 64, device=DEVICE) for h in (4, 2, 2))
     caches = [torch.zeros(2, 16, 2, 64, device=DEVICE) for _ in range(2)]
