@@ -23,7 +23,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed (pip inst
 if not ON_GPU and tuple(int(p) for p in np.__version__.split(".")[:2]) >= (2, 4):
     pytest.skip("Triton's interpreter needs numpy < 2.4 (its loops fail)", allow_module_level=True)
 
-from kiln.engine.decoder import greedy_sample_reference  # noqa: E402
+from kiln.engine.sampling_math import greedy_sample_reference  # noqa: E402
 from kiln.plugins import get_plugin  # noqa: E402
 from kiln.plugins.triton import attention_plan  # noqa: E402
 from kiln.plugins.triton.activation import silu_and_mul  # noqa: E402

@@ -8,7 +8,7 @@ merges a row's partials and writes the token (int64, for the next step's input) 
 words [token | logprob bits] that the step copies to the host.
 
 Ties go to the lowest index and the logprob is -log(sum(exp(x - max))), as torch's argmax and
-log_softmax give them; ``kiln.engine.decoder.greedy_sample_reference`` is the plain-torch version.
+log_softmax give them; ``kiln.engine.sampling_math.greedy_sample_reference`` is the plain-torch version.
 """
 
 from __future__ import annotations
