@@ -79,6 +79,10 @@ def resolve_engine_config(
             max_num_tokens=8192 if max_num_tokens is None else max_num_tokens,
             max_seq_len=files.max_position_embeddings if max_seq_len is None else max_seq_len,
         )
+    if plugins:  # names and kinds checked here, before any engine is built
+        from kiln.plugins import PluginSet
+
+        PluginSet("reference", plugins)
     cfg = EngineCoreConfig(
         model=model,
         dtype=dtype,

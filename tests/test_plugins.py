@@ -68,13 +68,17 @@ def test_forward_launches_triton_kernels_directly():
     assert WRAP_TRITON_ON == [False]
 
 
-def test_plugin_set_validates_choices():
+def test_plugin_set_validates_choices(tiny_model):
     with pytest.raises(ValueError, match="unknown plugin kinds"):
         PluginSet("reference", {"attn": "paged_attention"})
     with pytest.raises(ValueError, match="is of kind 'rms_norm', not 'attention'"):
         PluginSet("reference", {"attention": "rms_norm"})
-    with pytest.raises(KeyError, match="no plugin named 'nope'"):
+    with pytest.raises(
+        ValueError, match=r"no plugin named 'nope'; plugins of kind 'attention': \['paged_attention'\]"
+    ):
         PluginSet("reference", {"attention": "nope"})
+    with pytest.raises(ValueError, match="no plugin named 'nope'"):
+        LLM(tiny_model("LlamaForCausalLM"), plugins={"linear": "nope"})
     with pytest.raises(ValueError, match="plugin backend must be one of"):
         PluginSet("cuda")
     ps = PluginSet("reference", {"silu_and_mul": ("silu_and_mul", "reference")})

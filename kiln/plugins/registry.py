@@ -179,7 +179,10 @@ class PluginSet:
         for kind, default in DEFAULT_PLUGINS.items():
             sel = overrides.get(kind, default)
             name, be = (sel, backend) if isinstance(sel, str) else tuple(sel)
-            reg = get_plugin(name)
+            if name not in _REGISTRY:
+                of_kind = sorted(n for n, r in _REGISTRY.items() if r.plugin.kind == kind)
+                raise ValueError(f"no plugin named {name!r}; plugins of kind {kind!r}: {of_kind}")
+            reg = _REGISTRY[name]
             if reg.plugin.kind != kind:
                 raise ValueError(f"plugin {name!r} is of kind {reg.plugin.kind!r}, not {kind!r}")
             self.choice[kind] = (name, be)
