@@ -22,6 +22,7 @@ from kiln.executor.messages import Request
 from kiln.sampling_params import SamplingParams
 
 
+@torch.inference_mode()  # the engine's parts are driven directly here, in the mode EngineCore uses
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="model directory or preset:NAME")

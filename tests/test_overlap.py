@@ -240,3 +240,13 @@ def test_option_is_validated(tiny_model, bad):
         LLM(path, overlap_scheduling=bad)
     with LLM(path, max_seq_len=64) as llm:  # off on the CPU unless asked
         assert llm._executor._core.depth == 1
+
+
+def test_engine_state_lives_in_inference_mode(tiny_model):
+    """The engine is built and stepped in inference mode (no autograd bookkeeping on the hot path)."""
+    path = tiny_model("LlamaForCausalLM")
+    with _llm(path, overlap=True) as llm:
+        core = llm._executor._core
+        assert core.engine.block_table.is_inference() and core.decoder.state.floats.is_inference()
+        out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4, **GREEDY), use_tqdm=False)
+        assert len(out[0].outputs[0].token_ids) == 4

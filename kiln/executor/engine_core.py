@@ -22,13 +22,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from kiln.config import EngineLimits, KvCacheConfig, SchedulerConfig
 from kiln.executor.messages import PromptLogprobs, Request, ScheduledBatch, SequenceUpdate
 from kiln.executor.stats import EngineStats
 
 if TYPE_CHECKING:
-    import torch
-
     from kiln.engine.decoder import Decoder, SampledStep
 
 
@@ -61,6 +61,10 @@ class _Launched:
 
 
 class EngineCore:
+    # Built and stepped in inference mode: no autograd bookkeeping, and torch's custom ops skip their
+    # Python autograd and in-place/view layers (~10% of an eager step's host time). Callers that use
+    # the engine's parts directly (profiling, tests) must do so in inference mode too.
+    @torch.inference_mode()
     def __init__(self, cfg: EngineCoreConfig) -> None:
         from kiln.engine.decoder import Decoder
         from kiln.engine.model_engine import ModelEngine
@@ -140,6 +144,7 @@ class EngineCore:
     def has_work(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._launched)
 
+    @torch.inference_mode()
     def step(self) -> list[SequenceUpdate]:
         """Launch the next step; apply the oldest in flight once ``depth`` are (or none could launch)."""
         t0 = time.perf_counter()
