@@ -244,7 +244,7 @@ def test_option_is_validated(tiny_model, bad):
 
 def test_engine_state_lives_in_inference_mode(tiny_model):
     """The engine is built and stepped in inference mode (no autograd bookkeeping on the hot path)."""
-    path = tiny_model("LlamaForCausalLM")
+    path = tiny_model("LlamaForCausalLM", tokenizer=True)
     with _llm(path, overlap=True) as llm:
         core = llm._executor._core
         assert core.engine.block_table.is_inference() and core.decoder.state.floats.is_inference()
