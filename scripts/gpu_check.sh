@@ -11,7 +11,7 @@
 #   smoke       llama-3.2-1b: latency bs=1 and a small 128/128 throughput, kiln only  (~1-2 min)
 #   latency     bs=1 ISL 128 / 256 new: llama-3.2-1b and llama-3.1-8b, kiln + transformers peer (~5-8 min)
 #   throughput  llama-3.1-8b 128/128 x 512 requests, kiln + transformers peer on 256   (~4-7 min)
-#   nano        qwen3-0.6b nano-vllm workload (256 requests), kiln + peer on 128       (~3-6 min)
+#   nano        qwen3-0.6b nano-vllm workload (256 requests), kiln + peer on 64        (~2-4 min)
 #   gemm        scripts/bench_skinny_gemm.py: decode-sized linears, cuBLAS vs the skinny GEMM, 1B and 8B,
 #               then the bs-1 latency runs with --plugin linear=skinny_linear (~3-4 min)
 #   serve       `kiln serve` llama-3.1-8b + `kiln bench serve` ISL/OSL 1024, Poisson rates 2 4 6 (~5-7 min;
@@ -115,7 +115,7 @@ throughput() {
 
 nano() {
   bench throughput_qwen3_nano_vllm throughput --model preset:qwen3-0.6b --workload nano-vllm \
-    --backend "$PEER" --hf-num-requests 128 --hf-batch-size 64
+    --backend "$PEER" --hf-num-requests 64 --hf-batch-size 64
 }
 
 profile() {
