@@ -347,6 +347,24 @@ def test_cli_defaults_and_dispatch():
         cli._plugin_overrides(["skinny_linear"])
 
 
+def test_json_keeps_kiln_figures_when_the_peer_never_finishes(tmp_path, monkeypatch):
+    """The report is written after each backend: a peer killed by a timeout loses no kiln figure."""
+    from kiln.bench import latency
+    from kiln.cli import main
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # what a timeout's signal looks like from inside: nothing after it runs
+
+    monkeypatch.setattr(latency, "_hf_latency", killed)
+    out = tmp_path / "l.json"
+    argv = ["bench", "latency", "--model", "preset:tiny-llama", "--isl", "8", "--osl", "4",
+            "--iterations", "1", "--backend", "both", "--preset-cache", str(tmp_path), "--json", str(out)]  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+    r = json.loads(out.read_text())
+    assert set(r["results"]) == {"kiln"} and r["results"]["kiln"]["decode_tok_s"] > 0
+
+
 def test_hf_backend_runs_a_tiny_workload(tmp_path):
     from kiln.bench.hf_backend import hf_latency, hf_throughput, load_model
 

@@ -239,6 +239,8 @@ def _run(args: argparse.Namespace) -> int:
             f"--max-num-tokens ({engine.max_num_tokens}) must be >= "
             f"--max-batch-size ({engine.max_batch_size})"
         )
+    # the JSON is rewritten after each backend, so a peer that runs out of time loses no kiln figure
+    checkpoint = (lambda r: write_json(r, args.json)) if args.json else None
     if args.bench_command == "throughput":
         from kiln.bench.throughput import ThroughputOptions, run_throughput
 
@@ -256,7 +258,7 @@ def _run(args: argparse.Namespace) -> int:
             hf_num_requests=args.hf_num_requests,
             hf_batch_size=args.hf_batch_size,
         )
-        report = run_throughput(model, opts, engine, command_line(args))
+        report = run_throughput(model, opts, engine, command_line(args), checkpoint)
     else:
         from kiln.bench.latency import LatencyOptions, run_latency
 
@@ -270,7 +272,7 @@ def _run(args: argparse.Namespace) -> int:
             backend=args.backend,
             hf_compile=not args.no_hf_compile,
         )
-        report = run_latency(model, lopts, engine, command_line(args))
+        report = run_latency(model, lopts, engine, command_line(args), checkpoint)
     if args.json:
         write_json(report, args.json)
         print(f"kiln bench: wrote {args.json}", file=sys.stderr)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import statistics
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from typing import Any
@@ -103,8 +104,13 @@ def _hf_latency(model: BenchModel, opts: LatencyOptions, engine: EngineSettings)
 
 
 def run_latency(
-    model: BenchModel, opts: LatencyOptions, engine: EngineSettings, command: str | None = None
+    model: BenchModel,
+    opts: LatencyOptions,
+    engine: EngineSettings,
+    command: str | None = None,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
+    """The report; ``on_result`` gets it after each backend (so a later one timing out loses nothing)."""
     if opts.backend not in ("kiln", "hf", "both"):
         raise ValueError(f"--backend must be 'kiln', 'hf' or 'both', got {opts.backend!r}")
     if opts.osl < 2:
@@ -151,16 +157,14 @@ def run_latency(
         f"{opts.warmup} warm-up + {opts.iterations} iterations; decode step moves {step_bytes / 1e9:.2f} GB; "
         f"roofline bound {bound_tok_s:,.1f} tok/s per sequence"
     )
-    runs: dict[str, dict[str, Any]] = {}
     for name in ["kiln", "hf"] if opts.backend == "both" else [opts.backend]:
         run = _kiln_latency if name == "kiln" else _hf_latency
-        runs[name] = guarded(name, partial(run, model, opts, engine))
-    for res in runs.values():
-        if "error" in res:
-            continue
-        res["effective_gb_s"] = step_bytes / (res["tpot_ms"] / 1e3) / 1e9
-        res["roofline_share"] = res["decode_tok_s"] / bound_tok_s
-    report["results"] = runs
+        res = report["results"][name] = guarded(name, partial(run, model, opts, engine))
+        if "error" not in res:
+            res["effective_gb_s"] = step_bytes / (res["tpot_ms"] / 1e3) / 1e9
+            res["roofline_share"] = res["decode_tok_s"] / bound_tok_s
+        if on_result is not None:
+            on_result(report)
     return report
 
 

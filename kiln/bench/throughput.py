@@ -9,6 +9,7 @@ batch and KV usage seen in the engine stats, and the share of the serial rooflin
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from typing import Any
@@ -115,9 +116,14 @@ def kiln_figures(run: KilnRun, workload: Workload) -> dict[str, Any]:
 
 
 def run_throughput(
-    model: BenchModel, opts: ThroughputOptions, engine: EngineSettings, command: str | None = None
+    model: BenchModel,
+    opts: ThroughputOptions,
+    engine: EngineSettings,
+    command: str | None = None,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the workload on the chosen backend(s) and return the report (see ``kiln.bench.report``)."""
+    """Run the workload on the chosen backend(s) and return the report (see ``kiln.bench.report``);
+    ``on_result`` gets the report after each backend (so a later one timing out loses nothing)."""
     if opts.backend not in ("kiln", "hf", "both"):
         raise ValueError(f"--backend must be 'kiln', 'hf' or 'both', got {opts.backend!r}")
     wl = make_workload(opts, model.vocab_size)
@@ -139,6 +145,8 @@ def run_throughput(
     for name in backends:
         run = _kiln_throughput if name == "kiln" else _hf_throughput
         report["results"][name] = guarded(name, partial(run, model, wl, opts, engine, bound))
+        if on_result is not None:
+            on_result(report)
     return report
 
 
