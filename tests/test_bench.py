@@ -357,8 +357,8 @@ def test_json_keeps_kiln_figures_when_the_peer_never_finishes(tmp_path, monkeypa
 
     monkeypatch.setattr(latency, "_hf_latency", killed)
     out = tmp_path / "l.json"
-    argv = ["bench", "latency", "--model", "preset:tiny-llama", "--isl", "8", "--osl", "4",
-            "--iterations", "1", "--backend", "both", "--preset-cache", str(tmp_path), "--json", str(out)]  # fmt: skip
+    argv = ["bench", "latency", "--model", "preset:tiny-llama", "--isl", "8", "--osl", "4", "--iterations",
+            "1", "--backend", "both", "--preset-cache", str(tmp_path), "--json", str(out)]  # fmt: skip
     with pytest.raises(KeyboardInterrupt):
         main(argv)
     r = json.loads(out.read_text())
