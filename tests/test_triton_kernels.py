@@ -7,6 +7,7 @@ large shapes, CUDA-graph replay and torch.compile.
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -366,7 +367,7 @@ def test_step_varying_int_args_are_not_specialised(monkeypatch):
                                        gs._greedy_partial_kernel, gs._greedy_merge_kernel)}  # fmt: skip
     seen: dict[str, dict[str, set[str]]] = {name: {} for name in kernels}
     for name, k in kernels.items():
-        arg_names = list(__import__("inspect").signature(k.fn).parameters)
+        arg_names = list(inspect.signature(k.fn).parameters)
 
         def record(*args, grid, warmup, _run=k.run, _name=name, _names=arg_names, **kw):
             for n, a in zip(_names, args, strict=False):

@@ -2,7 +2,7 @@
 
 ``linear`` (the default) is cuBLAS through ``torch.nn.functional.linear``; layers call it directly,
 not through its op, so torch.compile and CUDA graphs see a plain matmul. ``skinny_linear`` runs
-inputs of at most ``MAX_ROWS`` rows (decode at small batch) through the split-K skinny GEMM
+inputs of at most ``skinny_gemm.MAX_ROWS`` rows (decode at small batch) through the split-K skinny GEMM
 (``plugins/triton/skinny_gemm.py``) and everything else through cuBLAS. Biases are added by the
 layer, outside the op.
 """
@@ -12,8 +12,6 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from kiln.plugins.registry import Plugin, plugin
-
-MAX_ROWS = 8  # the skinny GEMM's limit (kiln.plugins.triton.skinny_gemm.MAX_ROWS; no triton import here)
 
 
 class _Linear(Plugin):
@@ -37,8 +35,8 @@ class CublasLinear(_Linear):
 @plugin("skinny_linear", kind="linear")
 class SkinnyLinear(_Linear):
     def forward(self, x, weight):
+        from kiln.plugins.triton.skinny_gemm import MAX_ROWS, skinny_gemm
+
         if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_ROWS or weight.stride(1) != 1:
             return F.linear(x, weight)
-        from kiln.plugins.triton.skinny_gemm import skinny_gemm
-
         return skinny_gemm(x.contiguous(), weight)
