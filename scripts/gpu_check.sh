@@ -148,7 +148,7 @@ gemm() {
 }
 
 serve_bench() {
-  if ! "$PY" -c "import fastapi, uvicorn, pydantic" 2>/dev/null; then
+  if ! "$PY" -c "import fastapi, uvicorn, pydantic, prometheus_client, httpx" 2>/dev/null; then
     note "installing the server's wheels from .whl/"
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/kiln-site .whl/*.whl \
       && export PYTHONPATH="$PYTHONPATH:/tmp/kiln-site"

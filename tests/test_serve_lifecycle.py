@@ -129,7 +129,7 @@ def test_bench_serve_against_the_server(server, tmp_path):
             "--num-requests",
             "8",
             "--isl",
-            "12",
+            "40",
             "--osl",
             "6",
             "--vocab-size",
@@ -150,6 +150,9 @@ def test_bench_serve_against_the_server(server, tmp_path):
         for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
             assert set(r[key]) == {"mean", "median", "p99"} and r[key]["median"] > 0
         assert r["e2e_ms"]["median"] >= r["ttft_ms"]["median"] and r["output_tok_s"] > 0
+        # each rate draws its own prompts, so the second rate finds nothing of the first in the cache
+        assert r["prompt_tokens"] == 8 * 40 and r["cached_prompt_tokens"] == 0
+    assert report["workload"]["warmup_requests"] == 2
     svg = (tmp_path / "r.svg").read_text()
     assert svg.startswith("<svg") and svg.count("<polyline") == 4
     png = parser.parse_args(["--base-url", server.base_url, "--plot", str(tmp_path / "r.png")])

@@ -38,7 +38,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--osl", type=int, default=128, help="output tokens per request (default 128)")
     parser.add_argument("--concurrency", type=int, default=None, help="most requests in flight at once")
     parser.add_argument("--vocab-size", type=int, default=256, help="prompt token ids are drawn below this")
-    parser.add_argument("--seed", type=int, default=0, help="seed of prompts and arrival times")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of prompts and arrival times; each rate of a sweep draws fresh prompts (seed + its index), "
+        "so no rate reuses an earlier rate's prefixes from the server's cache",
+    )
+    parser.add_argument(
+        "--warmup-requests",
+        type=int,
+        default=2,
+        help="requests sent one at a time before the first rate and left out of the figures (default 2)",
+    )
     parser.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY'")
     parser.add_argument(
         "--no-ignore-eos",
@@ -61,6 +73,7 @@ class RequestResult:
     ok: bool
     prompt_tokens: int
     output_tokens: int = 0
+    cached_tokens: int = 0
     ttft: float | None = None
     e2e: float | None = None
     itl: list[float] = field(default_factory=list)
@@ -96,6 +109,8 @@ async def _one(client: Any, url: str, body: dict[str, Any], headers: dict[str, s
                     return res
                 if msg.get("usage"):
                     res.output_tokens = int(msg["usage"].get("completion_tokens", res.output_tokens))
+                    details = msg["usage"].get("prompt_tokens_details") or {}
+                    res.cached_tokens = int(details.get("cached_tokens") or 0)
                 if not msg.get("choices"):
                     continue
                 now = time.perf_counter()
@@ -114,14 +129,17 @@ async def _one(client: Any, url: str, body: dict[str, Any], headers: dict[str, s
     return res
 
 
-async def run_rate(args: argparse.Namespace, model: str, wl: Workload, rate: float) -> dict[str, Any]:
+async def run_rate(
+    args: argparse.Namespace, model: str, wl: Workload, rate: float, concurrency: int | None = None
+) -> dict[str, Any]:
     import httpx
 
     url = args.base_url.rstrip("/") + "/v1/completions"
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     rng = random.Random(args.seed)
-    sem = asyncio.Semaphore(args.concurrency) if args.concurrency else None
-    limits = httpx.Limits(max_connections=args.concurrency or None, max_keepalive_connections=None)
+    concurrency = concurrency or args.concurrency
+    sem = asyncio.Semaphore(concurrency) if concurrency else None
+    limits = httpx.Limits(max_connections=concurrency or None, max_keepalive_connections=None)
     async with httpx.AsyncClient(timeout=args.timeout, limits=limits) as client:
 
         async def send(i: int) -> RequestResult:
@@ -171,6 +189,8 @@ def summarize(results: list[RequestResult], elapsed: float, rate: float) -> dict
         "output_tok_s": out_tokens / elapsed if elapsed > 0 else None,
         "total_tok_s": (in_tokens + out_tokens) / elapsed if elapsed > 0 else None,
         "output_tokens": out_tokens,
+        "prompt_tokens": in_tokens,
+        "cached_prompt_tokens": sum(r.cached_tokens for r in ok),
         "ttft_ms": stats([r.ttft for r in ok if r.ttft is not None]),
         "tpot_ms": stats([t for r in ok if (t := r.tpot) is not None]),
         "itl_ms": stats([x for r in ok for x in r.itl]),
@@ -187,12 +207,14 @@ def render(report: dict[str, Any]) -> str:
     lines = [
         f"== kiln bench serve: {report['model']} at {report['base_url']}",
         f"   {report['workload']['num_requests']} requests per rate, isl {report['workload']['isl']}, "
-        f"osl {report['workload']['osl']}, concurrency {report['settings']['concurrency'] or 'unlimited'}",
+        f"osl {report['workload']['osl']}, concurrency {report['settings']['concurrency'] or 'unlimited'}, "
+        f"{report['workload']['warmup_requests']} warm-up requests before the first rate",
     ]
     for r in report["results"]:
         lines.append(
             f"-- rate {r['rate']} req/s: {r['completed']}/{r['num_requests']} ok in {r['elapsed_s']:.2f}s, "
-            f"{_fmt(r['output_tok_s'])} output tok/s, {_fmt(r['requests_per_s'])} req/s"
+            f"{_fmt(r['output_tok_s'])} output tok/s, {_fmt(r['requests_per_s'])} req/s, "
+            f"{r['cached_prompt_tokens']} of {r['prompt_tokens']} prompt tokens from the prefix cache"
         )
         for name in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
             s = r[name]
@@ -327,9 +349,21 @@ async def _server_model(args: argparse.Namespace) -> str:
         return str(r.json()["data"][0]["id"])
 
 
+async def _warm_up(args: argparse.Namespace, model: str) -> None:
+    """A few requests one at a time, so first-request costs on the server stay out of the first rate."""
+    if args.warmup_requests == 0:
+        return
+    # a seed no rate uses (rate i uses seed + i), so the warm-up leaves nothing in the prefix cache for them
+    seed = args.seed + len(args.rate)
+    wl = synthetic(args.warmup_requests, args.isl, min(args.osl, 16), args.vocab_size, seed=seed)
+    report = await run_rate(args, model, wl, math.inf, concurrency=1)
+    if report["failed"]:
+        raise RuntimeError(f"the warm-up requests failed: {report['errors']}")
+
+
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
     model = await _server_model(args)
-    wl = synthetic(args.num_requests, args.isl, args.osl, args.vocab_size, seed=args.seed)
+    await _warm_up(args, model)
     report: dict[str, Any] = {
         "kind": "serve",
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -341,6 +375,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             "isl": args.isl,
             "osl": args.osl,
             "seed": args.seed,
+            "warmup_requests": args.warmup_requests,
             "ignore_eos": not args.no_ignore_eos,
         },
         "settings": {
@@ -349,12 +384,15 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "results": [],
     }
-    for rate in args.rate:
+    for i, rate in enumerate(args.rate):
+        wl = synthetic(args.num_requests, args.isl, args.osl, args.vocab_size, seed=args.seed + i)
         report["results"].append(await run_rate(args, model, wl, rate))
     return report
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.warmup_requests < 0:
+        raise ValueError(f"--warmup-requests must be >= 0, got {args.warmup_requests}")
     for name in ("num_requests", "isl", "osl", "vocab_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
