@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--seed",
         type=int,
         default=0,
-        help="seed of prompts and arrival times; each rate of a sweep draws fresh prompts (seed + its index), "
+        help="seed of prompts and arrival times; each rate of a sweep draws fresh prompts (seed + index), "
         "so no rate reuses an earlier rate's prefixes from the server's cache",
     )
     parser.add_argument(
