@@ -148,10 +148,14 @@ gemm() {
 }
 
 serve_bench() {
-  if ! "$PY" -c "import fastapi, uvicorn, pydantic, prometheus_client, httpx" 2>/dev/null; then
+  if ! "$PY" -c "import kiln.serve.server, httpx" 2>/dev/null; then
     note "installing the server's wheels from .whl/"
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/kiln-site .whl/*.whl \
       && export PYTHONPATH="$PYTHONPATH:/tmp/kiln-site"
+    if ! "$PY" -c "import kiln.serve.server, httpx" >"$OUT/serve_import.log" 2>&1; then
+      printf 'serve\t1\tthe server does not import: %s\n' "$(tail -n 1 "$OUT/serve_import.log")" >>"$STATUS_FILE"
+      return
+    fi
   fi
   local dir
   local model=${SERVE_MODEL:-llama-3.1-8b}
