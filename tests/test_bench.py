@@ -184,6 +184,23 @@ def test_byte_tokenizer(tmp_path):
     assert len(set(byte_to_char())) == 256
 
 
+def test_byte_tokenizer_covers_the_model_vocabulary(tmp_path):
+    from transformers import AutoTokenizer
+
+    from kiln.bench.checkpoint import write_byte_tokenizer
+
+    p = get_preset("llama-3.1-8b")  # special tokens at the top: 128000 and up
+    vocab = p.config["vocab_size"]
+    write_byte_tokenizer(str(tmp_path), p.special_tokens, p.bos_token, p.eos_token, 8192, vocab_size=vocab)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    assert len(tok) == vocab and tok.eos_token_id == p.special_tokens[p.eos_token]
+    words = [tok.decode([i]) for i in range(256, 128000)]
+    assert len(set(words)) == len(words)  # every generated id has its own text
+    assert all(w[0] == " " and 3 <= len(w) <= 5 and w[1:].isalpha() for w in words)
+    text = "héllo ✓"
+    assert tok.decode(tok.encode(text, add_special_tokens=False)) == text  # text still round-trips
+
+
 # ---------------------------------------------------------------- roofline
 
 

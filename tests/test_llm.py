@@ -312,3 +312,17 @@ def test_request_metrics_are_ordered(tiny_model):
         m = out.metrics
         assert m is not None and m.first_scheduled_time is not None
         assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.finished_time
+
+
+def test_step_log_has_one_line_per_step(tiny_model, tmp_path, monkeypatch):
+    log = tmp_path / "steps.tsv"
+    monkeypatch.setenv("KILN_STEP_LOG", str(log))
+    prompts = _prompts(4, seed=5, lo=20, hi=40)
+    with _llm(tiny_model("LlamaForCausalLM", tokenizer=True), max_num_tokens=32) as llm:
+        llm.generate(prompts, SamplingParams(max_tokens=5, **GREEDY), use_tqdm=False)
+        steps = llm.stats().steps
+    header, *rows = [line.split("\t") for line in log.read_text().splitlines()]
+    assert header[:5] == ["step", "unix_time", "seqs", "decode_seqs", "tokens"] and len(rows) == steps
+    tokens = [int(r[4]) for r in rows]
+    assert max(tokens) <= 32 and sum(t - int(r[3]) for t, r in zip(tokens, rows)) == sum(map(len, prompts))
+    assert all(float(r[5]) > 0 for r in rows)

@@ -116,6 +116,21 @@ def test_completion_stream_equals_non_stream(client):
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
 
 
+def test_stream_sends_tokens_that_add_no_text(client):
+    # a special token decodes to "": its steps still reach the client, so time to first token and
+    # inter-token times are the engine's, not the time until some token happens to have text
+    kw = dict(model=MODEL_NAME, max_tokens=16, temperature=0, logit_bias={"1": 100}, stream=True)
+    chunks = [c for c in client.completions.create(prompt=PROMPTS[0], **kw) if c.choices]
+    assert all(c.choices[0].text == "" for c in chunks)
+    assert len(chunks) >= 2 and chunks[0].choices[0].finish_reason is None
+    assert chunks[-1].choices[0].finish_reason == "length"
+    chat = [c for c in client.chat.completions.create(messages=MESSAGES, **kw) if c.choices]
+    # the role chunk, then at least one content chunk before the last one
+    assert chat[0].choices[0].delta.role == "assistant"
+    assert len(chat) >= 3 and all(not c.choices[0].delta.content for c in chat)
+    assert chat[-1].choices[0].finish_reason == "length"
+
+
 def test_chat_equals_llm_chat_streaming_or_not(client, llm):
     ref = llm.chat(
         MESSAGES, SamplingParams(temperature=0, max_tokens=10), chat_template=TEMPLATE, use_tqdm=False

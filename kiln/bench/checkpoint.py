@@ -171,18 +171,30 @@ def byte_to_char() -> list[str]:
     return chars
 
 
+def _letters(k: int) -> str:
+    """k > 0 in base 26 with digits a-z."""
+    out = ""
+    while k:
+        k, r = divmod(k, 26)
+        out = chr(ord("a") + r) + out
+    return out
+
+
 def write_byte_tokenizer(
     out_dir: str,
     special_tokens: dict[str, int],
     bos_token: str | None,
     eos_token: str | None,
     model_max_length: int,
+    vocab_size: int | None = None,
 ) -> None:
     """A byte-level tokenizer: the 256 bytes at the lowest ids not taken by special tokens, and the
     special tokens at the model's own ids (so EOS / BOS ids agree with config.json).
 
-    Benchmarks pass token ids, so the vocabulary size does not matter; ids the tokenizer does not
-    know decode to nothing.
+    With ``vocab_size``, every other id below it becomes a word-like token (" ab", " xyz": a space and
+    two to four letters, no merges lead to it), so whatever a random model generates decodes to text
+    of a real tokenizer's length and a server streams and detokenizes it as it would a real model's.
+    Without it, ids the tokenizer does not know decode to nothing. Text still encodes byte by byte.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
@@ -193,6 +205,12 @@ def write_byte_tokenizer(
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     data = json.loads(tok.to_str())
+    if vocab_size is not None:
+        used = taken | set(ids)
+        words = iter(range(26, 26**5))  # distinct k, distinct words: k in base 26 has no leading 'a'
+        for tid in range(vocab_size):
+            if tid not in used:
+                data["model"]["vocab"][byte_to_char()[ord(" ")] + _letters(next(words))] = tid
     # Special tokens sit in the model vocabulary too, so their (sparse) ids are kept as written.
     for content, tid in special_tokens.items():
         data["model"]["vocab"][content] = tid

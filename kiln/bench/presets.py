@@ -18,7 +18,7 @@ from typing import Any
 
 PRESET_PREFIX = "preset:"
 # Bumped whenever the files a preset materialises change, so stale caches are not reused.
-_LAYOUT_VERSION = 1
+_LAYOUT_VERSION = 2
 
 _LLAMA3_ROPE_8 = {
     "factor": 8.0,
@@ -369,6 +369,7 @@ def materialize_preset(
             preset.bos_token,
             preset.eos_token,
             int(config.get("max_position_embeddings", 2048)),
+            vocab_size=int(config["vocab_size"]),
         )
         write_random_checkpoint(tmp, config, dtype=dtype, device=device, seed=seed, verbose=verbose)
         with open(os.path.join(tmp, ".complete"), "w") as f:

@@ -15,6 +15,7 @@ Messages out: ("ready", info) | ("updates", [SequenceUpdate], EngineStats) | ("f
 
 from __future__ import annotations
 
+import os
 import time
 import traceback
 from collections import deque
@@ -107,6 +108,8 @@ class EngineCore:
         self.depth = 2 if cfg.overlap_scheduling else 1  # steps in flight before the oldest is applied
         self._launched: deque[_Launched] = deque()
         self.stats = EngineStats()
+        # KILN_STEP_LOG=FILE: one tab-separated line per step, to see which steps are slow and why
+        self._step_log = _open_step_log(os.environ.get("KILN_STEP_LOG"))
 
     def info(self) -> dict[str, Any]:
         return {
@@ -209,9 +212,29 @@ class EngineCore:
             s.decode_steps += 1
             s.decode_step_time_total += step_time
         s.last_batch_size, s.last_num_tokens = batch.num_seqs, batch.num_tokens
+        if self._step_log is not None:
+            self._step_log.write(
+                f"{batch.step_id}\t{time.time():.6f}\t{batch.num_seqs}\t{batch.num_decode}\t{batch.num_tokens}\t"
+                f"{1e3 * step_time:.3f}\t{1e3 * host_time:.3f}\t{1e3 * wait_time:.3f}\n"
+            )
 
     def close(self) -> None:
         self.engine.close()
+        if self._step_log is not None:
+            self._step_log.close()
+            self._step_log = None
+
+
+_STEP_LOG_HEADER = "step\tunix_time\tseqs\tdecode_seqs\ttokens\tstep_ms\thost_ms\tdevice_wait_ms\n"
+
+
+def _open_step_log(path: str | None) -> Any:
+    if not path:
+        return None
+    f = open(path, "a", buffering=1)  # line-buffered: a killed run keeps its lines  # noqa: SIM115
+    if f.tell() == 0:
+        f.write(_STEP_LOG_HEADER)
+    return f
 
 
 Receive = Callable[[bool], list[tuple[Any, ...]]]

@@ -140,12 +140,14 @@ async def _stream(
                 sent_text[i], sent_tokens[i] = len(c.text), len(c.token_ids)
                 done = c.finish_reason is not None
                 finished[i] = done
-                if not text and logprobs is None and not done:
+                # an update with new tokens is sent even when they add no text yet (an incomplete
+                # character, a possible stop string): the client sees each step's progress
+                if not text and not new_ids and logprobs is None and not done:
                     continue
                 yield chunk(
                     ChatStreamChoice(
                         index=i,
-                        delta=DeltaMessage(content=text or None) if text or not done else DeltaMessage(),
+                        delta=DeltaMessage(content=text) if text or not done else DeltaMessage(),
                         logprobs=logprobs,
                         finish_reason=c.finish_reason,
                         stop_reason=c.stop_reason,

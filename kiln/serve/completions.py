@@ -182,7 +182,9 @@ async def _stream(
                 sent_tokens[pi][i] = len(c.token_ids)
                 done = c.finish_reason is not None
                 finished[pi][i] = done
-                if not text and logprobs is None and not done:
+                # an update with new tokens is sent even when they add no text yet (an incomplete
+                # character, a possible stop string): the client sees each step's progress
+                if not text and not new_ids and logprobs is None and not done:
                     continue
                 chunk = CompletionResponse(
                     id=rid,
