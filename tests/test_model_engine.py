@@ -16,6 +16,8 @@ if not ON_GPU:
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 from step_builder import Chunk, StepBuilder  # noqa: E402
 from test_models import ARCH_CASES  # noqa: E402
 from tiny_models import hf_logits  # noqa: E402
@@ -23,6 +25,7 @@ from tiny_models import hf_logits  # noqa: E402
 from kiln.config import EngineLimits, KvCacheConfig  # noqa: E402
 from kiln.engine.kv_cache import CPU_DEFAULT_CAP_BYTES, KvCacheSpec, cpu_default_num_blocks  # noqa: E402
 from kiln.engine.model_engine import ModelEngine  # noqa: E402
+from kiln.engine.synthetic_batches import synthetic_batch, warm_up_shapes  # noqa: E402
 from kiln.executor.messages import SlotInit  # noqa: E402
 from kiln.plugins import PluginSet  # noqa: E402
 from kiln.sampling_params import SamplingParams  # noqa: E402
@@ -247,3 +250,30 @@ def test_triton_backend_end_to_end(tiny_model, linear):
         for row, c in enumerate(chunks):
             expect = ref[c.seq_id][c.start + len(c.tokens) - 1]
             torch.testing.assert_close(out.logits[row].cpu(), expect, atol=2e-4, rtol=2e-4)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 512), st.integers(0, 16384), st.integers(2, 32768))
+def test_warm_up_shapes_stay_within_the_limits(max_batch, extra_tokens, max_len):
+    max_tokens = max_batch + extra_tokens  # the engine requires max_num_tokens >= max_batch_size
+    limits = EngineLimits(max_batch_size=max_batch, max_num_tokens=max_tokens, max_seq_len=max_len)
+    for computed, new in warm_up_shapes(limits):
+        assert len(new) <= max_batch and sum(new) <= max_tokens
+        assert all(c + n <= max_len for c, n in zip(computed, new, strict=True))
+        batch, blocks = synthetic_batch(computed, new, 16)
+        assert batch.num_tokens == sum(new) and blocks == 1 + sum(
+            -(-(c + n) // 16) for c, n in zip(computed, new, strict=True)
+        )
+
+
+def test_warm_up_steps_leave_the_engine_clean(tiny_model):
+    path = tiny_model("LlamaForCausalLM")
+    engine = make_engine(path)
+    shapes = warm_up_shapes(LIMITS)
+    assert {len(n) for _c, n in shapes} >= {1, 2, 3} and any(c[0] > 0 and n[0] == 1 for c, n in shapes)
+    engine.warm_up_steps()
+    assert not engine.block_table.any()  # no row is left pointing at the warm-up's blocks
+    builder = StepBuilder(BLOCK)
+    chunks = schedule()[0]
+    out = engine.forward(builder.batch(chunks, slot_inits=[slot_init(1, SEQ_A[:PROMPT_A], 3)]))
+    torch.testing.assert_close(out.logits[0], reference(path, tuple(SEQ_A))[4], **TOL)

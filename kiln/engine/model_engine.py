@@ -32,6 +32,7 @@ from kiln.engine.kv_cache import (
 )
 from kiln.engine.prompt_logprobs import PromptLogprobsComputer
 from kiln.engine.staging import HostStaging
+from kiln.engine.synthetic_batches import profile_batch, synthetic_batch, warm_up_shapes
 from kiln.executor.messages import PromptLogprobs, ScheduledBatch
 from kiln.plugins import PluginSet
 
@@ -124,6 +125,8 @@ class ModelEngine:
                 self.device,
             )
             self.graphs.capture()
+        if self.device.type == "cuda":
+            self.warm_up_steps()
 
     # ------------------------------------------------------------------ sizing
 
@@ -165,6 +168,17 @@ class ModelEngine:
                 "max_batch_size, or use a smaller dtype"
             )
         return num_blocks
+
+    def warm_up_steps(self) -> None:
+        """Run the mixed steps of ``warm_up_shapes`` on the (still empty) KV pool, so their first-use
+        work is done at start-up; the block-table rows they used are cleared afterwards."""
+        for computed, new in warm_up_shapes(self.limits):
+            batch, blocks = synthetic_batch(computed, new, self.tokens_per_block)
+            if blocks <= self.num_blocks:
+                self.forward(batch)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.block_table.zero_()
 
     # ------------------------------------------------------------------ one step
 
@@ -334,37 +348,3 @@ class ModelEngine:
         self._staging.close()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-
-
-def profile_batch(limits: EngineLimits, tokens_per_block: int) -> tuple[ScheduledBatch, int]:
-    """The largest step the engine can be asked to run: max_num_tokens tokens of fresh context chunks
-    over as many sequences as fit (each <= max_seq_len), every one of them sampling. Returns the batch
-    and the number of KV blocks (incl. the null block) it needs."""
-    total = limits.max_num_tokens
-    num_seqs = min(limits.max_batch_size, total)
-    total = min(total, num_seqs * limits.max_seq_len)
-    lens = np.full(num_seqs, total // num_seqs, dtype=np.int64)
-    lens[: total % num_seqs] += 1
-    blocks_per_seq = -(-lens // tokens_per_block)
-    first_block = 1 + np.concatenate(([0], np.cumsum(blocks_per_seq)[:-1]))
-    seq_of_block = np.repeat(np.arange(num_seqs), blocks_per_seq)
-    index_in_seq = np.arange(int(blocks_per_seq.sum())) - np.repeat(first_block - 1, blocks_per_seq)
-    block_ids = np.arange(1, int(blocks_per_seq.sum()) + 1)
-    rows = np.arange(num_seqs, dtype=np.int32)
-    batch = ScheduledBatch(
-        step_id=-1,
-        seq_ids=rows,
-        slots=rows,
-        num_computed=np.zeros(num_seqs, np.int32),
-        num_new_tokens=lens.astype(np.int32),
-        num_decode=0,
-        input_ids=np.zeros(total, np.int32),
-        block_updates=np.stack([seq_of_block, index_in_seq, block_ids], axis=1).astype(np.int32),
-        copy_blocks=np.zeros((0, 2), np.int32),
-        sample_rows=rows,
-        sample_slots=rows,
-        sample_seq_ids=rows,
-        sample_positions=lens.astype(np.int32),
-        sample_num_output=np.zeros(num_seqs, np.int32),
-    )
-    return batch, int(blocks_per_seq.sum()) + 1
