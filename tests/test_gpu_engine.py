@@ -46,16 +46,31 @@ def test_fp32_greedy_identical_to_transformers_with_graphs(tiny_model, arch):
         assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 12)[0]
 
 
-def test_graphs_and_eager_give_same_tokens_bf16(tiny_model):
+def test_graphs_and_eager_agree_bf16(tiny_model):
+    # bf16 GEMMs are not batch-invariant: a graph pads the batch to a captured size, and cuBLAS may
+    # pick another kernel for the padded shape, so near-ties can break the other way. Exact tokens
+    # are checked in float32 (above); here each side's token must be in the other's top-5 at the
+    # first divergence, and most sequences must not diverge at all.
     path = tiny_model("LlamaForCausalLM", tokenizer=True, **SHAPE)
     prompts = _prompts(20, seed=8)
-    sp = SamplingParams(max_tokens=16, **GREEDY)
+    sp = SamplingParams(max_tokens=16, logprobs=5, **GREEDY)
     with _llm(path, dtype="bfloat16", cuda_graphs=False, executor="process") as eager:
-        ref = [o.outputs[0].token_ids for o in eager.generate(prompts, sp, use_tqdm=False)]
+        ref = [o.outputs[0] for o in eager.generate(prompts, sp, use_tqdm=False)]
     with _llm(path, dtype="bfloat16", executor="process") as graphed:
         assert graphed.engine_info["cuda_graph_capture_seconds"] > 0
-        got = [o.outputs[0].token_ids for o in graphed.generate(prompts, sp, use_tqdm=False)]
-    assert got == ref
+        got = [o.outputs[0] for o in graphed.generate(prompts, sp, use_tqdm=False)]
+    same = 0
+    for a, b in zip(got, ref, strict=True):
+        assert len(a.token_ids) == len(b.token_ids) == 16
+        diverged = next(
+            (i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids, strict=True)) if x != y), None
+        )
+        if diverged is None:
+            same += 1
+            continue
+        x, y = a.token_ids[diverged], b.token_ids[diverged]
+        assert x in b.logprobs[diverged] and y in a.logprobs[diverged], (diverged, x, y)
+    assert same >= len(prompts) // 2, f"only {same} of {len(prompts)} sequences are identical"
 
 
 def test_bf16_top1_or_top5_agreement(tiny_model):
@@ -89,3 +104,38 @@ def test_overlap_and_compile_give_same_tokens_as_plain_eager(tiny_model):
         got_s = [o.outputs[0].token_ids for o in fast.generate(prompts, seeded, use_tqdm=False)]
     assert info["cuda_graph_capture_seconds"] > 0
     assert got == ref and got_s == ref_s
+
+
+def test_launching_a_step_that_admits_requests_does_not_wait_for_the_device(tiny_model):
+    # A step is launched while the previous one runs (overlap scheduling). Anything in the launch that
+    # waits for the device (a copy from pageable memory, .item(), nonzero) serialises host and device.
+    from kiln.config import EngineLimits, KvCacheConfig
+    from kiln.engine.decoder import Decoder
+    from kiln.engine.model_engine import ModelEngine
+    from kiln.engine.synthetic_batches import synthetic_batch
+    from kiln.executor.messages import SlotInit
+
+    path = tiny_model("LlamaForCausalLM", tokenizer=True, **SHAPE)
+    limits = EngineLimits(max_batch_size=8, max_num_tokens=256, max_seq_len=256)
+    with torch.inference_mode():
+        engine = ModelEngine(path, dtype="bfloat16", device="cuda", limits=limits,
+                             kv_config=KvCacheConfig(max_tokens=4096), cuda_graphs=False)  # fmt: skip
+        decoder = Decoder(limits.max_batch_size, engine.vocab_size, engine.device)
+        batch, _ = synthetic_batch([40, 0, 0], [1, 30, 50], engine.tokens_per_block)
+        kinds = [
+            SamplingParams(temperature=0),
+            SamplingParams(temperature=0.7, top_p=0.9, seed=1),
+            SamplingParams(temperature=1.0, presence_penalty=0.5, logit_bias={5: 2.0}, min_tokens=2),
+        ]
+        batch.slot_inits = [SlotInit(s, sp, [1, 2, 3], [], s, 0, stop_ids=(7,)) for s, sp in enumerate(kinds)]
+        engine.forward(batch)  # first use (compilation, allocation) outside the check
+        decoder.sample_async(engine.forward(batch).logits, batch).result()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            fwd = engine.forward(batch)
+            step = decoder.sample_async(fwd.logits, batch)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert step.result().token_ids.shape == (3,)
+        engine.close()

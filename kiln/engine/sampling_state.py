@@ -186,7 +186,14 @@ class SamplingState:
             self.counts.index_put_((slots, tokens), ones, accumulate=True)
 
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        if self.device.type == "cuda":
+            # From pinned memory the copy is asynchronous. A copy from pageable memory would wait for
+            # the device to finish all queued work, stalling the launch of every step that admits a
+            # request (and with it overlap scheduling). The caching host allocator keeps the pinned
+            # block alive until its copy is done.
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
 
 
 def _flatten(pairs: list[tuple[int, list[int]]]) -> tuple[np.ndarray, np.ndarray]:
