@@ -11,6 +11,9 @@
 #   smoke       llama-3.2-1b: latency bs=1 and a small 128/128 throughput, kiln only  (~1-2 min)
 #   latency     bs=1 ISL 128 / 256 new: llama-3.2-1b and llama-3.1-8b, kiln + transformers peer (~5-8 min)
 #   throughput  llama-3.1-8b 128/128 x 512 requests, kiln + transformers peer on 256   (~4-7 min)
+#   workloads   llama-3.1-8b 128/2048 x 512, 2048/128 x 1024, 2048/2048 x 256, kiln only (WORKLOADS changes
+#               them: "ISL/OSLxREQUESTS ..."; ~8-10 min: split over two calls when they run slow)
+#   ttft        llama-3.1-8b TTFT of one 2,048-token prompt (~1-2 min)
 #   nano        qwen3-0.6b nano-vllm workload (256 requests), kiln + peer on 64        (~2-4 min)
 #   gemm        scripts/bench_skinny_gemm.py: decode-sized linears, cuBLAS vs the skinny GEMM, 1B and 8B,
 #               then the bs-1 latency runs with --plugin linear=skinny_linear (~3-4 min)
@@ -132,6 +135,21 @@ throughput() {
     --num-requests 512 --backend "$PEER" --hf-num-requests 256 --hf-batch-size 64
 }
 
+workloads() {
+  # WORKLOADS: "ISL/OSLxREQUESTS ..." llama-3.1-8b throughput runs (default: the three long targets)
+  local w isl osl n
+  for w in ${WORKLOADS:-128/2048x512 2048/128x1024 2048/2048x256}; do
+    isl=${w%%/*}; osl=${w#*/}; osl=${osl%%x*}; n=${w##*x}
+    bench "throughput_llama8b_${isl}_${osl}" throughput --model preset:llama-3.1-8b --isl "$isl" --osl "$osl" \
+      --num-requests "$n" --backend kiln
+  done
+}
+
+ttft() {
+  # time to first token of one 2,048-token prompt (target 48 ms on an H100; bound 41 ms)
+  bench ttft_llama8b_2048 latency --model preset:llama-3.1-8b --isl 2048 --osl 16 --batch-size 1 --backend kiln
+}
+
 nano() {
   bench throughput_qwen3_nano_vllm throughput --model preset:qwen3-0.6b --workload nano-vllm \
     --backend "$PEER" --hf-num-requests 64 --hf-batch-size 64
@@ -247,8 +265,8 @@ groups=("$@")
 [ ${#groups[@]} -eq 0 ] && groups=(tests)
 for g in "${groups[@]}"; do
   case "$g" in
-    env | tiny | tests | smoke | profile | latency | throughput | nano | gemm | serve | all) ;;
-    *) echo "unknown group '$g'; use env, tiny, tests, smoke, profile, latency, throughput, nano, gemm, serve or all" >&2
+    env | tiny | tests | smoke | profile | latency | throughput | workloads | ttft | nano | gemm | serve | all) ;;
+    *) echo "unknown group '$g'; use env, tiny, tests, smoke, profile, latency, throughput, workloads, ttft, nano, gemm, serve or all" >&2
        exit 2 ;;
   esac
 done
@@ -262,6 +280,8 @@ for g in "${groups[@]}"; do
     profile) profile ;;
     latency) latency ;;
     throughput) throughput ;;
+    workloads) workloads ;;
+    ttft) ttft ;;
     nano) nano ;;
     gemm) gemm ;;
     serve) serve_bench ;;
