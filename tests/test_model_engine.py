@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -23,6 +24,7 @@ from test_models import ARCH_CASES  # noqa: E402
 from tiny_models import hf_logits  # noqa: E402
 
 from kiln.config import EngineLimits, KvCacheConfig  # noqa: E402
+from kiln.engine.cuda_graphs import DecodeGraphRunner  # noqa: E402
 from kiln.engine.kv_cache import CPU_DEFAULT_CAP_BYTES, KvCacheSpec, cpu_default_num_blocks  # noqa: E402
 from kiln.engine.model_engine import ModelEngine  # noqa: E402
 from kiln.engine.synthetic_batches import synthetic_batch, warm_up_shapes  # noqa: E402
@@ -277,3 +279,51 @@ def test_warm_up_steps_leave_the_engine_clean(tiny_model):
     chunks = schedule()[0]
     out = engine.forward(builder.batch(chunks, slot_inits=[slot_init(1, SEQ_A[:PROMPT_A], 3)]))
     torch.testing.assert_close(out.logits[0], reference(path, tuple(SEQ_A))[4], **TOL)
+
+
+@pytest.mark.parametrize("sizes", [[1, 2, 4], [4]], ids=["exact", "padded"])
+def test_graph_path_matches_transformers(tiny_model, sizes):
+    # The decode-graph path (static input rows, padding, block tables and KV slots built inside the
+    # graph), replayed eagerly on the CPU: the same logits as transformers, and decode-only steps do
+    # go through it. [4] pads every decode step (1 or 2 rows) to 4.
+    path = tiny_model("LlamaForCausalLM")
+    ref = {0: reference(path, tuple(SEQ_A)), 1: reference(path, tuple(SEQ_B))}
+    engine = make_engine(path)
+    engine.graphs = DecodeGraphRunner(
+        engine._forward_hidden,
+        engine.block_table,
+        sizes,
+        LIMITS.max_seq_len,
+        BLOCK,
+        engine.device,
+        capture=False,
+    )
+    replays = 0
+    replay = engine.graphs.replay
+
+    def counted(rows):
+        nonlocal replays
+        replays += 1
+        return replay(rows)
+
+    engine.graphs.replay = counted
+    builder = StepBuilder(BLOCK)
+    inits = [slot_init(1, SEQ_A[:PROMPT_A], None), slot_init(2, SEQ_B[:PROMPT_B], None)]
+    decode_only = 0
+    for i, chunks in enumerate(schedule()):
+        chunks = [dataclasses.replace(c, prompt_logprobs_k=None) for c in chunks]
+        decode_only += all(c.decode for c in chunks)
+        out = engine.forward(builder.batch(chunks, slot_inits=inits if i == 0 else None))
+        for row, c in enumerate(chunks):
+            torch.testing.assert_close(out.logits[row], ref[c.seq_id][c.start + len(c.tokens) - 1], **TOL)
+    assert replays == decode_only == 10
+    # the last steps decoded A alone: the other rows its graph reads are padding (no KV slot)
+    size = engine.graphs.padded_size(1)
+    assert (engine.graphs.inputs[2, 1:size] == -1).all() and (engine.graphs.inputs[3, 1:size] == 1).all()
+    # forked rows sample the same sequence twice: the graph path still gathers the right rows
+    a_end = 30
+    fork = engine.forward(
+        builder.batch([Chunk(0, 1, a_end - 1, SEQ_A[a_end - 1 : a_end], decode=True)], sample=[0, 0])
+    )
+    assert replays == 11 and fork.logits.shape == (2, 320)
+    torch.testing.assert_close(fork.logits[0], fork.logits[1])

@@ -2,11 +2,16 @@
 
 A decode step of B sequences is the same sequence of kernels for every B-row batch, so it is
 captured once per padded batch size and replayed: one launch instead of hundreds of small ones.
-The graph reads its inputs from static buffers; the engine copies a step's inputs in and pads the
-rest (padded rows write no KV: slot -1; they attend over one key of the null block). The block
-table is the engine's persistent device table, gathered by slot inside the graph, so appending
-blocks between replays needs no re-capture. The LM head runs outside the graph, on the sampling
-rows only, so a graph's output is just [B, hidden].
+The graph reads its inputs from one static [4, B] buffer (input ids, positions, slots, KV lengths);
+a replay is one copy of the step's rows into it (plus one for the padding rows) and the launch.
+Everything else is computed inside the graph, so it costs no host launch: the block-table rows
+(the engine's persistent device table, gathered by slot, so appending blocks between replays needs
+no re-capture) and the KV write slots. Padded rows have slot -1: they write no KV and attend over
+one key of the null block. The LM head runs outside the graph, on the sampling rows only, so a
+graph's output is just [B, hidden].
+
+Without ``capture`` (the CPU) the runner replays by calling the same function eagerly: the graph
+path's inputs and padding are then testable without a GPU.
 """
 
 from __future__ import annotations
@@ -29,6 +34,11 @@ def default_graph_batch_sizes(max_batch_size: int) -> list[int]:
     return out
 
 
+# rows of the static input buffer
+INPUT_IDS, POSITIONS, SLOTS, SEQ_LENS = range(4)
+_PAD_ROW = (0, 0, -1, 1)  # a padded row: token 0 at position 0, no slot, one visible key
+
+
 class DecodeGraphRunner:
     """Captures ``forward_hidden(input_ids, positions, attn) -> [B, H]`` at each padded batch size."""
 
@@ -38,45 +48,55 @@ class DecodeGraphRunner:
         block_table: torch.Tensor,  # [max_batch_size, max_blocks] int32, the engine's persistent table
         batch_sizes: Sequence[int],
         max_seq_len: int,
+        tokens_per_block: int,
         device: torch.device,
+        capture: bool = True,
     ) -> None:
         self._forward = forward_hidden
         self._block_table = block_table
         self.batch_sizes = sorted(set(batch_sizes))
         self.max_batch_size = self.batch_sizes[-1]
         self._max_seq_len = max_seq_len
+        self._tokens_per_block = tokens_per_block
+        self._capture = capture
         n = self.max_batch_size
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
-        self.slots = torch.zeros(n, dtype=torch.int64, device=device)
-        self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
+        self.inputs = torch.tensor(_PAD_ROW, dtype=torch.int64, device=device)[:, None].repeat(1, n)
+        self._padding = self.inputs.clone()  # copied over the rows a step leaves unused
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)  # one token per row
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[int, torch.Tensor] = {}
         self.capture_seconds = 0.0
 
     def _run(self, b: int) -> torch.Tensor:
+        rows = self.inputs[:, :b]
+        positions, slots = rows[POSITIONS], rows[SLOTS]
+        valid = slots >= 0
+        tables = self._block_table.index_select(0, slots.clamp(min=0))  # [b, max_blocks] int32
+        tables = torch.where(valid[:, None], tables, 0)  # padded rows: the null block
+        tpb = self._tokens_per_block
+        blocks = tables.gather(1, (positions // tpb)[:, None]).squeeze(1).to(torch.int64)
         attn = AttentionMetadata(
-            slot_mapping=self.slot_mapping[:b],
-            block_tables=self._block_table.index_select(0, self.slots[:b]),  # [b, max_blocks]
-            seq_lens=self.seq_lens[:b],
+            slot_mapping=torch.where(valid, blocks * tpb + positions % tpb, -1),
+            block_tables=tables,
+            seq_lens=rows[SEQ_LENS].to(torch.int32),
             query_start_loc=self.query_start_loc[: b + 1],
             max_query_len=1,
             max_seq_len=self._max_seq_len,  # an upper bound: the kernel's grid must not change
             num_decode_seqs=b,
             num_decode_tokens=b,
         )
-        return self._forward(self.input_ids[:b], self.positions[:b], attn)
+        return self._forward(rows[INPUT_IDS], positions, attn)
 
     @torch.no_grad()
     def capture(self) -> None:
         """Capture every size, largest first, into one shared memory pool."""
+        if not self._capture:
+            return
         t0 = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         for b in reversed(self.batch_sizes):
-            self._reset_inputs(0)
+            self.inputs.copy_(self._padding)
             with torch.cuda.stream(stream):
                 self._run(b)  # warm-up: Triton JIT and library handles happen outside the capture
             torch.cuda.current_stream().wait_stream(stream)
@@ -89,38 +109,23 @@ class DecodeGraphRunner:
         self.capture_seconds = time.perf_counter() - t0
         log.info("captured %d decode CUDA graphs in %.1f s", len(self._graphs), self.capture_seconds)
 
-    def _reset_inputs(self, start: int) -> None:
-        """Rows from ``start`` on become padding: token 0, no KV write, one visible key."""
-        self.input_ids[start:].zero_()
-        self.positions[start:].zero_()
-        self.slot_mapping[start:].fill_(-1)
-        self.slots[start:].zero_()
-        self.seq_lens[start:].fill_(1)
-
     def padded_size(self, num_seqs: int) -> int | None:
         for b in self.batch_sizes:
             if b >= num_seqs:
                 return b
         return None
 
-    def replay(
-        self,
-        input_ids: torch.Tensor,  # [b] int64
-        positions: torch.Tensor,  # [b] int64
-        slot_mapping: torch.Tensor,  # [b] int64
-        slots: torch.Tensor,  # [b] int64
-        seq_lens: torch.Tensor,  # [b] int32
-    ) -> torch.Tensor:
-        """Run a decode step of b rows through the smallest captured graph that fits; returns [b, H]."""
-        b = int(input_ids.shape[0])
+    def replay(self, rows: torch.Tensor) -> torch.Tensor:
+        """Run a decode step through the smallest captured graph that fits; returns [b, H].
+
+        ``rows`` [4, b] int64: input ids, positions, slots, KV lengths (the rows named above)."""
+        b = int(rows.shape[1])
         size = self.padded_size(b)
-        assert size is not None and size in self._graphs, f"no graph for {b} rows"
-        self.input_ids[:b].copy_(input_ids)
-        self.positions[:b].copy_(positions)
-        self.slot_mapping[:b].copy_(slot_mapping)
-        self.slots[:b].copy_(slots)
-        self.seq_lens[:b].copy_(seq_lens)
+        assert size is not None and (size in self._graphs or not self._capture), f"no graph for {b} rows"
+        self.inputs[:, :b].copy_(rows)
         if size > b:
-            self._reset_inputs(b)
+            self.inputs[:, b:size].copy_(self._padding[:, : size - b])
+        if not self._capture:
+            return self._run(size)[:b]
         self._graphs[size].replay()
         return self._outputs[size][:b]

@@ -52,10 +52,12 @@ class StepInputs:
 
     input_ids: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64
-    attn: AttentionMetadata
+    attn: AttentionMetadata | None  # None for a graph step: the graph builds its own
+    graph_rows: torch.Tensor | None  # graph step: [4, S] int64 input ids, positions, slots, KV lengths
     slots: torch.Tensor  # [S] int64
     sample_token_idx: torch.Tensor  # [Ru] int64: packed index of each distinct sampling row's last token
     sample_inverse: torch.Tensor | None  # [R] int64 into [Ru]; None when rows are distinct and in order
+    sample_all_in_order: bool  # the sampling rows are exactly the packed tokens 0..T-1, in order
     copy_src: torch.Tensor | None  # [C] int64
     copy_dst: torch.Tensor | None
 
@@ -122,6 +124,7 @@ class ModelEngine:
                 self.block_table,
                 cuda_graph_batch_sizes or default_graph_batch_sizes(limits.max_batch_size),
                 limits.max_seq_len,
+                self.tokens_per_block,
                 self.device,
             )
             self.graphs.capture()
@@ -192,15 +195,17 @@ class ModelEngine:
         step = self._prepare(batch, prev_sampled)
         if step.copy_src is not None and step.copy_dst is not None:
             self.kv_cache.copy_blocks(step.copy_src, step.copy_dst)  # before this step's KV writes
-        if self._fits_graph(batch):  # generation-only step: replay the captured graph of the padded size
+        if step.graph_rows is not None:  # generation-only step: replay the graph of the padded size
             assert self.graphs is not None
-            meta = step.attn
-            hidden = self.graphs.replay(
-                step.input_ids, step.positions, meta.slot_mapping, step.slots, meta.seq_lens
-            )
+            hidden = self.graphs.replay(step.graph_rows)
         else:
+            assert step.attn is not None
             hidden = self._forward_hidden(step.input_ids, step.positions, step.attn)  # [T, H]
-        logits = self.model.compute_logits(hidden.index_select(0, step.sample_token_idx))  # [Ru, V]
+        if step.sample_all_in_order:  # every token samples, in order: no gather
+            sampled_hidden = hidden
+        else:
+            sampled_hidden = hidden.index_select(0, step.sample_token_idx)
+        logits = self.model.compute_logits(sampled_hidden)  # [Ru, V]
         if step.sample_inverse is not None:
             logits = logits.index_select(0, step.sample_inverse)  # [R, V]
         prompt_lps = self._prompt_logprobs.compute(batch, hidden) if len(batch.prompt_logprob_rows) else []
@@ -282,12 +287,14 @@ class ModelEngine:
         sample_token_idx = query_start[1:][uniq] - 1  # last token of each distinct sampling sequence
         updates = np.asarray(batch.block_updates, dtype=np.int64).reshape(-1, 3)
         copies = np.asarray(batch.copy_blocks, dtype=np.int64).reshape(-1, 2)
+        # The first four are a graph step's [4, S] input rows (one token per sequence: token slots are
+        # the slots), contiguous in the staged buffer, so a replay copies them in with one launch.
         segments = [
             np.asarray(batch.input_ids, dtype=np.int64),
             positions,
             token_slots,
-            slots,
             seq_lens,
+            slots,
             query_start,
             sample_token_idx,
             inverse.reshape(-1),
@@ -295,8 +302,9 @@ class ModelEngine:
             copies.T.reshape(-1),  # src row | dst row
             np.zeros(0, np.int64) if prev_rows is None else prev_rows,
         ]
-        (input_ids, positions_d, token_slots_d, slots_d, seq_lens_d, query_start_d, sample_idx_d,
-         inverse_d, updates_d, copies_d, prev_rows_d) = self._staging.to_device(segments)  # fmt: skip
+        flat, parts = self._staging.to_device_packed(segments)
+        (input_ids, positions_d, token_slots_d, seq_lens_d, slots_d, query_start_d, sample_idx_d,
+         inverse_d, updates_d, copies_d, prev_rows_d) = parts  # fmt: skip
         if prev_rows is not None:
             assert prev_sampled is not None
             # decode rows come first, one token each: packed token i is decode row i
@@ -307,20 +315,24 @@ class ModelEngine:
         if updates.shape[0]:
             upd = updates_d.view(3, -1)
             self.block_table[upd[0], upd[1]] = upd[2].to(torch.int32)  # vectorised index_put
-        block_tables = self.block_table.index_select(0, slots_d)  # [S, max_blocks] int32
-        tpb = self.tokens_per_block
-        token_blocks = self.block_table[token_slots_d, positions_d // tpb]  # [T] int32
-        slot_mapping = token_blocks.to(torch.int64) * tpb + positions_d % tpb  # [T] int64
-        attn = AttentionMetadata(
-            slot_mapping=slot_mapping,
-            block_tables=block_tables,
-            seq_lens=seq_lens_d.to(torch.int32),
-            query_start_loc=query_start_d.to(torch.int32),
-            max_query_len=int(num_new.max()) if num_seqs else 0,
-            max_seq_len=int(seq_lens.max()) if num_seqs else 0,
-            num_decode_seqs=int(batch.num_decode),
-            num_decode_tokens=int(batch.num_decode),
-        )
+        graph_rows = attn = None
+        if self._fits_graph(batch):  # the graph builds the block tables and KV slots itself
+            graph_rows = flat[: 4 * num_seqs].view(4, num_seqs)
+        else:
+            block_tables = self.block_table.index_select(0, slots_d)  # [S, max_blocks] int32
+            tpb = self.tokens_per_block
+            token_blocks = self.block_table[token_slots_d, positions_d // tpb]  # [T] int32
+            slot_mapping = token_blocks.to(torch.int64) * tpb + positions_d % tpb  # [T] int64
+            attn = AttentionMetadata(
+                slot_mapping=slot_mapping,
+                block_tables=block_tables,
+                seq_lens=seq_lens_d.to(torch.int32),
+                query_start_loc=query_start_d.to(torch.int32),
+                max_query_len=int(num_new.max()) if num_seqs else 0,
+                max_seq_len=int(seq_lens.max()) if num_seqs else 0,
+                num_decode_seqs=int(batch.num_decode),
+                num_decode_tokens=int(batch.num_decode),
+            )
         copy_src = copy_dst = None
         if copies.shape[0]:
             cp = copies_d.view(2, -1)
@@ -329,9 +341,11 @@ class ModelEngine:
             input_ids=input_ids,
             positions=positions_d,
             attn=attn,
+            graph_rows=graph_rows,
             slots=slots_d,
             sample_token_idx=sample_idx_d,
             sample_inverse=None if in_order else inverse_d,
+            sample_all_in_order=in_order and uniq.size == num_tokens,
             copy_src=copy_src,
             copy_dst=copy_dst,
         )

@@ -25,6 +25,10 @@ class HostStaging:
 
     def to_device(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
         """Each array (any int dtype, 1-D) -> an int64 tensor on the device, in one transfer."""
+        return self.to_device_packed(arrays)[1]
+
+    def to_device_packed(self, arrays: list[np.ndarray]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Like ``to_device``, also returning the packed device buffer the tensors are views of."""
         sizes = [int(a.size) for a in arrays]
         total = sum(sizes)
         if not self.pinned:
@@ -32,7 +36,7 @@ class HostStaging:
             flat = torch.from_numpy(packed)
             if self.device.type != "cpu":
                 flat = flat.to(self.device)
-            return list(flat.split(sizes))
+            return flat, list(flat.split(sizes))
         i = self._next
         self._next = (i + 1) % len(self._buffers)
         event = self._events[i]
@@ -47,7 +51,7 @@ class HostStaging:
         ev = torch.cuda.Event()
         ev.record()
         self._events[i] = ev
-        return list(flat.split(sizes))
+        return flat, list(flat.split(sizes))
 
     def close(self) -> None:
         self._buffers, self._events = [], []
