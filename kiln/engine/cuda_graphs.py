@@ -60,7 +60,10 @@ class DecodeGraphRunner:
         self._tokens_per_block = tokens_per_block
         self._capture = capture
         n = self.max_batch_size
-        self.inputs = torch.tensor(_PAD_ROW, dtype=torch.int64, device=device)[:, None].repeat(1, n)
+        # rows padded to a multiple of 16 elements: each row's start stays 128-byte aligned, as compiled
+        # kernels expect of their inputs
+        row = -(-n // 16) * 16
+        self.inputs = torch.tensor(_PAD_ROW, dtype=torch.int64, device=device)[:, None].repeat(1, row)[:, :n]
         self._padding = self.inputs.clone()  # copied over the rows a step leaves unused
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)  # one token per row
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
