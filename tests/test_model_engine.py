@@ -301,10 +301,10 @@ def test_graph_path_matches_transformers(tiny_model, sizes):
     replays = 0
     replay = engine.graphs.replay
 
-    def counted(rows):
+    def counted(*args):
         nonlocal replays
         replays += 1
-        return replay(rows)
+        return replay(*args)
 
     engine.graphs.replay = counted
     builder = StepBuilder(BLOCK)
@@ -313,7 +313,14 @@ def test_graph_path_matches_transformers(tiny_model, sizes):
     for i, chunks in enumerate(schedule()):
         chunks = [dataclasses.replace(c, prompt_logprobs_k=None) for c in chunks]
         decode_only += all(c.decode for c in chunks)
-        out = engine.forward(builder.batch(chunks, slot_inits=inits if i == 0 else None))
+        batch = builder.batch(chunks, slot_inits=inits if i == 0 else None)
+        prev = None
+        if batch.num_decode and i % 2:  # as overlap scheduling does: the first decode token is on the device
+            prev = torch.tensor([7, int(batch.input_ids[0]), 9])  # the previous step's samples, row 1 is ours
+            batch.prev_sample_rows = np.array([1] + [-1] * (batch.num_decode - 1), np.int32)
+            batch.input_ids = batch.input_ids.copy()
+            batch.input_ids[0] = -1
+        out = engine.forward(batch, prev_sampled=prev)
         for row, c in enumerate(chunks):
             torch.testing.assert_close(out.logits[row], ref[c.seq_id][c.start + len(c.tokens) - 1], **TOL)
     assert replays == decode_only == 10

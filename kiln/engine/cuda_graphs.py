@@ -2,11 +2,13 @@
 
 A decode step of B sequences is the same sequence of kernels for every B-row batch, so it is
 captured once per padded batch size and replayed: one launch instead of hundreds of small ones.
-The graph reads its inputs from one static [4, B] buffer (input ids, positions, slots, KV lengths);
-a replay is one copy of the step's rows into it (plus one for the padding rows) and the launch.
-Everything else is computed inside the graph, so it costs no host launch: the block-table rows
-(the engine's persistent device table, gathered by slot, so appending blocks between replays needs
-no re-capture) and the KV write slots. Padded rows have slot -1: they write no KV and attend over
+The graph reads its inputs from one static [5, B] buffer (input ids, positions, slots, KV lengths,
+and for overlap scheduling the row of the previous step's sampled tokens each input token is, or
+-1) and a static copy of those sampled tokens. A replay is one copy of the step's rows (plus one for
+the padding rows, one for the sampled tokens) and the launch. Everything else is computed inside
+the graph, so it costs no host launch: the input tokens, the block-table rows (the engine's
+persistent device table, gathered by slot, so appending blocks between replays needs no
+re-capture) and the KV write slots. Padded rows have slot -1: they write no KV and attend over
 one key of the null block. The LM head runs outside the graph, on the sampling rows only, so a
 graph's output is just [B, hidden].
 
@@ -35,8 +37,8 @@ def default_graph_batch_sizes(max_batch_size: int) -> list[int]:
 
 
 # rows of the static input buffer
-INPUT_IDS, POSITIONS, SLOTS, SEQ_LENS = range(4)
-_PAD_ROW = (0, 0, -1, 1)  # a padded row: token 0 at position 0, no slot, one visible key
+INPUT_IDS, POSITIONS, SLOTS, SEQ_LENS, PREV_ROWS = range(5)
+_PAD_ROW = (0, 0, -1, 1, -1)  # a padded row: token 0 at position 0, no slot, one visible key
 
 
 class DecodeGraphRunner:
@@ -65,6 +67,7 @@ class DecodeGraphRunner:
         row = -(-n // 16) * 16
         self.inputs = torch.tensor(_PAD_ROW, dtype=torch.int64, device=device)[:, None].repeat(1, row)[:, :n]
         self._padding = self.inputs.clone()  # copied over the rows a step leaves unused
+        self.prev_tokens = torch.zeros(n, dtype=torch.int64, device=device)  # the last step's samples
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)  # one token per row
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[int, torch.Tensor] = {}
@@ -72,7 +75,11 @@ class DecodeGraphRunner:
 
     def _run(self, b: int) -> torch.Tensor:
         rows = self.inputs[:, :b]
-        positions, slots = rows[POSITIONS], rows[SLOTS]
+        positions, slots, prev = rows[POSITIONS], rows[SLOTS], rows[PREV_ROWS]
+        # overlap scheduling: a token sampled by the previous step is known on the device only
+        input_ids = torch.where(
+            prev >= 0, self.prev_tokens.index_select(0, prev.clamp(min=0)), rows[INPUT_IDS]
+        )
         valid = slots >= 0
         tables = self._block_table.index_select(0, slots.clamp(min=0))  # [b, max_blocks] int32
         tables = torch.where(valid[:, None], tables, 0)  # padded rows: the null block
@@ -88,7 +95,7 @@ class DecodeGraphRunner:
             num_decode_seqs=b,
             num_decode_tokens=b,
         )
-        return self._forward(rows[INPUT_IDS], positions, attn)
+        return self._forward(input_ids, positions, attn)
 
     @torch.no_grad()
     def capture(self) -> None:
@@ -118,13 +125,18 @@ class DecodeGraphRunner:
                 return b
         return None
 
-    def replay(self, rows: torch.Tensor) -> torch.Tensor:
+    def replay(self, rows: torch.Tensor, prev_sampled: torch.Tensor | None = None) -> torch.Tensor:
         """Run a decode step through the smallest captured graph that fits; returns [b, H].
 
-        ``rows`` [4, b] int64: input ids, positions, slots, KV lengths (the rows named above)."""
+        ``rows`` [5, b] int64: the rows named above; ``prev_sampled`` [R'] int64: the previous step's
+        sampled tokens, which PREV_ROWS index (None when no row reads them)."""
         b = int(rows.shape[1])
         size = self.padded_size(b)
         assert size is not None and (size in self._graphs or not self._capture), f"no graph for {b} rows"
+        if prev_sampled is not None:
+            r = int(prev_sampled.shape[0])
+            assert r <= self.prev_tokens.shape[0], f"{r} sampled rows, room for {self.prev_tokens.shape[0]}"
+            self.prev_tokens[:r].copy_(prev_sampled)
         self.inputs[:, :b].copy_(rows)
         if size > b:
             self.inputs[:, b:size].copy_(self._padding[:, : size - b])

@@ -53,7 +53,8 @@ class StepInputs:
     input_ids: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64
     attn: AttentionMetadata | None  # None for a graph step: the graph builds its own
-    graph_rows: torch.Tensor | None  # graph step: [4, S] int64 input ids, positions, slots, KV lengths
+    # graph step: [5, S] int64 input ids, positions, slots, KV lengths, rows of the previous step's samples
+    graph_rows: torch.Tensor | None
     slots: torch.Tensor  # [S] int64
     sample_token_idx: torch.Tensor  # [Ru] int64: packed index of each distinct sampling row's last token
     sample_inverse: torch.Tensor | None  # [R] int64 into [Ru]; None when rows are distinct and in order
@@ -197,7 +198,7 @@ class ModelEngine:
             self.kv_cache.copy_blocks(step.copy_src, step.copy_dst)  # before this step's KV writes
         if step.graph_rows is not None:  # generation-only step: replay the graph of the padded size
             assert self.graphs is not None
-            hidden = self.graphs.replay(step.graph_rows)
+            hidden = self.graphs.replay(step.graph_rows, prev_sampled if batch.reads_prev_samples else None)
         else:
             assert step.attn is not None
             hidden = self._forward_hidden(step.input_ids, step.positions, step.attn)  # [T, H]
@@ -287,25 +288,30 @@ class ModelEngine:
         sample_token_idx = query_start[1:][uniq] - 1  # last token of each distinct sampling sequence
         updates = np.asarray(batch.block_updates, dtype=np.int64).reshape(-1, 3)
         copies = np.asarray(batch.copy_blocks, dtype=np.int64).reshape(-1, 2)
-        # The first four are a graph step's [4, S] input rows (one token per sequence: token slots are
-        # the slots), contiguous in the staged buffer, so a replay copies them in with one launch.
+        graph_step = self._fits_graph(batch)
+        if graph_step and prev_rows is None:
+            prev_rows_in = np.full(num_seqs, -1, np.int64)  # a graph always reads this row: none here
+        else:
+            prev_rows_in = np.zeros(0, np.int64) if prev_rows is None else prev_rows
+        # The first five are a graph step's [5, S] input rows (one token per sequence: token slots are
+        # the slots; every row decodes), contiguous in the staged buffer: a replay copies them at once.
         segments = [
             np.asarray(batch.input_ids, dtype=np.int64),
             positions,
             token_slots,
             seq_lens,
+            prev_rows_in,
             slots,
             query_start,
             sample_token_idx,
             inverse.reshape(-1),
             updates.T.reshape(-1),  # slot row | block index row | block id row
             copies.T.reshape(-1),  # src row | dst row
-            np.zeros(0, np.int64) if prev_rows is None else prev_rows,
         ]
         flat, parts = self._staging.to_device_packed(segments)
-        (input_ids, positions_d, token_slots_d, seq_lens_d, slots_d, query_start_d, sample_idx_d,
-         inverse_d, updates_d, copies_d, prev_rows_d) = parts  # fmt: skip
-        if prev_rows is not None:
+        (input_ids, positions_d, token_slots_d, seq_lens_d, prev_rows_d, slots_d, query_start_d, sample_idx_d,
+         inverse_d, updates_d, copies_d) = parts  # fmt: skip
+        if prev_rows is not None and not graph_step:  # (a graph reads the previous tokens itself)
             assert prev_sampled is not None
             # decode rows come first, one token each: packed token i is decode row i
             d = prev_rows.size
@@ -316,8 +322,8 @@ class ModelEngine:
             upd = updates_d.view(3, -1)
             self.block_table[upd[0], upd[1]] = upd[2].to(torch.int32)  # vectorised index_put
         graph_rows = attn = None
-        if self._fits_graph(batch):  # the graph builds the block tables and KV slots itself
-            graph_rows = flat[: 4 * num_seqs].view(4, num_seqs)
+        if graph_step:  # the graph builds the block tables and KV slots itself
+            graph_rows = flat[: 5 * num_seqs].view(5, num_seqs)
         else:
             block_tables = self.block_table.index_select(0, slots_d)  # [S, max_blocks] int32
             tpb = self.tokens_per_block
