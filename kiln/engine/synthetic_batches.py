@@ -83,8 +83,9 @@ def warm_up_shapes(limits: EngineLimits) -> list[tuple[list[int], list[int]]]:
     if ctx > 0 and max_seqs >= 2 and long_chunk >= 1:
         shapes.append(([ctx, 0], [1, long_chunk]))
     tail = min(budget, max_len // 2)
-    if tail >= 1 and max_len - tail > 0:
-        shapes.append(([max_len - tail], [tail]))
+    prefix = min(max_len - tail, 4 * budget)  # long enough to be a long prompt, cheap at start-up
+    if tail >= 1 and prefix > 0:
+        shapes.append(([prefix], [tail]))
     # unequal chunks: a short one next to long ones
     if max_seqs >= 3 and budget >= 3:
         short = min(max_len, 1 + min(15, budget // 8))
