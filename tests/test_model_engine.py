@@ -281,7 +281,7 @@ def test_warm_up_steps_leave_the_engine_clean(tiny_model):
     torch.testing.assert_close(out.logits[0], reference(path, tuple(SEQ_A))[4], **TOL)
 
 
-@pytest.mark.parametrize("sizes", [[1, 2, 4], [4]], ids=["exact", "padded"])
+@pytest.mark.parametrize("sizes", [[1, 2, 4], [4], [1, 2]], ids=["exact", "padded", "fewer-than-slots"])
 def test_graph_path_matches_transformers(tiny_model, sizes):
     # The decode-graph path (static input rows, padding, block tables and KV slots built inside the
     # graph), replayed eagerly on the CPU: the same logits as transformers, and decode-only steps do
@@ -324,13 +324,19 @@ def test_graph_path_matches_transformers(tiny_model, sizes):
         for row, c in enumerate(chunks):
             torch.testing.assert_close(out.logits[row], ref[c.seq_id][c.start + len(c.tokens) - 1], **TOL)
     assert replays == decode_only == 10
-    # the last steps decoded A alone: the other rows its graph reads are padding (no KV slot)
-    size = engine.graphs.padded_size(1)
-    assert (engine.graphs.inputs[2, 1:size] == -1).all() and (engine.graphs.inputs[3, 1:size] == 1).all()
+    if sizes == [4]:  # the last steps decoded A alone: the other rows its graph reads are padding
+        assert (engine.graphs.inputs[2, 1:4] == -1).all() and (engine.graphs.inputs[3, 1:4] == 1).all()
+    # a graph step reading row 3 of a previous step that sampled more rows than the largest graph has
+    a_last = builder.batch([Chunk(0, 1, 29, SEQ_A[29:30], decode=True)])
+    a_last.input_ids = np.array([-1], np.int32)
+    a_last.prev_sample_rows = np.array([3], np.int32)
+    prev = torch.tensor([5, 6, 7, SEQ_A[29]])  # LIMITS.max_batch_size rows
+    out = engine.forward(a_last, prev_sampled=prev)
+    torch.testing.assert_close(out.logits[0], ref[0][29], **TOL)
     # forked rows sample the same sequence twice: the graph path still gathers the right rows
     a_end = 30
     fork = engine.forward(
         builder.batch([Chunk(0, 1, a_end - 1, SEQ_A[a_end - 1 : a_end], decode=True)], sample=[0, 0])
     )
-    assert replays == 11 and fork.logits.shape == (2, 320)
+    assert replays == 12 and fork.logits.shape == (2, 320)
     torch.testing.assert_close(fork.logits[0], fork.logits[1])

@@ -67,7 +67,8 @@ class DecodeGraphRunner:
         row = -(-n // 16) * 16
         self.inputs = torch.tensor(_PAD_ROW, dtype=torch.int64, device=device)[:, None].repeat(1, row)[:, :n]
         self._padding = self.inputs.clone()  # copied over the rows a step leaves unused
-        self.prev_tokens = torch.zeros(n, dtype=torch.int64, device=device)  # the last step's samples
+        # the last step's samples: one per slot at most, and that step may have been wider than any graph
+        self.prev_tokens = torch.zeros(block_table.shape[0], dtype=torch.int64, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)  # one token per row
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[int, torch.Tensor] = {}
@@ -107,6 +108,7 @@ class DecodeGraphRunner:
         stream = torch.cuda.Stream()
         for b in reversed(self.batch_sizes):
             self.inputs.copy_(self._padding)
+            stream.wait_stream(torch.cuda.current_stream())  # the buffers are set up on that stream
             with torch.cuda.stream(stream):
                 self._run(b)  # warm-up: Triton JIT and library handles happen outside the capture
             torch.cuda.current_stream().wait_stream(stream)
