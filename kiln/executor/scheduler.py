@@ -175,6 +175,8 @@ class Scheduler:
 
         Returns the tokens it may compute this step; 0 if none (it may have been preempted).
         """
+        if self.kv.blocks_needed(seq.slot, seq.num_computed, seq.num_computed + want) == 0:
+            return want  # room in blocks it holds alone (most decode steps): nothing to allocate
         while True:
             n = self.kv.max_new_tokens(seq.slot, seq.num_computed, want)
             if n == want or (chunk and n > 0):
@@ -328,9 +330,10 @@ class Scheduler:
             owner = self._seqs.get(int(pl.seq_id))
             if owner is not None and (kept := owner.new_prompt_logprobs(pl)) is not None:
                 self._update_of(updates, owner).prompt_logprobs.append(kept)
+        tokens, logprobs = out.token_ids.tolist(), out.logprobs.tolist()
         for r, seq in plan.sampled(out):
             up = self._update_of(updates, seq)
-            seq.token_ids.append(add_sampled_token(up, out, r, seq.request.params.logprobs))
+            seq.token_ids.append(add_sampled_token(up, out, r, seq.request.params.logprobs, tokens, logprobs))
             seq.num_pending -= 1
             reason, stop_reason = seq.finish_reason(self._max_blocks, self.block_size)
             if reason is not None:  # a step already scheduled for it computes a token that is dropped

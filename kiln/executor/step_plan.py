@@ -43,13 +43,12 @@ class StepPlan:
     def sampled(self, out: StepOutput) -> list[tuple[int, Sequence]]:
         """(sampling row, sequence) for the samples still current, in row order."""
         rows = []
+        seq_ids = out.seq_ids.tolist()
         for r, (seq, epoch) in enumerate(self.samples):
             if not _current(seq, epoch):
                 continue
-            if int(out.seq_ids[r]) != seq.seq_id:
-                raise ValueError(
-                    f"sampling row {r} is for sequence {int(out.seq_ids[r])}, expected {seq.seq_id}"
-                )
+            if seq_ids[r] != seq.seq_id:
+                raise ValueError(f"sampling row {r} is for sequence {seq_ids[r]}, expected {seq.seq_id}")
             rows.append((r, seq))
         return rows
 
@@ -131,11 +130,19 @@ def build_step(
     return batch, plan
 
 
-def add_sampled_token(up: SequenceUpdate, out: StepOutput, r: int, num_logprobs: int | None) -> int:
-    """Append sampling row ``r`` of ``out`` to ``up`` (top logprobs trimmed to the request's count)."""
-    tok = int(out.token_ids[r])
+def add_sampled_token(
+    up: SequenceUpdate,
+    out: StepOutput,
+    r: int,
+    num_logprobs: int | None,
+    tokens: list[int],
+    logprobs: list[float],
+) -> int:
+    """Append sampling row ``r`` of ``out`` to ``up`` (top logprobs trimmed to the request's count).
+    ``tokens`` and ``logprobs`` are ``out``'s as Python lists (converted once per step, not per row)."""
+    tok = tokens[r]
     up.new_token_ids.append(tok)
-    up.new_logprobs.append(float(out.logprobs[r]))
+    up.new_logprobs.append(logprobs[r])
     if num_logprobs is not None:
         top = []
         if out.top_ids is not None and out.top_logprobs is not None:
