@@ -208,9 +208,10 @@ def write_byte_tokenizer(
     if vocab_size is not None:
         used = taken | set(ids)
         words = iter(range(26, 26**5))  # distinct k, distinct words: k in base 26 has no leading 'a'
+        space = byte_to_char()[ord(" ")]
         for tid in range(vocab_size):
             if tid not in used:
-                data["model"]["vocab"][byte_to_char()[ord(" ")] + _letters(next(words))] = tid
+                data["model"]["vocab"][space + _letters(next(words))] = tid
     # Special tokens sit in the model vocabulary too, so their (sparse) ids are kept as written.
     for content, tid in special_tokens.items():
         data["model"]["vocab"][content] = tid

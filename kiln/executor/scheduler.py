@@ -44,7 +44,7 @@ from kiln.executor.sequence import (
     stop_ids_of,
     worst_case_blocks,
 )
-from kiln.executor.step_plan import StepPlan, add_sampled_token, build_step
+from kiln.executor.step_plan import StepPlan, add_sampled_token, build_step, update_of
 
 RUNNING, WAITING, FINISHED = SeqStatus.RUNNING, SeqStatus.WAITING, SeqStatus.FINISHED
 
@@ -329,10 +329,10 @@ class Scheduler:
         for pl in out.prompt_logprobs:
             owner = self._seqs.get(int(pl.seq_id))
             if owner is not None and (kept := owner.new_prompt_logprobs(pl)) is not None:
-                self._update_of(updates, owner).prompt_logprobs.append(kept)
+                update_of(updates, owner).prompt_logprobs.append(kept)
         tokens, logprobs = out.token_ids.tolist(), out.logprobs.tolist()
         for r, seq in plan.sampled(out):
-            up = self._update_of(updates, seq)
+            up = update_of(updates, seq)
             seq.token_ids.append(add_sampled_token(up, out, r, seq.request.params.logprobs, tokens, logprobs))
             seq.num_pending -= 1
             reason, stop_reason = seq.finish_reason(self._max_blocks, self.block_size)
@@ -340,20 +340,6 @@ class Scheduler:
                 self._finish(seq)
                 up.finished, up.finish_reason, up.stop_reason = True, reason, stop_reason
         return list(updates.values())
-
-    @staticmethod
-    def _update_of(updates: dict[int, SequenceUpdate], seq: Sequence) -> SequenceUpdate:
-        up = updates.get(seq.seq_id)
-        if up is None:
-            up = updates[seq.seq_id] = SequenceUpdate(
-                seq.request.request_id,
-                seq.seq_index,
-                [],
-                [],
-                num_cached_tokens=seq.num_cached_tokens,
-                first_scheduled_time=seq.request.first_scheduled_time,
-            )
-        return up
 
     def _finish(self, seq: Sequence) -> None:
         req = seq.request

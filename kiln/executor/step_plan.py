@@ -130,6 +130,21 @@ def build_step(
     return batch, plan
 
 
+def update_of(updates: dict[int, SequenceUpdate], seq: Sequence) -> SequenceUpdate:
+    """The step's update of ``seq`` in ``updates`` (by sequence id), made on first use."""
+    up = updates.get(seq.seq_id)
+    if up is None:
+        up = updates[seq.seq_id] = SequenceUpdate(
+            seq.request.request_id,
+            seq.seq_index,
+            [],
+            [],
+            num_cached_tokens=seq.num_cached_tokens,
+            first_scheduled_time=seq.request.first_scheduled_time,
+        )
+    return up
+
+
 def add_sampled_token(
     up: SequenceUpdate,
     out: StepOutput,
