@@ -85,7 +85,7 @@ run_tests() {
       worst=124
       continue
     fi
-    timeout --kill-after=20 "$left" "$PY" -m pytest -q -rfE --tb=short -m gpu "$f" -p no:cacheprovider "${iso[@]}" \
+    timeout --kill-after=20 "$left" "$PY" -m pytest -q -rfE --tb=short --durations=8 -m gpu "$f" -p no:cacheprovider "${iso[@]}" \
       --junitxml="$OUT/pytest_gpu_$(basename "$f" .py).xml" 2>&1 | grep -v -e PytestBenchmarkWarning -e "warner(" \
       | tee -a "$OUT/pytest_gpu.log"
     rc=${PIPESTATUS[0]}

@@ -32,6 +32,9 @@ def _llm(path: str, **kw) -> LLM:
     kw.setdefault("max_num_tokens", 256)
     kw.setdefault("max_seq_len", 256)
     kw.setdefault("device", "cuda")
+    # torch.compile is tested where it is the subject (the overlap test below, test_compile.py):
+    # elsewhere it would only add its start-up time to every engine.
+    kw.setdefault("compile", False)
     return LLM(path, **kw)
 
 
@@ -98,7 +101,7 @@ def test_overlap_and_compile_give_same_tokens_as_plain_eager(tiny_model):
     with _llm(path, dtype="float32", **plain) as llm:
         ref = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
         ref_s = [o.outputs[0].token_ids for o in llm.generate(prompts, seeded, use_tqdm=False)]
-    with _llm(path, dtype="float32", executor="process") as fast:  # graphs, compile, overlap: the defaults
+    with _llm(path, dtype="float32", compile=True, executor="process") as fast:  # graphs, compile, overlap
         info = fast.engine_info
         got = [o.outputs[0].token_ids for o in fast.generate(prompts, sp, use_tqdm=False)]
         got_s = [o.outputs[0].token_ids for o in fast.generate(prompts, seeded, use_tqdm=False)]
