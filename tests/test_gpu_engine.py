@@ -117,12 +117,14 @@ def test_launching_a_step_that_admits_requests_does_not_wait_for_the_device(tiny
     from kiln.engine.model_engine import ModelEngine
     from kiln.engine.synthetic_batches import synthetic_batch
     from kiln.executor.messages import SlotInit
+    from kiln.plugins.registry import PluginSet
 
     path = tiny_model("LlamaForCausalLM", tokenizer=True, **SHAPE)
     limits = EngineLimits(max_batch_size=8, max_num_tokens=256, max_seq_len=256)
     with torch.inference_mode():
         engine = ModelEngine(path, dtype="bfloat16", device="cuda", limits=limits,
-                             kv_config=KvCacheConfig(max_tokens=4096), cuda_graphs=False)  # fmt: skip
+                             kv_config=KvCacheConfig(max_tokens=4096), cuda_graphs=False,
+                             plugins=PluginSet("forward"))  # the GPU kernels, as LLM on CUDA  # fmt: skip
         decoder = Decoder(limits.max_batch_size, engine.vocab_size, engine.device)
         batch, _ = synthetic_batch([40, 0, 0], [1, 30, 50], engine.tokens_per_block)
         kinds = [
