@@ -131,8 +131,8 @@ latency() {
 }
 
 throughput() {
-  # MAX_BATCH: the engine's max batch size for this run (default 256; 512 halves the weight reads per token)
-  local mb=${MAX_BATCH:-256}
+  # MAX_BATCH: the engine's max batch size for this run (default 512, kiln bench's own default)
+  local mb=${MAX_BATCH:-512}
   bench "throughput_llama8b_128_128${MAX_BATCH:+_bs$mb}" throughput --model preset:llama-3.1-8b --isl 128 --osl 128 \
     --num-requests 512 --max-batch-size "$mb" --backend "$PEER" --hf-num-requests 256 --hf-batch-size 64
 }

@@ -131,8 +131,10 @@ class SamplingState:
             self.counts = torch.zeros(b, v, dtype=torch.int32, device=self.device)
             self.prompt_mask = torch.zeros(b, v, dtype=torch.bool, device=self.device)
         assert self.prompt_mask is not None
-        self.counts[slots] = 0
-        self.prompt_mask[slots] = False
+        # index_fill_ takes the value as a kernel argument: `t[slots] = 0` would first copy a CPU
+        # scalar to the device from pageable memory, which waits for all queued work.
+        self.counts.index_fill_(0, slots, 0)
+        self.prompt_mask.index_fill_(0, slots, False)
         if not users:
             return
         out_rows, out_ids = _flatten([(i.slot, i.output_token_ids) for i in users])
@@ -142,7 +144,8 @@ class SamplingState:
             self.counts.index_put_(index, ones, accumulate=True)
         p_rows, p_ids = _flatten([(i.slot, i.prompt_token_ids) for i in users])
         if p_ids.size:
-            self.prompt_mask[self._to_device(p_rows), self._to_device(p_ids)] = True
+            index = (self._to_device(p_rows), self._to_device(p_ids))
+            self.prompt_mask.index_put_(index, torch.ones(p_ids.size, dtype=torch.bool, device=self.device))
 
     def _apply_bias(self, inits: list[SlotInit], slots: torch.Tensor) -> None:
         users = [i for i in inits if i.params.logit_bias]
@@ -151,7 +154,7 @@ class SamplingState:
                 return
             b, v = self.max_batch_size, self.vocab_size
             self.bias = torch.zeros(b, v, dtype=torch.float32, device=self.device)
-        self.bias[slots] = 0.0
+        self.bias.index_fill_(0, slots, 0.0)
         if not users:
             return
         rows, ids = _flatten([(i.slot, list(i.params.logit_bias or {})) for i in users])
