@@ -67,7 +67,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         "--max-batch-size",
         type=int,
         default=None,
-        help=f"engine max batch size (default: {THROUGHPUT_MAX_BATCH} for throughput, the batch size for latency)",
+        help=f"engine max batch size (default: {THROUGHPUT_MAX_BATCH} for throughput, else the batch size)",
     )
     p.add_argument(
         "--max-num-tokens", type=int, default=8192, help="engine token budget per step (default 8192)"
@@ -235,7 +235,8 @@ def _run(args: argparse.Namespace) -> int:
         device=model.device,
         # Throughput: 512 sequences per step. On an 8B model at batch 512 the decode GEMMs are
         # compute-bound (256 sits at the ridge), so weights are read half as often per token.
-        max_batch_size=args.max_batch_size or (THROUGHPUT_MAX_BATCH if args.bench_command == "throughput" else 1),
+        max_batch_size=args.max_batch_size
+        or (THROUGHPUT_MAX_BATCH if args.bench_command == "throughput" else 1),
         max_num_tokens=args.max_num_tokens,
         max_seq_len=args.max_seq_len,
         kv_fraction=args.kv_fraction,
