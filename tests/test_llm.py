@@ -326,3 +326,4 @@ def test_step_log_has_one_line_per_step(tiny_model, tmp_path, monkeypatch):
     prompt_tokens = [int(r[4]) - int(r[3]) for r in rows]  # tokens less one per decode row
     assert max(int(r[4]) for r in rows) <= 32 and sum(prompt_tokens) == sum(map(len, prompts))
     assert all(float(r[5]) > 0 for r in rows)
+    assert header[-1] == "gc_ms" and all(len(r) == len(header) and float(r[-1]) >= 0 for r in rows)

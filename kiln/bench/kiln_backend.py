@@ -121,6 +121,7 @@ def run_workload(llm: LLM, workload: Workload) -> KilnRun:
             _per_step_ms(after.host_time_total - before.host_time_total, steps),
             _per_step_ms(after.device_wait_total - before.device_wait_total, steps),
             _per_step_ms(after.loop_io_time_total - before.loop_io_time_total, steps),
+            _per_step_ms(after.gc_time_total - before.gc_time_total, steps),
         ],
         outputs=outputs,
         wall_s=wall,

@@ -191,7 +191,7 @@ ROWS = {
         ("peak KV usage", "peak_kv_usage"),
         ("engine step / of it scheduling (ms)", "step_host_ms"),
         ("steps decode-only / mixed (n @ ms)", "step_kinds"),
-        ("per step host / device wait / I/O (ms)", "step_split_ms"),
+        ("per step host / device wait / I/O / GC (ms)", "step_split_ms"),
         ("share of roofline", "roofline_share"),
     ],
     "latency": [
@@ -203,7 +203,7 @@ ROWS = {
         ("TTFT (ms)", "ttft_ms"),
         ("effective bandwidth (GB/s)", "effective_gb_s"),
         ("engine step / of it scheduling (ms)", "step_host_ms"),
-        ("per step host / device wait / I/O (ms)", "step_split_ms"),
+        ("per step host / device wait / I/O / GC (ms)", "step_split_ms"),
         ("share of roofline", "roofline_share"),
     ],
 }

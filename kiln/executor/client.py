@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import multiprocessing as mp
 import queue
 import threading
@@ -12,6 +11,7 @@ from typing import Any
 
 from kiln.executor import codec
 from kiln.executor.engine_core import EngineCore, EngineCoreConfig, run_engine_loop
+from kiln.executor.gc_policy import IdleFullCollections
 from kiln.executor.messages import Request
 
 OnOutput = Callable[[tuple[Any, ...]], None]
@@ -100,12 +100,12 @@ def _worker_main(cfg_bytes: bytes, inbox: Any, outbox: Any) -> None:
 
         send(("fatal", f"engine start-up failed: {e}\n{traceback.format_exc()}"))
         return
-    # Everything built so far (modules, compiled code, graphs) lives as long as the process: keep it
-    # out of the cyclic collector, whose full passes would otherwise rescan it mid-run and stall steps.
-    gc.collect()
-    gc.freeze()
+    # Everything built so far (modules, compiled code, graphs) lives as long as the process: frozen out
+    # of the cyclic collector, whose full passes run only while the loop waits for work.
+    gc_policy = IdleFullCollections()
+    gc_policy.install()
     send(("ready", core.info()))
-    run_engine_loop(core, receive, send)
+    run_engine_loop(core, receive, send, gc_policy)
     core.close()
 
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kiln.config import EngineLimits, KvCacheConfig, SchedulerConfig
+from kiln.executor.gc_policy import GcPauses, IdleFullCollections
 from kiln.executor.messages import PromptLogprobs, Request, ScheduledBatch, SequenceUpdate
 from kiln.executor.stats import EngineStats
 
@@ -108,6 +109,7 @@ class EngineCore:
         self.depth = 2 if cfg.overlap_scheduling else 1  # steps in flight before the oldest is applied
         self._launched: deque[_Launched] = deque()
         self.stats = EngineStats()
+        self._gc = GcPauses()
         # KILN_STEP_LOG=FILE: one tab-separated line per step, to see which steps are slow and why
         self._step_log = _open_step_log(os.environ.get("KILN_STEP_LOG"))
 
@@ -208,6 +210,8 @@ class EngineCore:
         s.step_time_total += step_time
         s.host_time_total += host_time
         s.device_wait_total += wait_time
+        gc_time = self._gc.since_last_read()
+        s.gc_time_total += gc_time
         if batch.num_decode == batch.num_seqs:
             s.decode_steps += 1
             s.decode_step_time_total += step_time
@@ -215,17 +219,19 @@ class EngineCore:
         if self._step_log is not None:
             self._step_log.write(
                 f"{batch.step_id}\t{time.time():.6f}\t{batch.num_seqs}\t{batch.num_decode}\t{batch.num_tokens}\t"
-                f"{1e3 * step_time:.3f}\t{1e3 * host_time:.3f}\t{1e3 * wait_time:.3f}\n"
+                f"{1e3 * step_time:.3f}\t{1e3 * host_time:.3f}\t{1e3 * wait_time:.3f}\t{1e3 * gc_time:.3f}\n"
             )
 
     def close(self) -> None:
+        self._gc.close()
         self.engine.close()
         if self._step_log is not None:
             self._step_log.close()
             self._step_log = None
 
 
-_STEP_LOG_HEADER = "step\tunix_time\tseqs\tdecode_seqs\ttokens\tstep_ms\thost_ms\tdevice_wait_ms\n"
+# gc_ms: the cyclic garbage collector's time since the previous line (it pauses the whole loop)
+_STEP_LOG_HEADER = "step\tunix_time\tseqs\tdecode_seqs\ttokens\tstep_ms\thost_ms\tdevice_wait_ms\tgc_ms\n"
 
 
 def _open_step_log(path: str | None) -> Any:
@@ -241,11 +247,18 @@ Receive = Callable[[bool], list[tuple[Any, ...]]]
 Send = Callable[[tuple[Any, ...]], None]
 
 
-def run_engine_loop(core: EngineCore, receive: Receive, send: Send) -> None:
-    """Serve messages and step until shutdown. A step that raises is fatal: every caller hears of it."""
+def run_engine_loop(
+    core: EngineCore, receive: Receive, send: Send, gc_policy: IdleFullCollections | None = None
+) -> None:
+    """Serve messages and step until shutdown. A step that raises is fatal: every caller hears of it.
+
+    ``gc_policy`` (the engine process only): full garbage collections move to the idle moments."""
     try:
         while True:
-            busy, t0 = core.has_work(), time.perf_counter()
+            busy = core.has_work()
+            if gc_policy is not None and not busy:
+                gc_policy.on_idle()
+            t0 = time.perf_counter()
             msgs = receive(not busy)
             if busy:  # a blocking wait for requests while idle is no overhead
                 core.stats.loop_io_time_total += time.perf_counter() - t0
@@ -264,6 +277,8 @@ def run_engine_loop(core: EngineCore, receive: Receive, send: Send) -> None:
                 send(("updates", updates, core.refresh_stats()))
             if core.has_work():
                 updates = core.step()
+                if gc_policy is not None:
+                    gc_policy.on_busy_step()
                 t1 = time.perf_counter()
                 send(("updates", updates, core.stats))
                 core.stats.loop_io_time_total += time.perf_counter() - t1
