@@ -326,4 +326,5 @@ def test_step_log_has_one_line_per_step(tiny_model, tmp_path, monkeypatch):
     prompt_tokens = [int(r[4]) - int(r[3]) for r in rows]  # tokens less one per decode row
     assert max(int(r[4]) for r in rows) <= 32 and sum(prompt_tokens) == sum(map(len, prompts))
     assert all(float(r[5]) > 0 for r in rows)
-    assert header[-1] == "gc_ms" and all(len(r) == len(header) and float(r[-1]) >= 0 for r in rows)
+    assert header[-3:] == ["gc_ms", "launch_ms", "compiles"]
+    assert all(len(r) == len(header) and float(r[-3]) >= 0 and int(r[-1]) == 0 for r in rows)

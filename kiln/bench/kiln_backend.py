@@ -58,8 +58,10 @@ class KilnRun:
     mean_host_ms: float = 0.0  # of which host work (scheduling, updating) per step
     # decode-only (graph) steps against mixed / prefill steps: [count, mean ms] each
     step_kinds: list[list[float]] = field(default_factory=list)
-    # per step: host work, waiting on the device, engine-loop I/O (ms); a wait near 0 means host-bound
+    # per step: host work, waiting on the device, engine-loop I/O, garbage collection (ms); a wait
+    # near 0 means host-bound
     step_split_ms: list[float] = field(default_factory=list)
+    late_kernel_compiles: int = 0  # Triton kernels compiled during the run (each stalls a step)
     samples: int = 0  # how many times the engine stats were read while the run went on
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -132,6 +134,7 @@ def run_workload(llm: LLM, workload: Workload) -> KilnRun:
         mean_step_ms=_per_step_ms(after.step_time_total - before.step_time_total, after.steps - before.steps),
         mean_host_ms=_per_step_ms(after.host_time_total - before.host_time_total, after.steps - before.steps),
         num_preemptions=after.num_preemptions - before.num_preemptions,
+        late_kernel_compiles=after.late_kernel_compiles - before.late_kernel_compiles,
         samples=sampler.samples,
     )
 

@@ -192,6 +192,7 @@ ROWS = {
         ("engine step / of it scheduling (ms)", "step_host_ms"),
         ("steps decode-only / mixed (n @ ms)", "step_kinds"),
         ("per step host / device wait / I/O / GC (ms)", "step_split_ms"),
+        ("kernels compiled mid-run", "late_kernel_compiles"),
         ("share of roofline", "roofline_share"),
     ],
     "latency": [

@@ -110,6 +110,7 @@ def kiln_figures(run: KilnRun, workload: Workload) -> dict[str, Any]:
         "step_kinds": run.step_kinds,
         "step_split_ms": run.step_split_ms,
         "preemptions": run.num_preemptions,
+        "late_kernel_compiles": run.late_kernel_compiles,
         "wrong_lengths": wrong,
         "notes": notes,
     }

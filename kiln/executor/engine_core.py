@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kiln.config import EngineLimits, KvCacheConfig, SchedulerConfig
+from kiln.engine.late_compiles import LateCompileWatch
 from kiln.executor.gc_policy import GcPauses, IdleFullCollections
 from kiln.executor.messages import PromptLogprobs, Request, ScheduledBatch, SequenceUpdate
 from kiln.executor.stats import EngineStats
@@ -60,6 +61,7 @@ class _Launched:
     sampled: SampledStep
     prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
     schedule_time: float = 0.0
+    launch_time: float = 0.0  # host time to enqueue the forward and the sampling
 
 
 class EngineCore:
@@ -110,6 +112,9 @@ class EngineCore:
         self._launched: deque[_Launched] = deque()
         self.stats = EngineStats()
         self._gc = GcPauses()
+        self._late_compiles = LateCompileWatch()  # start-up is over: every kernel should exist
+        self._late_compiles.arm()
+        self._compiles_logged = 0
         # KILN_STEP_LOG=FILE: one tab-separated line per step, to see which steps are slow and why
         self._step_log = _open_step_log(os.environ.get("KILN_STEP_LOG"))
 
@@ -172,7 +177,9 @@ class EngineCore:
         else:
             fwd = self.engine.forward(batch)
         sampled = self.decoder.sample_async(fwd.logits, batch)
-        self._launched.append(_Launched(batch, sampled, fwd.prompt_logprobs, t1 - t0))
+        self._launched.append(
+            _Launched(batch, sampled, fwd.prompt_logprobs, t1 - t0, time.perf_counter() - t1)
+        )
         return True
 
     def _apply(self, step: _Launched, t0: float) -> list[SequenceUpdate]:
@@ -182,7 +189,7 @@ class EngineCore:
         t1 = time.perf_counter()
         updates = self.scheduler.update(step.batch, out)
         t2 = time.perf_counter()
-        self._record(step.batch, updates, t2 - t0, step.schedule_time + (t2 - t1), t1 - tw)
+        self._record(step, updates, t2 - t0, step.schedule_time + (t2 - t1), t1 - tw)
         return updates
 
     def refresh_stats(self) -> EngineStats:
@@ -195,12 +202,13 @@ class EngineCore:
 
     def _record(
         self,
-        batch: ScheduledBatch,
+        step: _Launched,
         updates: list[SequenceUpdate],
         step_time: float,
         host_time: float,
         wait_time: float,
     ) -> None:
+        batch = step.batch
         s = self.refresh_stats()
         s.prompt_tokens_total += batch.num_tokens - batch.num_decode
         # tokens delivered: one computed for a sequence that finished meanwhile is dropped, not counted
@@ -212,6 +220,8 @@ class EngineCore:
         s.device_wait_total += wait_time
         gc_time = self._gc.since_last_read()
         s.gc_time_total += gc_time
+        compiles = self._late_compiles.count - self._compiles_logged
+        self._compiles_logged = s.late_kernel_compiles = self._late_compiles.count
         if batch.num_decode == batch.num_seqs:
             s.decode_steps += 1
             s.decode_step_time_total += step_time
@@ -219,19 +229,25 @@ class EngineCore:
         if self._step_log is not None:
             self._step_log.write(
                 f"{batch.step_id}\t{time.time():.6f}\t{batch.num_seqs}\t{batch.num_decode}\t{batch.num_tokens}\t"
-                f"{1e3 * step_time:.3f}\t{1e3 * host_time:.3f}\t{1e3 * wait_time:.3f}\t{1e3 * gc_time:.3f}\n"
+                f"{1e3 * step_time:.3f}\t{1e3 * host_time:.3f}\t{1e3 * wait_time:.3f}\t{1e3 * gc_time:.3f}\t"
+                f"{1e3 * step.launch_time:.3f}\t{compiles}\n"
             )
 
     def close(self) -> None:
         self._gc.close()
+        self._late_compiles.close()
         self.engine.close()
         if self._step_log is not None:
             self._step_log.close()
             self._step_log = None
 
 
-# gc_ms: the cyclic garbage collector's time since the previous line (it pauses the whole loop)
-_STEP_LOG_HEADER = "step\tunix_time\tseqs\tdecode_seqs\ttokens\tstep_ms\thost_ms\tdevice_wait_ms\tgc_ms\n"
+# gc_ms: the cyclic garbage collector's time since the previous line (it pauses the whole loop);
+# launch_ms: this step's forward and sampling launches; compiles: Triton kernels compiled since then
+_STEP_LOG_COLUMNS = (
+    "step unix_time seqs decode_seqs tokens step_ms host_ms device_wait_ms gc_ms launch_ms compiles".split()
+)
+_STEP_LOG_HEADER = "\t".join(_STEP_LOG_COLUMNS) + "\n"
 
 
 def _open_step_log(path: str | None) -> Any:

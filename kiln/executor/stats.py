@@ -26,5 +26,6 @@ class EngineStats:
     decode_step_time_total: float = 0.0  # their share of step_time_total
     loop_io_time_total: float = 0.0  # engine loop, outside steps: receiving requests, sending updates
     gc_time_total: float = 0.0  # Python's cyclic garbage collector, inside steps and out
+    late_kernel_compiles: int = 0  # Triton kernels compiled after start-up (each stalls a step)
     last_batch_size: int = 0
     last_num_tokens: int = 0

@@ -1,0 +1,34 @@
+"""The watch on Triton compilations after start-up."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from kiln.engine.late_compiles import LateCompileWatch
+
+knobs = pytest.importorskip("triton").knobs
+
+
+def test_counts_only_once_armed_chains_and_restores_the_previous_hook(caplog):
+    seen = []
+
+    def previous(**kwargs):
+        seen.append(kwargs["repr"])
+
+    knobs.runtime.jit_post_compile_hook = previous
+    try:
+        watch = LateCompileWatch()
+        hook = knobs.runtime.jit_post_compile_hook
+        hook(repr="_kernel_a[num_warps=4](x: *fp16)")  # during start-up: not counted
+        watch.arm()
+        with caplog.at_level(logging.WARNING, logger="kiln"):
+            hook(repr="_kernel_b[num_warps=4](x: *fp16)")
+        assert watch.count == 1 and watch.names == ["_kernel_b[num_warps=4](x: *fp16)"]
+        assert "_kernel_b" in caplog.text and "after start-up" in caplog.text
+        assert seen == ["_kernel_a[num_warps=4](x: *fp16)", "_kernel_b[num_warps=4](x: *fp16)"]
+        watch.close()
+        assert knobs.runtime.jit_post_compile_hook is previous
+    finally:
+        knobs.runtime.jit_post_compile_hook = None
