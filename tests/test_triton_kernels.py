@@ -366,6 +366,7 @@ def test_step_varying_int_args_are_not_specialised(monkeypatch):
     kernels = {k.__name__: k for k in (pa._attention_tile_kernel, pa._merge_splits_kernel,
                                        gs._greedy_partial_kernel, gs._greedy_merge_kernel)}  # fmt: skip
     seen: dict[str, dict[str, set[str]]] = {name: {} for name in kernels}
+    constexprs: dict[str, dict[str, set]] = {name: {} for name in kernels}
     for name, k in kernels.items():
         arg_names = list(inspect.signature(k.fn).parameters)
 
@@ -373,6 +374,8 @@ def test_step_varying_int_args_are_not_specialised(monkeypatch):
             for n, a in zip(_names, args, strict=False):
                 if isinstance(a, int) and not isinstance(a, bool) and not n.startswith("stride"):
                     seen[_name].setdefault(n, set()).add(_spec_class(a))
+            for n, a in kw.items():  # constexprs and launch options: each value is its own variant
+                constexprs[_name].setdefault(n, set()).add(a)
             return _run(*args, grid=grid, warmup=warmup, **kw)
 
         monkeypatch.setattr(k, "run", record)
@@ -385,6 +388,11 @@ def test_step_varying_int_args_are_not_specialised(monkeypatch):
         fixed = set(getattr(k, "kwargs", {}).get("do_not_specialize") or getattr(k, "do_not_specialize", []))
         varying = {n for n, classes in seen[name].items() if len(classes) > 1}
         assert varying <= fixed, f"{name}: {sorted(varying - fixed)} vary by step but are specialised"
+    # The attention tile kernel's variants are its passes' (decode / prefill tiles, split or not,
+    # mapped by search or not), which start-up's warm-up steps run; the other kernels have one.
+    for name in ("_merge_splits_kernel", "_greedy_partial_kernel", "_greedy_merge_kernel"):
+        many = {n: sorted(v) for n, v in constexprs[name].items() if len(v) > 1}
+        assert not many, f"{name}: constexprs {many} follow the batch (a new variant compiles mid-run)"
 
 
 def test_opcheck_norms_activation():

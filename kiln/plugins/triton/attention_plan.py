@@ -21,7 +21,7 @@ from kiln.plugins.triton._common import next_pow2, num_sms
 # keeps at least this many keys, since shorter splits cost more in merging than they gain.
 _SPLIT_TARGET_WAVES = 3
 _MIN_KEYS_PER_SPLIT = 128
-_MAX_SPLITS = 64
+MAX_SPLITS = 64
 # fp32 partials are [splits, T, Hq, D + 2]; splits shrink rather than let them pass this size.
 _MAX_WORKSPACE_BYTES = 64 << 20
 # Shared memory the software pipeline may use for K/V stages plus the q tile (H100: 228 KB per SM).
@@ -74,7 +74,7 @@ def plan_passes(
             splits = 1
             if base < sms:
                 splits = min(triton.cdiv(_SPLIT_TARGET_WAVES * sms, base), max_seq_len // _MIN_KEYS_PER_SPLIT,
-                             _MAX_SPLITS, split_cap)  # fmt: skip
+                             MAX_SPLITS, split_cap)  # fmt: skip
         return AttentionPass(lo, hi, bm, block_n, tokens_per_tile, num_tiles, use_search, tiles_per_seq,
                              max(1, splits), 8 if bm >= 128 else 4, stages)  # fmt: skip
 

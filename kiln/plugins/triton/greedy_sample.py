@@ -103,6 +103,8 @@ def greedy_sample(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     )  # fmt: skip
     _greedy_merge_kernel[(rows,)](
         part_max, part_sum, part_idx, num_chunks, vocab, tokens, packed, rows,
-        BLOCK_C=next_pow2(num_chunks), num_warps=1,
+        # sized for the vocabulary, not the batch: a constexpr that followed the row count would
+        # compile a new variant mid-run whenever a step's row count crossed a power of two
+        BLOCK_C=next_pow2(max_chunks), num_warps=1,
     )  # fmt: skip
     return tokens, packed

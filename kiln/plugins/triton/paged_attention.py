@@ -31,7 +31,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from kiln.plugins.triton._common import check_last_dim_contiguous, dot_precision, next_pow2
-from kiln.plugins.triton.attention_plan import plan_passes
+from kiln.plugins.triton.attention_plan import MAX_SPLITS, plan_passes
 
 SUPPORTED_HEAD_DIMS = (32, 64, 96, 128, 256)
 
@@ -309,6 +309,8 @@ def paged_attention(
             passes[-1].num_splits if len(passes) > 1 else 1,
             part_acc.stride(0), part_acc.stride(1), part_acc.stride(2), part_ml.stride(0), part_ml.stride(1),
             out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS_P2=next_pow2(max_splits), num_warps=4,
+            # one variant for every split count the plan makes (one per power of two would compile
+            # mid-run, the first time a step's shapes gave a new one)
+            HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS_P2=next_pow2(max(max_splits, MAX_SPLITS)), num_warps=4,
         )  # fmt: skip
     return out
