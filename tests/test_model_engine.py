@@ -27,7 +27,7 @@ from kiln.config import EngineLimits, KvCacheConfig  # noqa: E402
 from kiln.engine.cuda_graphs import DecodeGraphRunner  # noqa: E402
 from kiln.engine.kv_cache import CPU_DEFAULT_CAP_BYTES, KvCacheSpec, cpu_default_num_blocks  # noqa: E402
 from kiln.engine.model_engine import ModelEngine  # noqa: E402
-from kiln.engine.synthetic_batches import synthetic_batch, warm_up_shapes  # noqa: E402
+from kiln.engine.synthetic_batches import covering_shapes, synthetic_batch, warm_up_shapes  # noqa: E402
 from kiln.executor.messages import SlotInit  # noqa: E402
 from kiln.plugins import PluginSet  # noqa: E402
 from kiln.sampling_params import SamplingParams  # noqa: E402
@@ -266,6 +266,74 @@ def test_warm_up_shapes_stay_within_the_limits(max_batch, extra_tokens, max_len)
         assert batch.num_tokens == sum(new) and blocks == 1 + sum(
             -(-(c + n) // 16) for c, n in zip(computed, new, strict=True)
         )
+
+
+def _attention_variants_8b(monkeypatch):
+    """Llama-3.1-8B's attention geometry in bf16 on a 132-SM card: step shape -> Triton variants."""
+    from kiln.plugins.triton import attention_plan
+
+    monkeypatch.setattr(attention_plan, "num_sms", lambda device: 132)
+
+    def variants_of(computed, new):
+        max_seq_len = max(c + n for c, n in zip(computed, new, strict=True))
+        passes = attention_plan.plan_passes(sum(new), len(new), 8, 4, 128, torch.bfloat16, max(new),
+                                            max_seq_len, torch.device("cpu"))  # fmt: skip
+        return {p.variant for p in passes} | ({"merge"} if any(p.num_splits > 1 for p in passes) else set())
+
+    return variants_of
+
+
+def _random_step(rng: np.random.Generator, limits: EngineLimits) -> tuple[list[int], list[int]]:
+    """A step in-flight batching could make: decode rows first, then chunks within the budget."""
+    seqs = int(rng.integers(1, limits.max_batch_size + 1))
+    decode = int(rng.integers(0, seqs + 1))
+    chunks = seqs - decode
+    room = limits.max_num_tokens - decode
+    if chunks > room:
+        chunks = room
+    lens = rng.multinomial(room - chunks, np.ones(chunks) / chunks) + 1 if chunks else np.zeros(0, np.int64)
+    lens = np.minimum(lens, limits.max_seq_len - 1)
+    starts = [int(rng.integers(0, limits.max_seq_len - n)) if rng.random() < 0.3 else 0 for n in lens]
+    ctx = rng.integers(1, limits.max_seq_len - 1, decode)
+    return [int(c) for c in ctx] + starts, [1] * decode + [int(n) for n in lens]
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [EngineLimits(512, 8192, 131072), EngineLimits(256, 8192, 4096), EngineLimits(16, 256, 256)],
+    ids=["8k-budget-128k-context", "4k-context", "small"],
+)
+def test_start_up_steps_reach_every_attention_variant_real_steps_do(monkeypatch, limits):
+    # A variant first met mid-run compiles there (0.1-1 s on the GPU): start-up must have run them all.
+    variants_of = _attention_variants_8b(monkeypatch)
+    base = warm_up_shapes(limits)
+    extra = covering_shapes(limits, variants_of, base)
+    warmed = set().union(*(variants_of(c, n) for c, n in base + extra))
+    seen: set = set()
+    for c, n in extra:  # each added step brings a variant nothing before it had
+        assert len(n) <= limits.max_batch_size and sum(n) <= limits.max_num_tokens
+        assert all(a + b <= limits.max_seq_len for a, b in zip(c, n, strict=True))
+        assert not variants_of(c, n) <= seen | set().union(*(variants_of(a, b) for a, b in base))
+        seen |= variants_of(c, n)
+    rng = np.random.default_rng(0)
+    for _ in range(3000):
+        computed, new = _random_step(rng, limits)
+        if new:
+            assert variants_of(computed, new) <= warmed, (len(new), sum(new), max(new))
+    assert covering_shapes(limits, variants_of, base) == extra  # deterministic
+
+
+def test_engine_adds_covering_steps_only_for_the_triton_attention(tiny_model):
+    path = tiny_model("LlamaForCausalLM")
+    reference_engine = make_engine(path)
+    assert reference_engine.attention_variants() is None
+    assert reference_engine.warm_up_shapes() == warm_up_shapes(LIMITS)
+    triton_engine = make_engine(path, plugins=PluginSet("forward"))
+    variants_of = triton_engine.attention_variants()
+    assert variants_of is not None and variants_of([0], [8])
+    shapes = triton_engine.warm_up_shapes()
+    assert shapes[: len(warm_up_shapes(LIMITS))] == warm_up_shapes(LIMITS)
+    assert set().union(*(variants_of(c, n) for c, n in shapes)) >= variants_of([0], [1])
 
 
 def test_warm_up_steps_leave_the_engine_clean(tiny_model):

@@ -32,7 +32,7 @@ from kiln.engine.kv_cache import (
 )
 from kiln.engine.prompt_logprobs import PromptLogprobsComputer
 from kiln.engine.staging import HostStaging
-from kiln.engine.synthetic_batches import profile_batch, synthetic_batch, warm_up_shapes
+from kiln.engine.synthetic_batches import covering_shapes, profile_batch, synthetic_batch, warm_up_shapes
 from kiln.executor.messages import PromptLogprobs, ScheduledBatch
 from kiln.plugins import PluginSet
 
@@ -173,10 +173,39 @@ class ModelEngine:
             )
         return num_blocks
 
+    def warm_up_shapes(self) -> list[tuple[list[int], list[int]]]:
+        """The start-up steps: the kinds of full-budget mixed step, then small steps that reach the
+        attention kernel variants those do not (with the Triton attention plugin)."""
+        shapes = warm_up_shapes(self.limits)
+        variants_of = self.attention_variants()
+        if variants_of is not None:
+            shapes += covering_shapes(self.limits, variants_of, shapes)
+        return shapes
+
+    def attention_variants(self) -> Callable[[list[int], list[int]], set] | None:
+        """(num_computed, num_new) of a step -> the Triton attention variants it launches; None
+        unless attention runs the built-in Triton kernel."""
+        if self.plugins.choice["attention"] != ("paged_attention", "forward"):
+            return None
+        from kiln.plugins.triton.attention_plan import plan_passes
+
+        cfg = self.info.config
+        assert cfg is not None
+        group = cfg.num_heads // cfg.num_kv_heads
+
+        def variants_of(computed: list[int], new: list[int]) -> set:
+            max_seq_len = max(c + n for c, n in zip(computed, new, strict=True))
+            passes = plan_passes(sum(new), len(new), cfg.num_kv_heads, group, cfg.head_dim, self.dtype,
+                                 max(new), max_seq_len, self.device)  # fmt: skip
+            split = any(p.num_splits > 1 for p in passes)
+            return {p.variant for p in passes} | ({"merge"} if split else set())
+
+        return variants_of
+
     def warm_up_steps(self) -> None:
-        """Run the mixed steps of ``warm_up_shapes`` on the (still empty) KV pool, so their first-use
-        work is done at start-up; the block-table rows they used are cleared afterwards."""
-        for computed, new in warm_up_shapes(self.limits):
+        """Run the steps of ``warm_up_shapes`` on the (still empty) KV pool, so their first-use work
+        is done at start-up; the block-table rows they used are cleared afterwards."""
+        for computed, new in self.warm_up_shapes():
             batch, blocks = synthetic_batch(computed, new, self.tokens_per_block)
             if blocks <= self.num_blocks:
                 self.forward(batch)

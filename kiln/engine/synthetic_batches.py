@@ -6,6 +6,9 @@ growth, torch.compile specialisations) happens during start-up, never in a user'
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable, Hashable
+
 import numpy as np
 
 from kiln.config import EngineLimits
@@ -92,3 +95,41 @@ def warm_up_shapes(limits: EngineLimits) -> list[tuple[list[int], list[int]]]:
         long_each = min(max_len, max(1, (budget - short) // 2))
         shapes.append(([0, 0, 0], [short, long_each, long_each]))
     return shapes
+
+
+Shape = tuple[list[int], list[int]]
+
+
+def covering_shapes(
+    limits: EngineLimits, variants_of: Callable[[list[int], list[int]], set[Hashable]], base: list[Shape]
+) -> list[Shape]:
+    """Small steps that reach kernel variants ``base`` does not, so each compiles at start-up.
+
+    ``variants_of(num_computed, num_new)`` names the variants a step launches (e.g. the attention
+    passes' constexprs). Full-budget steps never reach some of them: a lone short prompt, say, whose
+    few tiles make the kernel split the keys. Candidates are small and cheap; each kept one adds at
+    least one variant, in a fixed order, so start-up stays deterministic."""
+    budget, max_seqs, max_len = limits.max_num_tokens, limits.max_batch_size, limits.max_seq_len
+    seen: set[Hashable] = set()
+    for computed, new in base:
+        seen |= variants_of(computed, new)
+    chosen: list[Shape] = []
+    counts = sorted({s for s in (1, 2, 3, 4, 8, 16, 32, 64, 128) if s <= max_seqs})
+    for num_seqs in counts:
+        for decode in sorted({0, 1, num_seqs - 1, num_seqs}):
+            chunks = num_seqs - decode
+            for chunk_len in (8, 100, 1000, 4000):
+                for ctx, prefix in itertools.product((64, 1000, 4000), (False, True)):
+                    # prefix: the chunks continue a cached prefix of ctx tokens (a prefix-cache hit)
+                    start = ctx if prefix else 0
+                    if chunks and chunk_len * chunks + decode > budget:
+                        continue
+                    if max(ctx + 1, start + chunk_len) > max_len or (prefix and not chunks):
+                        continue
+                    computed = [ctx] * decode + [start] * chunks
+                    new = [1] * decode + [chunk_len] * chunks
+                    fresh = variants_of(computed, new) - seen
+                    if fresh:
+                        seen |= fresh
+                        chosen.append((computed, new))
+    return chosen

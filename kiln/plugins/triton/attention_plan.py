@@ -45,6 +45,12 @@ class AttentionPass:
     num_warps: int
     num_stages: int
 
+    @property
+    def variant(self) -> tuple[int | bool, ...]:
+        """What Triton compiles a separate kernel for (the other fields are unspecialised ints)."""
+        return (self.block_m, self.block_n, self.tokens_per_tile, self.use_search, self.num_splits > 1,
+                self.num_warps, self.num_stages)  # fmt: skip
+
 
 def plan_passes(
     num_tokens: int, num_seqs: int, num_kv_heads: int, group: int, head_dim: int, dtype: torch.dtype,
