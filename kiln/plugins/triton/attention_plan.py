@@ -10,6 +10,7 @@ are fixed by shapes and int arguments, so a captured CUDA graph stays valid.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -56,9 +57,20 @@ def plan_passes(
     num_tokens: int, num_seqs: int, num_kv_heads: int, group: int, head_dim: int, dtype: torch.dtype,
     max_query_len: int, max_seq_len: int, device: torch.device,
     *, num_splits: int | None = None, block_m: int | None = None, block_n: int | None = None,
-) -> list[AttentionPass]:  # fmt: skip
+) -> tuple[AttentionPass, ...]:  # fmt: skip
     """The passes of one call. ``num_splits`` (both passes), ``block_m`` (prefill pass) and
     ``block_n`` (both) override the heuristics, for tests and tuning."""
+    # Every layer of a step asks the same question: planned once per step shape, not per layer.
+    return _plan(num_tokens, num_seqs, num_kv_heads, group, head_dim, dtype, max_query_len, max_seq_len,
+                 num_sms(device), num_splits, block_m, block_n)  # fmt: skip
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(
+    num_tokens: int, num_seqs: int, num_kv_heads: int, group: int, head_dim: int, dtype: torch.dtype,
+    max_query_len: int, max_seq_len: int, sms: int,
+    num_splits: int | None, block_m: int | None, block_n: int | None,
+) -> tuple[AttentionPass, ...]:  # fmt: skip
     block_d = next_pow2(head_dim)
     wide = block_d > 128 or dtype == torch.float32  # more bytes per row: smaller tiles fit on chip
     block_n = block_n or (32 if wide else 64)
@@ -76,7 +88,6 @@ def plan_passes(
         splits = num_splits
         if splits is None:
             base = num_tiles * num_kv_heads
-            sms = num_sms(device)
             splits = 1
             if base < sms:
                 splits = min(triton.cdiv(_SPLIT_TARGET_WAVES * sms, base), max_seq_len // _MIN_KEYS_PER_SPLIT,
@@ -92,4 +103,4 @@ def plan_passes(
         # prefill tiles gain from a third K/V stage in flight when it fits in shared memory
         stages = 3 if (3 * 2 * block_n + bm) * block_d * elem <= _SMEM_BUDGET else 2
         passes.append(make(decode_tokens, NO_LIMIT, bm, max_query_len, stages))
-    return passes
+    return tuple(passes)
