@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 
-import pytest
-from tiny_models import make_tiny_model
+import torch
+
+# Without a GPU, Triton kernels run in its interpreter. That must be chosen before anything imports
+# triton (kernels, and triton's own library functions, are made at import), whatever the test order.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from tiny_models import make_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
