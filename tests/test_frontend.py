@@ -175,3 +175,9 @@ def test_codec_round_trips_messages():
         "b", 0, [], [], finished=True, error="no", rejected=True, first_scheduled_time=2.5
     )
     assert codec.decode(codec.encode(("updates", [rejected], None)))[1][0] == rejected
+    # a step's updates, plain ones and ones with logprobs mixed, come back equal and in order
+    plain = SequenceUpdate("c", 2, [5, 6], [-0.2, -0.3], num_cached_tokens=16, stop_reason="END")
+    step = [plain, up, rejected]
+    back = codec.decode(codec.encode(("updates", step, None)))[1]
+    assert [b.request_id for b in back] == ["c", "a", "b"] and back[0] == plain and back[2] == rejected
+    assert back[1].new_top == [[(4, -0.1)]] and back[1].prompt_logprobs[0].token_logprobs.shape == (3,)

@@ -6,6 +6,7 @@ Only dataclasses registered here, numpy arrays and plain containers cross; nothi
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Any
 
 import msgpack
@@ -35,14 +36,14 @@ _TYPES: dict[str, type] = {
 
 # SequenceUpdate is the per-step bulk (one per running sequence): sent positionally, not as a dict.
 _UPDATE_FIELDS = tuple(f.name for f in dataclasses.fields(SequenceUpdate))
+_update_values = operator.attrgetter(*_UPDATE_FIELDS)  # one C call for every field
 
 
 def _to_plain(obj: Any) -> Any:
     if type(obj) is SequenceUpdate:
-        vals = [getattr(obj, f) for f in _UPDATE_FIELDS]
         if obj.prompt_logprobs or obj.new_top:
-            vals = [_to_plain(v) for v in vals]
-        return {"__u": vals}
+            return {"__u": [_to_plain(v) for v in _update_values(obj)]}
+        return {"__u": _update_values(obj)}
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         name = type(obj).__name__
         assert name in _TYPES, f"{name} is not a registered message type"
@@ -54,10 +55,18 @@ def _to_plain(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {"__d": [[_to_plain(k), _to_plain(v)] for k, v in obj.items()]}
     if isinstance(obj, (list, tuple)):
+        if obj and type(obj[0]) is SequenceUpdate:  # a step's updates: no per-item type dispatch
+            return [_to_plain_update(u) for u in obj]
         return [_to_plain(x) for x in obj]
     if isinstance(obj, np.generic):
         return obj.item()
     return obj
+
+
+def _to_plain_update(u: Any) -> Any:
+    if type(u) is not SequenceUpdate or u.prompt_logprobs or u.new_top:
+        return _to_plain(u)
+    return {"__u": _update_values(u)}
 
 
 def _from_plain(obj: Any) -> Any:
