@@ -14,6 +14,8 @@ import numpy as np
 from kiln.config import EngineLimits
 from kiln.executor.messages import ScheduledBatch
 
+Shape = tuple[list[int], list[int]]  # (tokens already computed, new tokens) of each sequence
+
 
 def synthetic_batch(
     num_computed: list[int], num_new: list[int], tokens_per_block: int
@@ -67,13 +69,13 @@ def profile_batch(limits: EngineLimits, tokens_per_block: int) -> tuple[Schedule
     return synthetic_batch([0] * num_seqs, lens.tolist(), tokens_per_block)
 
 
-def warm_up_shapes(limits: EngineLimits) -> list[tuple[list[int], list[int]]]:
+def warm_up_shapes(limits: EngineLimits) -> list[Shape]:
     """(num_computed, num_new) of the mixed steps run at start-up: the kinds of step in-flight batching
     makes, at the largest token budget. Each picks its own attention passes (decode rows alone or
     split over the KV length, prefill tiles mapped statically or by search), so together they compile
     the kernel variants that real traffic reaches."""
     budget, max_seqs, max_len = limits.max_num_tokens, limits.max_batch_size, limits.max_seq_len
-    shapes: list[tuple[list[int], list[int]]] = []
+    shapes: list[Shape] = []
     ctx = min(256, max_len - 1)
     # many generation rows beside many equal context chunks (a wave of new requests joining)
     decode = max(1, min(max_seqs // 4, budget // 4))
@@ -95,9 +97,6 @@ def warm_up_shapes(limits: EngineLimits) -> list[tuple[list[int], list[int]]]:
         long_each = min(max_len, max(1, (budget - short) // 2))
         shapes.append(([0, 0, 0], [short, long_each, long_each]))
     return shapes
-
-
-Shape = tuple[list[int], list[int]]
 
 
 def covering_shapes(

@@ -39,11 +39,16 @@ _UPDATE_FIELDS = tuple(f.name for f in dataclasses.fields(SequenceUpdate))
 _update_values = operator.attrgetter(*_UPDATE_FIELDS)  # one C call for every field
 
 
+def _update_to_plain(u: SequenceUpdate) -> Any:
+    vals = _update_values(u)
+    if u.prompt_logprobs or u.new_top:
+        return {"__u": [_to_plain(v) for v in vals]}
+    return {"__u": vals}
+
+
 def _to_plain(obj: Any) -> Any:
     if type(obj) is SequenceUpdate:
-        if obj.prompt_logprobs or obj.new_top:
-            return {"__u": [_to_plain(v) for v in _update_values(obj)]}
-        return {"__u": _update_values(obj)}
+        return _update_to_plain(obj)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         name = type(obj).__name__
         assert name in _TYPES, f"{name} is not a registered message type"
@@ -55,18 +60,12 @@ def _to_plain(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {"__d": [[_to_plain(k), _to_plain(v)] for k, v in obj.items()]}
     if isinstance(obj, (list, tuple)):
-        if obj and type(obj[0]) is SequenceUpdate:  # a step's updates: no per-item type dispatch
-            return [_to_plain_update(u) for u in obj]
+        if obj and type(obj[0]) is SequenceUpdate:  # a step's updates: skip the type dispatch
+            return [_update_to_plain(u) if type(u) is SequenceUpdate else _to_plain(u) for u in obj]
         return [_to_plain(x) for x in obj]
     if isinstance(obj, np.generic):
         return obj.item()
     return obj
-
-
-def _to_plain_update(u: Any) -> Any:
-    if type(u) is not SequenceUpdate or u.prompt_logprobs or u.new_top:
-        return _to_plain(u)
-    return {"__u": _update_values(u)}
 
 
 def _from_plain(obj: Any) -> Any:
