@@ -13,6 +13,7 @@ def test_counts_only_once_armed_chains_and_restores_the_previous_hook(caplog):
     # Triton is imported here, not at collection: the kernel tests set TRITON_INTERPRET=1 when they
     # are collected, and Triton's own jit functions must be made after that.
     knobs = pytest.importorskip("triton").knobs
+    original = knobs.runtime.jit_post_compile_hook
     seen = []
 
     def previous(**kwargs):
@@ -32,4 +33,4 @@ def test_counts_only_once_armed_chains_and_restores_the_previous_hook(caplog):
         watch.close()
         assert knobs.runtime.jit_post_compile_hook is previous
     finally:
-        knobs.runtime.jit_post_compile_hook = None
+        knobs.runtime.jit_post_compile_hook = original

@@ -273,14 +273,7 @@ def _attention_variants_8b(monkeypatch):
     from kiln.plugins.triton import attention_plan
 
     monkeypatch.setattr(attention_plan, "num_sms", lambda device: 132)
-
-    def variants_of(computed, new):
-        max_seq_len = max(c + n for c, n in zip(computed, new, strict=True))
-        passes = attention_plan.plan_passes(sum(new), len(new), 8, 4, 128, torch.bfloat16, max(new),
-                                            max_seq_len, torch.device("cpu"))  # fmt: skip
-        return {p.variant for p in passes} | ({"merge"} if any(p.num_splits > 1 for p in passes) else set())
-
-    return variants_of
+    return attention_plan.step_variants(8, 4, 128, torch.bfloat16, torch.device("cpu"))
 
 
 def _random_step(rng: np.random.Generator, limits: EngineLimits) -> tuple[list[int], list[int]]:

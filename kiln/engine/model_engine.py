@@ -187,20 +187,12 @@ class ModelEngine:
         unless attention runs the built-in Triton kernel."""
         if self.plugins.choice["attention"] != ("paged_attention", "forward"):
             return None
-        from kiln.plugins.triton.attention_plan import plan_passes
+        from kiln.plugins.triton.attention_plan import step_variants
 
         cfg = self.info.config
         assert cfg is not None
-        group = cfg.num_heads // cfg.num_kv_heads
-
-        def variants_of(computed: list[int], new: list[int]) -> set:
-            max_seq_len = max(c + n for c, n in zip(computed, new, strict=True))
-            passes = plan_passes(sum(new), len(new), cfg.num_kv_heads, group, cfg.head_dim, self.dtype,
-                                 max(new), max_seq_len, self.device)  # fmt: skip
-            split = any(p.num_splits > 1 for p in passes)
-            return {p.variant for p in passes} | ({"merge"} if split else set())
-
-        return variants_of
+        return step_variants(cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim, self.dtype,
+                             self.device)  # fmt: skip
 
     def warm_up_steps(self) -> None:
         """Run the steps of ``warm_up_shapes`` on the (still empty) KV pool, so their first-use work

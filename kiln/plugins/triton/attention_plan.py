@@ -11,6 +11,7 @@ are fixed by shapes and int arguments, so a captured CUDA graph stays valid.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import torch
@@ -104,3 +105,19 @@ def _plan(
         stages = 3 if (3 * 2 * block_n + bm) * block_d * elem <= _SMEM_BUDGET else 2
         passes.append(make(decode_tokens, NO_LIMIT, bm, max_query_len, stages))
     return tuple(passes)
+
+
+def step_variants(
+    num_kv_heads: int, group: int, head_dim: int, dtype: torch.dtype, device: torch.device
+) -> Callable[[list[int], list[int]], set[Hashable]]:
+    """For one model's attention: (num_computed, num_new) of a step -> the kernel variants it launches
+    (each pass's ``variant``, and "merge" when a pass splits the keys)."""
+
+    def variants_of(computed: list[int], new: list[int]) -> set[Hashable]:
+        max_seq_len = max(c + n for c, n in zip(computed, new, strict=True))
+        passes = plan_passes(sum(new), len(new), num_kv_heads, group, head_dim, dtype, max(new), max_seq_len,
+                             device)  # fmt: skip
+        split = any(p.num_splits > 1 for p in passes)
+        return {p.variant for p in passes} | ({"merge"} if split else set())
+
+    return variants_of
