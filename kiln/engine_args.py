@@ -29,6 +29,7 @@ def resolve_engine_config(
     plugin_backend: str | None,
     executor: str,
     cuda_graphs: bool,
+    piecewise_graphs: bool,
     compile: bool | None,
     overlap_scheduling: bool | None,
 ) -> tuple[EngineCoreConfig, bool]:
@@ -39,6 +40,9 @@ def resolve_engine_config(
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     if compile is not None and not isinstance(compile, bool):
         raise ValueError(f"compile must be True, False or None (on CUDA only), got {compile!r}")
+    for name, flag in (("cuda_graphs", cuda_graphs), ("piecewise_graphs", piecewise_graphs)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be True or False, got {flag!r}")
     if plugins is not None and not isinstance(plugins, dict):
         raise ValueError(f"plugins must be a dict of plugin kind -> plugin name, got {plugins!r}")
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -94,6 +98,7 @@ def resolve_engine_config(
         plugin_backend=plugin_backend or ("forward" if device.startswith("cuda") else "reference"),
         plugins=plugins,
         cuda_graphs=cuda_graphs,
+        piecewise_graphs=piecewise_graphs,
         compile=compile,
         overlap_scheduling=overlap,
     )

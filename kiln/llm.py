@@ -39,6 +39,9 @@ class LLM:
     On a GPU the executor runs in a worker process; on the CPU in a thread (``executor`` picks).
     ``overlap_scheduling`` (default: on for CUDA) schedules and launches each step while the device
     still runs the previous one; outputs are the same either way.
+    ``cuda_graphs`` (CUDA) replays decode-only steps from graphs captured per padded batch size, and
+    with ``piecewise_graphs`` also prefill and mixed steps, from graphs of the pieces between two
+    attentions captured per padded token count.
     """
 
     def __init__(
@@ -57,6 +60,7 @@ class LLM:
         plugin_backend: str | None = None,
         executor: str = "auto",
         cuda_graphs: bool = True,
+        piecewise_graphs: bool = True,
         compile: bool | None = None,
         overlap_scheduling: bool | None = None,
     ) -> None:
@@ -80,6 +84,7 @@ class LLM:
             plugin_backend=plugin_backend,
             executor=executor,
             cuda_graphs=cuda_graphs,
+            piecewise_graphs=piecewise_graphs,
             compile=compile,
             overlap_scheduling=overlap_scheduling,
         )

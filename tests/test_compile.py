@@ -15,6 +15,7 @@ from kiln import LLM, SamplingParams
 from kiln.config import EngineLimits, KvCacheConfig
 from kiln.engine import compile as kiln_compile
 from kiln.engine.model_engine import ModelEngine
+from kiln.engine.piecewise_graphs import PiecewiseGraphRunner
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 BLOCK = 8
@@ -94,6 +95,22 @@ def test_one_compile_for_all_layers_and_step_shapes(tiny_model, num_layers):
     assert compiled.compiled.num_graphs == 2
     assert _unique_graphs() == before  # no recompilation by any compiled function
     assert not kiln_compile._KV_BY_HANDLE  # KV views are held only during a layer's call
+
+
+def test_piecewise_pieces_of_compiled_layers_run_their_plugins(tiny_model):
+    # The pieces between attentions call a compiled model's layers outside their compiled forward:
+    # the routed KV-cache ops then get the KV views and run the plugins themselves.
+    path = tiny_model("LlamaForCausalLM", num_hidden_layers=2)
+    eager, compiled = _engine(path, compile=False), _engine(path, compile=True)
+    assert compiled.kv_cache is not None
+    kv = compiled.kv_cache.layers
+    compiled.pieces = PiecewiseGraphRunner(compiled.model.model, kv, [16], compiled.device, capture=False)
+    builders = StepBuilder(BLOCK), StepBuilder(BLOCK)
+    for chunks in _steps():
+        want = eager.forward(builders[0].batch(chunks)).logits
+        got = compiled.forward(builders[1].batch(chunks)).logits
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not kiln_compile._KV_BY_HANDLE
 
 
 def test_graph_per_kind_of_layer_with_windows_and_qk_norm(tiny_model):

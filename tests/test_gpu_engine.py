@@ -110,7 +110,38 @@ def test_overlap_and_compile_give_same_tokens_as_plain_eager(tiny_model):
     assert got == ref and got_s == ref_s
 
 
-def test_launching_a_step_that_admits_requests_does_not_wait_for_the_device(tiny_model):
+def test_piecewise_graphs_give_the_eager_tokens(tiny_model):
+    # Prefill and mixed steps through the captured pieces (padded to a captured token count, the
+    # attention launched between pieces) against the same engine running them eagerly.
+    path = tiny_model("Qwen3ForCausalLM", tokenizer=True, num_hidden_layers=4, **SHAPE)
+    prompts = _prompts(24, seed=11)
+    sp = SamplingParams(max_tokens=12, logprobs=3, **GREEDY)
+    kw = dict(dtype="float32", max_num_tokens=128, executor="thread")
+    with _llm(path, piecewise_graphs=False, **kw) as llm:
+        assert llm._executor._core.engine.pieces is None
+        ref = [o.outputs[0] for o in llm.generate(prompts, sp, use_tqdm=False)]
+    with _llm(path, **kw) as llm:
+        pieces = llm._executor._core.engine.pieces
+        assert pieces is not None and pieces.sizes[-1] == 128 and pieces.capture_seconds > 0
+        runs: list[int] = []
+        run = pieces.run
+
+        def counted(input_ids, positions, attn):
+            runs.append(int(input_ids.shape[0]))
+            return run(input_ids, positions, attn)
+
+        pieces.run = counted
+        got = [o.outputs[0] for o in llm.generate(prompts, sp, use_tqdm=False)]
+        late = llm.stats().late_kernel_compiles
+    assert len(runs) >= 4 and max(runs) > 64 and late == 0
+    assert [o.token_ids for o in got] == [o.token_ids for o in ref]
+    for a, b in zip(got, ref, strict=True):
+        for lp_a, lp_b in zip(a.logprobs, b.logprobs, strict=True):
+            assert all(abs(lp_a[t] - lp_b[t]) < 1e-4 for t in lp_a.keys() & lp_b.keys())
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "piecewise-graphs"])
+def test_launching_a_step_that_admits_requests_does_not_wait_for_the_device(tiny_model, graphs):
     # A step is launched while the previous one runs (overlap scheduling). Anything in the launch that
     # waits for the device (a copy from pageable memory, .item(), nonzero) serialises host and device.
     from kiln.config import EngineLimits, KvCacheConfig
@@ -124,8 +155,9 @@ def test_launching_a_step_that_admits_requests_does_not_wait_for_the_device(tiny
     limits = EngineLimits(max_batch_size=8, max_num_tokens=256, max_seq_len=256)
     with torch.inference_mode():
         engine = ModelEngine(path, dtype="bfloat16", device="cuda", limits=limits,
-                             kv_config=KvCacheConfig(max_tokens=4096), cuda_graphs=False,
+                             kv_config=KvCacheConfig(max_tokens=4096), cuda_graphs=graphs,
                              plugins=PluginSet("forward"))  # the GPU kernels, as LLM on CUDA  # fmt: skip
+        assert (engine.pieces is not None) == graphs
         decoder = Decoder(limits.max_batch_size, engine.vocab_size, engine.device)
         batch, _ = synthetic_batch([40, 0, 0], [1, 30, 50], engine.tokens_per_block)
         kinds = [

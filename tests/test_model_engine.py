@@ -27,6 +27,7 @@ from kiln.config import EngineLimits, KvCacheConfig  # noqa: E402
 from kiln.engine.cuda_graphs import DecodeGraphRunner  # noqa: E402
 from kiln.engine.kv_cache import CPU_DEFAULT_CAP_BYTES, KvCacheSpec, cpu_default_num_blocks  # noqa: E402
 from kiln.engine.model_engine import ModelEngine  # noqa: E402
+from kiln.engine.piecewise_graphs import PiecewiseGraphRunner, default_piecewise_sizes  # noqa: E402
 from kiln.engine.synthetic_batches import covering_shapes, synthetic_batch, warm_up_shapes  # noqa: E402
 from kiln.executor.messages import SlotInit  # noqa: E402
 from kiln.plugins import PluginSet  # noqa: E402
@@ -79,13 +80,34 @@ def schedule() -> list[list[Chunk]]:
     return steps
 
 
+def use_piecewise(engine: ModelEngine, sizes: list[int]) -> list[int]:
+    """Route the engine's steps through a piecewise runner replayed eagerly (the CPU stand-in for the
+    captured pieces); returns a list that records each run's token count."""
+    assert engine.kv_cache is not None
+    engine.pieces = PiecewiseGraphRunner(engine.model.model, engine.kv_cache.layers, sizes, engine.device,
+                                         capture=False)  # fmt: skip
+    runs: list[int] = []
+    run = engine.pieces.run
+
+    def counted(input_ids, positions, attn):
+        runs.append(int(input_ids.shape[0]))
+        return run(input_ids, positions, attn)
+
+    engine.pieces.run = counted  # type: ignore[method-assign]
+    return runs
+
+
+@pytest.mark.parametrize("path_kind", ["eager", "piecewise"])
 @pytest.mark.parametrize("case", sorted(ARCH_CASES))
-def test_paged_chunked_mixed_run_matches_transformers(tiny_model, case):
+def test_paged_chunked_mixed_run_matches_transformers(tiny_model, case, path_kind):
+    # "piecewise": every step through the pieces between attentions, padded to 8 or 16 tokens (the
+    # padded rows write no KV, so later steps still match)
     arch, overrides = ARCH_CASES[case]
     path = tiny_model(arch, **overrides)
     ref = {0: reference(path, tuple(SEQ_A)), 1: reference(path, tuple(SEQ_B))}
     prompts = {0: SEQ_A[:PROMPT_A], 1: SEQ_B[:PROMPT_B]}
     engine = make_engine(path)
+    runs = use_piecewise(engine, [8, 16]) if path_kind == "piecewise" else []
     builder = StepBuilder(BLOCK)
     inits = [slot_init(1, prompts[0], 3), slot_init(2, prompts[1], 3)]
     scored: dict[int, list[float]] = {0: [], 1: []}
@@ -109,6 +131,11 @@ def test_paged_chunked_mixed_run_matches_transformers(tiny_model, case):
             scored[lp.seq_id] += lp.token_logprobs.tolist()
     # one logprob per prompt token 1 .. P-1, in order
     assert len(scored[0]) == PROMPT_A - 1 and len(scored[1]) == PROMPT_B - 1
+    if path_kind == "piecewise":
+        assert runs == [len(sum((c.tokens for c in chunks), [])) for chunks in schedule()]
+        assert (
+            engine.pieces is not None and engine.pieces.tokens[2, 5:8] == -1
+        ).all()  # padding: no KV write
 
 
 def test_prompt_logprobs_sliced_and_unannounced_slot(tiny_model):
@@ -327,6 +354,27 @@ def test_engine_adds_covering_steps_only_for_the_triton_attention(tiny_model):
     shapes = triton_engine.warm_up_shapes()
     assert shapes[: len(warm_up_shapes(LIMITS))] == warm_up_shapes(LIMITS)
     assert set().union(*(variants_of(c, n) for c, n in shapes)) >= variants_of([0], [1])
+
+
+def test_steps_beyond_the_largest_piecewise_size_run_eagerly(tiny_model):
+    path = tiny_model("LlamaForCausalLM")
+    engine = make_engine(path)
+    runs = use_piecewise(engine, [8])
+    builder = StepBuilder(BLOCK)
+    out = engine.forward(builder.batch([Chunk(0, 1, 0, SEQ_A[:12])], slot_inits=[slot_init(1, SEQ_A, None)]))
+    torch.testing.assert_close(out.logits[0], reference(path, tuple(SEQ_A))[11], **TOL)
+    out = engine.forward(builder.batch([Chunk(0, 1, 12, SEQ_A[12:19])]))
+    torch.testing.assert_close(out.logits[0], reference(path, tuple(SEQ_A))[18], **TOL)
+    assert runs == [7]  # 12 tokens: eager; 7: padded to 8
+
+
+@pytest.mark.parametrize("max_tokens", [16, 100, 2048, 8192, 8000])
+def test_default_piecewise_sizes(max_tokens):
+    sizes = default_piecewise_sizes(max_tokens)
+    assert sizes == sorted(set(sizes)) and sizes[-1] == max_tokens and sizes[0] <= 16
+    # padding: at most doubles a small step, at most 256 tokens up to 2,048 and 512 beyond
+    for lo, hi in zip(sizes, sizes[1:], strict=False):
+        assert hi <= 2 * lo and hi - lo <= (256 if lo < 2048 else 512)
 
 
 def test_warm_up_steps_leave_the_engine_clean(tiny_model):

@@ -93,6 +93,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         help="use plugin NAME for KIND (repeatable), e.g. linear=skinny_linear",
     )
     p.add_argument(
+        "--no-piecewise-graphs",
+        action="store_true",
+        help="run prefill and mixed steps eagerly instead of through piecewise CUDA graphs",
+    )
+    p.add_argument(
         "--preset-cache",
         default=None,
         metavar="DIR",
@@ -243,6 +248,7 @@ def _run(args: argparse.Namespace) -> int:
         executor=args.executor,
         seed=args.seed,
         plugins=_plugin_overrides(args.plugin),
+        piecewise_graphs=not args.no_piecewise_graphs,
     )
     if engine.max_num_tokens < engine.max_batch_size:
         raise ValueError(

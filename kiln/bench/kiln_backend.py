@@ -25,6 +25,7 @@ class EngineSettings:
     executor: str = "auto"
     seed: int = 0
     plugins: tuple[tuple[str, str], ...] = ()  # (kind, plugin name) overrides
+    piecewise_graphs: bool = True
 
 
 def open_llm(model_dir: str, s: EngineSettings) -> LLM:
@@ -42,6 +43,7 @@ def open_llm(model_dir: str, s: EngineSettings) -> LLM:
         plugins=dict(s.plugins) or None,
         seed=s.seed,
         executor=s.executor,
+        piecewise_graphs=s.piecewise_graphs,
     )
 
 

@@ -112,13 +112,18 @@ _attention_op.register_fake(_same_as_q)
 
 
 class _RopeKvWriteCall:
-    """Stands in for a rope_kv_write plugin op; ``k_cache`` / ``v_cache`` are the layer's KV handle.
-    One instance per (plugin, backend), shared by all layers, so the layers' guards match."""
+    """Stands in for a rope_kv_write plugin op; ``k_cache`` / ``v_cache`` are the layer's KV handle
+    inside the compiled forward, and the KV views themselves when a layer's pieces run outside it
+    (piecewise CUDA graphs). One instance per (plugin, backend), shared by all layers, so the
+    layers' guards match."""
 
     def __init__(self, plugin: str, backend: str) -> None:
         self.plugin, self.backend = plugin, backend
 
     def __call__(self, q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping):  # fmt: skip
+        if isinstance(k_cache, torch.Tensor):  # outside the compiled forward: the plugin itself
+            return _plugin_op(self.plugin, self.backend)(q, k, v, positions, cos_sin_cache, k_cache, v_cache,
+                                                         slot_mapping)  # fmt: skip
         return _rope_kv_write_op(q, k, v, positions, cos_sin_cache, k_cache, slot_mapping,
                                  self.plugin, self.backend)  # fmt: skip
 
@@ -131,6 +136,10 @@ class _AttentionCall:
 
     def __call__(self, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                  max_query_len, max_seq_len, scale, sliding_window):  # fmt: skip
+        if isinstance(k_cache, torch.Tensor):
+            return _plugin_op(self.plugin, self.backend)(q, k_cache, v_cache, block_tables, seq_lens,
+                                                         query_start_loc, max_query_len, max_seq_len, scale,
+                                                         sliding_window)  # fmt: skip
         return _attention_op(q, k_cache, block_tables, seq_lens, query_start_loc, max_query_len,
                              max_seq_len, scale, sliding_window, self.plugin, self.backend)  # fmt: skip
 

@@ -30,6 +30,7 @@ from kiln.engine.kv_cache import (
     cpu_default_num_blocks,
     num_blocks_for_bytes,
 )
+from kiln.engine.piecewise_graphs import PiecewiseGraphRunner, default_piecewise_sizes
 from kiln.engine.prompt_logprobs import PromptLogprobsComputer
 from kiln.engine.staging import HostStaging
 from kiln.engine.synthetic_batches import covering_shapes, profile_batch, synthetic_batch, warm_up_shapes
@@ -75,6 +76,9 @@ class ModelEngine:
         plugins: PluginSet | None = None,
         cuda_graphs: bool = True,
         cuda_graph_batch_sizes: list[int] | None = None,
+        # prefill and mixed steps through piecewise graphs (with cuda_graphs, on CUDA)
+        piecewise_graphs: bool = True,
+        piecewise_token_sizes: list[int] | None = None,
         compile: bool | None = None,  # torch.compile the decoder layers; None = on CUDA only
         # Called as sampler_warm_up(vocab_size, device) inside the KV-sizing warm-up, while that
         # step's logits are alive, so the sampler's peak workspace (top-p sorts) is counted too.
@@ -108,6 +112,7 @@ class ModelEngine:
         self.num_blocks = 0
         self.kv_cache: KvCache | None = None
         self.graphs: DecodeGraphRunner | None = None  # captured after the KV pool exists
+        self.pieces: PiecewiseGraphRunner | None = None
         # compiled first: the KV-sizing warm-up and the CUDA-graph capture then run compiled code
         self.compiled: CompiledLayers | None = None
         if compile if compile is not None else self.device.type == "cuda":
@@ -129,6 +134,14 @@ class ModelEngine:
                 self.device,
             )
             self.graphs.capture()
+            if piecewise_graphs:
+                self.pieces = PiecewiseGraphRunner(
+                    self.model.model,
+                    self.kv_cache.layers,
+                    piecewise_token_sizes or default_piecewise_sizes(limits.max_num_tokens),
+                    self.device,
+                )
+                self.pieces.capture()
         if self.device.type == "cuda":
             self.warm_up_steps()
 
@@ -220,6 +233,9 @@ class ModelEngine:
         if step.graph_rows is not None:  # generation-only step: replay the graph of the padded size
             assert self.graphs is not None
             hidden = self.graphs.replay(step.graph_rows, prev_sampled if batch.reads_prev_samples else None)
+        elif self.pieces is not None and batch.num_tokens <= self.pieces.max_tokens:
+            assert step.attn is not None  # (the hidden states are the graphs' memory: used right away)
+            hidden = self.pieces.run(step.input_ids, step.positions, step.attn)
         else:
             assert step.attn is not None
             hidden = self._forward_hidden(step.input_ids, step.positions, step.attn)  # [T, H]

@@ -49,6 +49,7 @@ class EngineCoreConfig:
     plugin_backend: str = "reference"
     plugins: dict[str, str] | None = None
     cuda_graphs: bool = True
+    piecewise_graphs: bool = True  # prefill / mixed steps through piecewise graphs (with cuda_graphs)
     overlap_scheduling: bool = False  # schedule and launch step N+1 while the device runs step N
     compile: bool | None = None  # torch.compile the decoder layers; None = on CUDA only
 
@@ -92,6 +93,7 @@ class EngineCore:
             kv_config=cfg.kv_config,
             plugins=PluginSet(cfg.plugin_backend, cfg.plugins),
             cuda_graphs=cfg.cuda_graphs,
+            piecewise_graphs=cfg.piecewise_graphs,
             compile=cfg.compile,
             sampler_warm_up=build_sampler,
         )
@@ -125,7 +127,8 @@ class EngineCore:
             "device": str(self.engine.device),
             "dtype": str(self.engine.dtype).replace("torch.", ""),
             "compile_seconds": float(self.engine.compile_seconds),
-            "cuda_graph_capture_seconds": float(getattr(self.engine.graphs, "capture_seconds", 0.0)),
+            "cuda_graph_capture_seconds": float(getattr(self.engine.graphs, "capture_seconds", 0.0))
+            + float(getattr(self.engine.pieces, "capture_seconds", 0.0)),
         }
 
     def add_request(self, req: Request) -> list[SequenceUpdate]:

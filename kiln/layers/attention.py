@@ -32,7 +32,7 @@ class PagedAttention(nn.Module):
         self.rope_kv_write_op = plugins.rope_kv_write
         self.attention_op = plugins.attention
 
-    def forward(
+    def write_kv(
         self,
         q: torch.Tensor,  # [T, Hq, D]
         k: torch.Tensor,  # [T, Hkv, D]
@@ -40,11 +40,17 @@ class PagedAttention(nn.Module):
         positions: torch.Tensor,  # [T] int64
         cos_sin_cache: torch.Tensor,  # [max_pos, D] float32
         kv_cache: tuple[torch.Tensor, torch.Tensor],  # each [num_blocks, block_size, Hkv, D]
-        attn: AttentionMetadata,
+        slot_mapping: torch.Tensor,  # [T] int64; < 0: no write
     ) -> torch.Tensor:
+        """Writes this step's rotated k and v into the cache, returns rotated q [T, Hq, D]."""
         k_cache, v_cache = kv_cache
-        # Writes this step's rotated k and v into the cache (slots < 0 are skipped), returns rotated q.
-        q = self.rope_kv_write_op(q, k, v, positions, cos_sin_cache, k_cache, v_cache, attn.slot_mapping)
+        return self.rope_kv_write_op(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping)
+
+    def attend(
+        self, q: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], attn: AttentionMetadata
+    ) -> torch.Tensor:
+        """Rotated q [T, Hq, D] over the paged cache -> [T, Hq, D]."""
+        k_cache, v_cache = kv_cache
         return self.attention_op(
             q,
             k_cache,
@@ -57,3 +63,16 @@ class PagedAttention(nn.Module):
             self.scale,
             self.sliding_window,
         )  # [T, Hq, D]
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+        cos_sin_cache: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        attn: AttentionMetadata,
+    ) -> torch.Tensor:
+        q = self.write_kv(q, k, v, positions, cos_sin_cache, kv_cache, attn.slot_mapping)
+        return self.attend(q, kv_cache, attn)

@@ -43,14 +43,15 @@ class SelfAttention(nn.Module):
             sliding_window=cfg.sliding_windows[layer_idx],
         )
 
-    def forward(
+    def project(
         self,
         hidden: torch.Tensor,  # [T, H]
         positions: torch.Tensor,
         cos_sin_cache: torch.Tensor,
         kv_cache: KvCache,
-        attn: AttentionMetadata,
+        slot_mapping: torch.Tensor,
     ) -> torch.Tensor:
+        """q/k/v projections (and q/k norms), then RoPE and this step's KV write; -> rotated q [T, Hq, D]."""
         num_tokens = hidden.shape[0]
         qkv = self.qkv_proj(hidden)  # [T, (Hq + 2 Hkv) D]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -60,8 +61,22 @@ class SelfAttention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q = self.q_norm(q)  # per head, over D, before RoPE
             k = self.k_norm(k)
-        out = self.attn(q, k, v, positions, cos_sin_cache, kv_cache, attn)  # [T, Hq, D]
-        return self.o_proj(out.reshape(num_tokens, self.q_size))  # [T, H]
+        return self.attn.write_kv(q, k, v, positions, cos_sin_cache, kv_cache, slot_mapping)
+
+    def output(self, attn_out: torch.Tensor) -> torch.Tensor:
+        """[T, Hq, D] attention output -> [T, H]."""
+        return self.o_proj(attn_out.reshape(attn_out.shape[0], self.q_size))
+
+    def forward(
+        self,
+        hidden: torch.Tensor,  # [T, H]
+        positions: torch.Tensor,
+        cos_sin_cache: torch.Tensor,
+        kv_cache: KvCache,
+        attn: AttentionMetadata,
+    ) -> torch.Tensor:
+        q = self.project(hidden, positions, cos_sin_cache, kv_cache, attn.slot_mapping)
+        return self.output(self.attn.attend(q, kv_cache, attn))  # [T, H]
 
 
 class DecoderLayer(nn.Module):
@@ -72,6 +87,34 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, plugins)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, plugins)
 
+    # A layer is two pieces around its attention: ``pre_attention`` ends with this step's KV write,
+    # ``post_attention`` starts from the attention output. Piecewise CUDA graphs capture the pieces
+    # and launch the attention between them (kiln/engine/piecewise_graphs.py).
+    def pre_attention(
+        self,
+        hidden: torch.Tensor,  # [T, H]
+        residual: torch.Tensor | None,  # [T, H]; None for the first layer
+        positions: torch.Tensor,
+        cos_sin_cache: torch.Tensor,
+        kv_cache: KvCache,
+        slot_mapping: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (rotated q [T, Hq, D], residual [T, H])."""
+        # The residual add of the previous sub-block is fused into the next norm.
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        return self.self_attn.project(hidden, positions, cos_sin_cache, kv_cache, slot_mapping), residual
+
+    def post_attention(
+        self, attn_out: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """attention output [T, Hq, D] -> (hidden, residual), the layer's outputs."""
+        hidden, residual = self.post_attention_layernorm(self.self_attn.output(attn_out), residual)
+        return self.mlp(hidden), residual
+
     def forward(
         self,
         hidden: torch.Tensor,  # [T, H]
@@ -81,15 +124,10 @@ class DecoderLayer(nn.Module):
         kv_cache: KvCache,
         attn: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # The residual add of the previous sub-block is fused into the next norm.
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(hidden, positions, cos_sin_cache, kv_cache, attn)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        q, residual = self.pre_attention(
+            hidden, residual, positions, cos_sin_cache, kv_cache, attn.slot_mapping
+        )
+        return self.post_attention(self.self_attn.attn.attend(q, kv_cache, attn), residual)
 
 
 class DecoderModel(nn.Module):
