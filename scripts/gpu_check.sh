@@ -17,6 +17,8 @@
 #   nano        qwen3-0.6b nano-vllm workload (256 requests), kiln + peer on 64        (~2-4 min)
 #   gemm        scripts/bench_skinny_gemm.py: decode-sized linears, cuBLAS vs the skinny GEMM, 1B and 8B,
 #               then the bs-1 latency runs with --plugin linear=skinny_linear (~3-4 min)
+#   attn        scripts/bench_attention.py: paged attention's prefill launch configurations swept on 8B heads
+#               (prefill, chunk and mixed steps), torch SDPA backends as peers (~2-3 min)
 #   serve       `kiln serve` llama-3.1-8b + `kiln bench serve` ISL/OSL 1024, Poisson rates 2 4 6 (~5-7 min;
 #               SERVE_MODEL, SERVE_ISL, SERVE_OSL, SERVE_RATES, SERVE_REQUESTS change it);
 #               the server's packages come as wheels in .whl/ (see docs/benchmarks.md) when not installed
@@ -186,6 +188,15 @@ gemm() {
   done
 }
 
+attn() {
+  note "paged attention prefill sweep: scripts/bench_attention.py (timeout ${BENCH_TIMEOUT} s)"
+  local t0=$(date +%s)
+  timeout --kill-after=30 "$BENCH_TIMEOUT" "$PY" scripts/bench_attention.py --json "$OUT/attention_sweep.json" 2>&1 \
+    | tee "$OUT/attention_sweep.log"
+  local rc=${PIPESTATUS[0]}
+  printf 'attention_sweep\t%s\tsee attention_sweep.log (%s s)\n' "$rc" "$(($(date +%s) - t0))" >>"$STATUS_FILE"
+}
+
 serve_bench() {
   if ! "$PY" -c "import kiln.serve.server, httpx" 2>/dev/null; then
     note "installing the server's wheels from .whl/"
@@ -238,7 +249,7 @@ head = ("run", "kind", "model", "kiln", "transformers", "bound", "kiln/bound", "
 table = [head]
 for name, rc, why in rows:
     path = os.path.join(out, f"{name}.json")
-    if name == "pytest-gpu" or name.startswith(("serve", "gemm")) or not os.path.isfile(path):
+    if name == "pytest-gpu" or name.startswith(("serve", "gemm", "attention")) or not os.path.isfile(path):
         table.append((name, "-", "-", f"rc={rc}", "-", "-", "-", why[:60]))
         continue
     r = json.load(open(path))
@@ -267,8 +278,8 @@ groups=("$@")
 [ ${#groups[@]} -eq 0 ] && groups=(tests)
 for g in "${groups[@]}"; do
   case "$g" in
-    env | tiny | tests | smoke | profile | latency | throughput | workloads | ttft | nano | gemm | serve | all) ;;
-    *) echo "unknown group '$g'; use env, tiny, tests, smoke, profile, latency, throughput, workloads, ttft, nano, gemm, serve or all" >&2
+    env | tiny | tests | smoke | profile | latency | throughput | workloads | ttft | nano | gemm | attn | serve | all) ;;
+    *) echo "unknown group '$g'; use env, tiny, tests, smoke, profile, latency, throughput, workloads, ttft, nano, gemm, attn, serve or all" >&2
        exit 2 ;;
   esac
 done
@@ -286,8 +297,9 @@ for g in "${groups[@]}"; do
     ttft) ttft ;;
     nano) nano ;;
     gemm) gemm ;;
+    attn) attn ;;
     serve) serve_bench ;;
-    all) run_tests; smoke; latency; throughput; nano ;;
+    all) run_tests; smoke; latency; throughput; nano; attn ;;
   esac
 done
 summary

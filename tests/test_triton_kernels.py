@@ -325,6 +325,17 @@ def test_attention_tile_edges(window):
     _check_attention(seqs, 2, 2, 64, 16, torch.float32, window=window, block_m=16, block_n=16)
 
 
+def test_attention_launch_overrides():
+    # the tuning overrides of the prefill pass (warps, stages) reach its plan and leave the decode
+    # pass's heuristics alone; the result stays right under them
+    overrides = dict(block_m=64, block_n=32, num_warps=4, num_stages=2)
+    decode, prefill = plan_passes(40, 5, 2, 2, 64, torch.float16, 20, 70, DEVICE, **overrides)
+    assert (prefill.block_m, prefill.block_n, prefill.num_warps, prefill.num_stages) == (64, 32, 4, 2)
+    default_decode = plan_passes(40, 5, 2, 2, 64, torch.float16, 20, 70, DEVICE)[0]
+    assert (decode.num_warps, decode.num_stages) == (default_decode.num_warps, default_decode.num_stages)
+    _check_attention(MIXED, 4, 2, 64, 16, torch.float16, **overrides)
+
+
 @pytest.mark.parametrize("head_dim", [32, 96, 256])
 def test_attention_other_head_dims(head_dim):
     _check_attention(MIXED[:5], 4, 2, head_dim, 16, torch.float32)

@@ -58,12 +58,13 @@ def plan_passes(
     num_tokens: int, num_seqs: int, num_kv_heads: int, group: int, head_dim: int, dtype: torch.dtype,
     max_query_len: int, max_seq_len: int, device: torch.device,
     *, num_splits: int | None = None, block_m: int | None = None, block_n: int | None = None,
+    num_warps: int | None = None, num_stages: int | None = None,
 ) -> tuple[AttentionPass, ...]:  # fmt: skip
-    """The passes of one call. ``num_splits`` (both passes), ``block_m`` (prefill pass) and
-    ``block_n`` (both) override the heuristics, for tests and tuning."""
+    """The passes of one call. ``num_splits`` (both passes), ``block_m``, ``num_warps`` and
+    ``num_stages`` (prefill pass) and ``block_n`` (both) override the heuristics, for tests and tuning."""
     # Every layer of a step asks the same question: planned once per step shape, not per layer.
     return _plan(num_tokens, num_seqs, num_kv_heads, group, head_dim, dtype, max_query_len, max_seq_len,
-                 num_sms(device), num_splits, block_m, block_n)  # fmt: skip
+                 num_sms(device), num_splits, block_m, block_n, num_warps, num_stages)  # fmt: skip
 
 
 @functools.lru_cache(maxsize=4096)
@@ -71,6 +72,7 @@ def _plan(
     num_tokens: int, num_seqs: int, num_kv_heads: int, group: int, head_dim: int, dtype: torch.dtype,
     max_query_len: int, max_seq_len: int, sms: int,
     num_splits: int | None, block_m: int | None, block_n: int | None,
+    num_warps: int | None, num_stages: int | None,
 ) -> tuple[AttentionPass, ...]:  # fmt: skip
     block_d = next_pow2(head_dim)
     wide = block_d > 128 or dtype == torch.float32  # more bytes per row: smaller tiles fit on chip
@@ -79,7 +81,7 @@ def _plan(
     workspace_per_split = num_tokens * group * num_kv_heads * (head_dim + 2) * 4
     split_cap = max(1, _MAX_WORKSPACE_BYTES // max(workspace_per_split, 1))
 
-    def make(lo: int, hi: int, bm: int, q_len_bound: int, stages: int) -> AttentionPass:
+    def make(lo: int, hi: int, bm: int, q_len_bound: int, warps: int, stages: int) -> AttentionPass:
         tokens_per_tile = bm // group
         tiles_per_seq = max(1, triton.cdiv(max(q_len_bound, 1), tokens_per_tile))
         static_tiles = num_seqs * tiles_per_seq
@@ -94,16 +96,19 @@ def _plan(
                 splits = min(triton.cdiv(_SPLIT_TARGET_WAVES * sms, base), max_seq_len // _MIN_KEYS_PER_SPLIT,
                              MAX_SPLITS, split_cap)  # fmt: skip
         return AttentionPass(lo, hi, bm, block_n, tokens_per_tile, num_tiles, use_search, tiles_per_seq,
-                             max(1, splits), 8 if bm >= 128 else 4, stages)  # fmt: skip
+                             max(1, splits), warps, stages)  # fmt: skip
+
+    def warps_for(bm: int) -> int:
+        return 8 if bm >= 128 else 4
 
     decode_m = max(16, next_pow2(group))  # decode rows are the group's heads
     decode_tokens = decode_m // group
-    passes = [make(0, decode_tokens, decode_m, min(max_query_len, decode_tokens), 2)]
+    passes = [make(0, decode_tokens, decode_m, min(max_query_len, decode_tokens), warps_for(decode_m), 2)]
     if max_query_len > decode_tokens:
         bm = max(block_m or (64 if wide else 128), 16, next_pow2(group))
         # prefill tiles gain from a third K/V stage in flight when it fits in shared memory
-        stages = 3 if (3 * 2 * block_n + bm) * block_d * elem <= _SMEM_BUDGET else 2
-        passes.append(make(decode_tokens, NO_LIMIT, bm, max_query_len, stages))
+        stages = num_stages or (3 if (3 * 2 * block_n + bm) * block_d * elem <= _SMEM_BUDGET else 2)
+        passes.append(make(decode_tokens, NO_LIMIT, bm, max_query_len, num_warps or warps_for(bm), stages))
     return tuple(passes)
 
 

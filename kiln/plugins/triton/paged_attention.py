@@ -258,12 +258,15 @@ def paged_attention(
     num_splits: int | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """Causal paged attention; see ``kiln.plugins.attention.PagedAttention`` for the contract.
 
     max_query_len must bound every sequence's new-token count; max_seq_len only sizes the kv
     splits (pass a fixed upper bound when capturing a CUDA graph). Keyword overrides are for tests
-    and tuning. Rows past query_start_loc[-1] (padding) are left unwritten, as in the reference.
+    and tuning (``block_m``, ``num_warps`` and ``num_stages`` apply to the prefill pass only; see
+    ``plan_passes``). Rows past query_start_loc[-1] (padding) are left unwritten, as in the reference.
     """
     _validate(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc)
     num_tokens, num_q_heads, head_dim = q.shape
@@ -276,7 +279,7 @@ def paged_attention(
     seq_lens, query_start_loc = seq_lens.contiguous(), query_start_loc.contiguous()
     passes = plan_passes(
         num_tokens, num_seqs, num_kv_heads, group, head_dim, q.dtype, max_query_len, max_seq_len, q.device,
-        num_splits=num_splits, block_m=block_m, block_n=block_n,
+        num_splits=num_splits, block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     max_splits = max(p.num_splits for p in passes)
     if max_splits > 1:
