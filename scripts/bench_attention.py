@@ -226,11 +226,17 @@ def main() -> None:
     ap.add_argument("--no-sdpa", action="store_true", help="skip the torch SDPA peers")
     ap.add_argument("--eager", action="store_true", help="time eager calls instead of CUDA-graph replays")
     ap.add_argument("--json", default=None, help="write every row and the environment to this file")
+    ap.add_argument("--decode", action="store_true", help="sweep the decode pass instead (DECODE_CASES)")
+    ap.add_argument("--decode-case", nargs="+", choices=list(DECODE_CASES), default=list(DECODE_CASES))
+    ap.add_argument("--decode-block-n", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--decode-warps", type=int, nargs="+", default=[4])
+    ap.add_argument("--decode-stages", type=int, nargs="+", default=[2, 3, 4])
+    ap.add_argument("--decode-splits", type=int, nargs="+", default=[1, 2, 4])
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_attention.py needs a CUDA device")
     with direct_launches():
-        run(args)
+        run_decode(args) if args.decode else run(args)
 
 
 def direct_launches() -> contextlib.AbstractContextManager:
@@ -339,6 +345,80 @@ def run(args: argparse.Namespace) -> None:
         skips = [dict(case=k, config=n, reason=why) for k, d in skipped.items() for n, why in d.items()]
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, rows=rows, skipped=skips), f, indent=1)
+        print(f"wrote {args.json}")
+
+
+# ------------------------------------------------------------------ the decode pass (--decode)
+
+# option name -> (title, number of sequences, (min, max) KV length): one new token each, lengths drawn
+# uniformly with a fixed seed; the running batches of the throughput workloads
+DECODE_CASES: dict[str, tuple[str, int, tuple[int, int]]] = {
+    "decode512": ("decode 512 x 129-256 (128/128)", 512, (129, 256)),
+    "decode200": ("decode 200 x 2049-2176 (2048/128)", 200, (2049, 2176)),
+    "decode100": ("decode 100 x 2049-4096 (2048/2048)", 100, (2049, 4096)),
+}
+
+DecodeConfig = tuple[int, int, int, int]  # block_n, num_warps, num_stages, num_splits (0: the planner's)
+
+
+def run_decode(args: argparse.Namespace) -> None:
+    """The decode pass under each (block_n, warps, stages, splits); GB/s of its K/V stream."""
+    import random
+
+    import triton
+
+    from kiln.plugins import get_plugin
+    from kiln.plugins.triton.paged_attention import paged_attention
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    reference = get_plugin("paged_attention").plugin.reference
+    gpu = torch.cuda.get_device_name()
+    print(f"paged attention decode sweep on {gpu}: torch {torch.__version__}, triton {triton.__version__}")
+    rows: list[dict] = []
+    for key in args.decode_case:
+        title, n, (lo, hi) = DECODE_CASES[key]
+        rng = random.Random(0)
+        seqs = [(1, rng.randint(lo, hi)) for _ in range(n)]
+        batch = paged_batch(seqs, args.page_size, dev)
+        ref = reference(*(t.float() for t in batch[:3]), *batch[3:], 0)
+        kv_bytes = 2 * sum(kv for _, kv in seqs) * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
+        print(f"\n{title}: K/V stream {kv_bytes / 1e9:.2f} GB")
+        print(f"  {'block_n warps stages splits':<30} {'us':>8} {'GB/s':>7} {'vs default':>10}")
+        default_us = None
+        configs: list[DecodeConfig] = [(0, 0, 0, 0)]
+        configs += itertools.product(
+            args.decode_block_n, args.decode_warps, args.decode_stages, args.decode_splits
+        )
+        for c in configs:
+            bn, warps, stages, splits = c
+            kw = dict(block_n=bn or None, decode_num_warps=warps or None, decode_num_stages=stages or None,
+                      num_splits=splits or None)  # fmt: skip
+
+            def fn(kw=kw, batch=batch):
+                return paged_attention(*batch, 0, **kw)
+
+            label = "default" if c == (0, 0, 0, 0) else f"n{bn} w{warps} s{stages} splits {splits}"
+            try:
+                out = fn()
+                torch.cuda.synchronize()
+                err = (out.float() - ref).abs().max().item()
+                if not err < MAX_ABS_ERR:
+                    print(f"  {label:<30} WRONG (max abs error {err:.3g})")
+                    continue
+                us = time_us(fn, args.reps, args.warmup, not args.eager)
+            except Exception as e:  # noqa: BLE001
+                print(f"  {label:<30} skip: {short_reason(e)}")
+                continue
+            default_us = default_us or us
+            print(f"  {label:<30} {us:8.1f} {kv_bytes / us / 1e3:7.0f} {default_us / us:9.2f}x", flush=True)
+            rows.append(
+                dict(case=title, config=label, us=us, gbps=kv_bytes / us / 1e3, default=label == "default")
+            )
+    if args.json:
+        with open(args.json, "w") as f:
+            meta = dict(gpu=gpu, torch=torch.__version__, triton=triton.__version__)
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
         print(f"wrote {args.json}")
 
 

@@ -33,6 +33,20 @@ def num_sms(device: torch.device) -> int:
     return 8
 
 
+@functools.cache
+def _cuda_shared_memory(index: int) -> int:
+    from triton.runtime import driver
+
+    return int(driver.active.utils.get_device_properties(index)["max_shared_mem"])  # the opt-in maximum
+
+
+def max_shared_memory(device: torch.device) -> int:
+    """Shared memory one block may use on ``device`` (bytes); on the CPU (interpreter) an H100's."""
+    if device.type == "cuda":
+        return _cuda_shared_memory(device.index if device.index is not None else torch.cuda.current_device())
+    return 227 * 1024
+
+
 def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
     if t.stride(-1) != 1:
         raise ValueError(f"{name} must be contiguous in its last dimension, got strides {tuple(t.stride())}")

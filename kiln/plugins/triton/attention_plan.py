@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from kiln.plugins.triton._common import next_pow2, num_sms
+from kiln.plugins.triton._common import max_shared_memory, next_pow2, num_sms
 
 # Split-KV sizing (timed on an H200 with Llama-8B heads): aim for ~3 waves of programs; each split
 # keeps at least this many keys, since shorter splits cost more in merging than they gain.
@@ -26,8 +26,6 @@ _MIN_KEYS_PER_SPLIT = 128
 MAX_SPLITS = 64
 # fp32 partials are [splits, T, Hq, D + 2]; splits shrink rather than let them pass this size.
 _MAX_WORKSPACE_BYTES = 64 << 20
-# Shared memory the software pipeline may use for K/V stages plus the q tile (H100: 228 KB per SM).
-_SMEM_BUDGET = 160 * 1024
 NO_LIMIT = 2**31 - 1
 
 
@@ -59,29 +57,32 @@ def plan_passes(
     max_query_len: int, max_seq_len: int, device: torch.device,
     *, num_splits: int | None = None, block_m: int | None = None, block_n: int | None = None,
     num_warps: int | None = None, num_stages: int | None = None,
+    decode_num_warps: int | None = None, decode_num_stages: int | None = None,
 ) -> tuple[AttentionPass, ...]:  # fmt: skip
-    """The passes of one call. ``num_splits`` (both passes), ``block_m``, ``num_warps`` and
-    ``num_stages`` (prefill pass) and ``block_n`` (both) override the heuristics, for tests and tuning."""
+    """The passes of one call. ``num_splits`` and ``block_n`` (both passes), ``block_m``, ``num_warps``
+    and ``num_stages`` (prefill pass), ``decode_num_warps`` and ``decode_num_stages`` override the
+    heuristics, for tests and tuning."""
     # Every layer of a step asks the same question: planned once per step shape, not per layer.
     return _plan(num_tokens, num_seqs, num_kv_heads, group, head_dim, dtype, max_query_len, max_seq_len,
-                 num_sms(device), num_splits, block_m, block_n, num_warps, num_stages)  # fmt: skip
+                 num_sms(device), max_shared_memory(device), num_splits, block_m, block_n, num_warps,
+                 num_stages, decode_num_warps, decode_num_stages)  # fmt: skip
 
 
 @functools.lru_cache(maxsize=4096)
 def _plan(
     num_tokens: int, num_seqs: int, num_kv_heads: int, group: int, head_dim: int, dtype: torch.dtype,
-    max_query_len: int, max_seq_len: int, sms: int,
+    max_query_len: int, max_seq_len: int, sms: int, smem_bytes: int,
     num_splits: int | None, block_m: int | None, block_n: int | None,
     num_warps: int | None, num_stages: int | None,
+    decode_num_warps: int | None, decode_num_stages: int | None,
 ) -> tuple[AttentionPass, ...]:  # fmt: skip
     block_d = next_pow2(head_dim)
     wide = block_d > 128 or dtype == torch.float32  # more bytes per row: smaller tiles fit on chip
-    block_n = block_n or (32 if wide else 64)
     elem = torch.finfo(dtype).bits // 8
     workspace_per_split = num_tokens * group * num_kv_heads * (head_dim + 2) * 4
     split_cap = max(1, _MAX_WORKSPACE_BYTES // max(workspace_per_split, 1))
 
-    def make(lo: int, hi: int, bm: int, q_len_bound: int, warps: int, stages: int) -> AttentionPass:
+    def make(lo: int, hi: int, bm: int, bn: int, q_len_bound: int, warps: int, stages: int) -> AttentionPass:
         tokens_per_tile = bm // group
         tiles_per_seq = max(1, triton.cdiv(max(q_len_bound, 1), tokens_per_tile))
         static_tiles = num_seqs * tiles_per_seq
@@ -95,20 +96,27 @@ def _plan(
             if base < sms:
                 splits = min(triton.cdiv(_SPLIT_TARGET_WAVES * sms, base), max_seq_len // _MIN_KEYS_PER_SPLIT,
                              MAX_SPLITS, split_cap)  # fmt: skip
-        return AttentionPass(lo, hi, bm, block_n, tokens_per_tile, num_tiles, use_search, tiles_per_seq,
+        return AttentionPass(lo, hi, bm, bn, tokens_per_tile, num_tiles, use_search, tiles_per_seq,
                              max(1, splits), warps, stages)  # fmt: skip
-
-    def warps_for(bm: int) -> int:
-        return 8 if bm >= 128 else 4
 
     decode_m = max(16, next_pow2(group))  # decode rows are the group's heads
     decode_tokens = decode_m // group
-    passes = [make(0, decode_tokens, decode_m, min(max_query_len, decode_tokens), warps_for(decode_m), 2)]
+    decode_n = block_n or (32 if wide else 64)
+    passes = [make(0, decode_tokens, decode_m, decode_n, min(max_query_len, decode_tokens),
+                   decode_num_warps or 4, decode_num_stages or 2)]  # fmt: skip
     if max_query_len > decode_tokens:
         bm = max(block_m or (64 if wide else 128), 16, next_pow2(group))
-        # prefill tiles gain from a third K/V stage in flight when it fits in shared memory
-        stages = num_stages or (3 if (3 * 2 * block_n + bm) * block_d * elem <= _SMEM_BUDGET else 2)
-        passes.append(make(decode_tokens, NO_LIMIT, bm, max_query_len, num_warps or warps_for(bm), stages))
+
+        # Three K/V stages in flight plus the q tile, in the shared memory a block may use: 128-key tiles
+        # where they fit (16-bit D=128 prefill on an H100: 1.04-1.10x the 64-key tiles,
+        # scripts/bench_attention.py), else 64-key tiles.
+        def smem(bn: int, stages: int) -> int:
+            return (stages * 2 * bn + bm) * block_d * elem
+
+        bn = block_n or (32 if wide else 128 if smem(128, 3) <= smem_bytes else 64)
+        stages = num_stages or (3 if smem(bn, 3) <= smem_bytes else 2)
+        warps = num_warps or (8 if bm >= 128 else 4)
+        passes.append(make(decode_tokens, NO_LIMIT, bm, bn, max_query_len, warps, stages))
     return tuple(passes)
 
 

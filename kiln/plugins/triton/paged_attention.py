@@ -92,7 +92,9 @@ def _attention_tile_kernel(
     BLOCK_N: tl.constexpr, TOKENS_PER_TILE: tl.constexpr, PAGE_SIZE: tl.constexpr,
     USE_SEARCH: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
+    # Heaviest tiles first: a sequence's later query tiles see more keys (causal), and starting them
+    # first leaves the short ones to fill the last wave.
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
 
@@ -260,13 +262,16 @@ def paged_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    decode_num_warps: int | None = None,
+    decode_num_stages: int | None = None,
 ) -> torch.Tensor:
     """Causal paged attention; see ``kiln.plugins.attention.PagedAttention`` for the contract.
 
     max_query_len must bound every sequence's new-token count; max_seq_len only sizes the kv
     splits (pass a fixed upper bound when capturing a CUDA graph). Keyword overrides are for tests
-    and tuning (``block_m``, ``num_warps`` and ``num_stages`` apply to the prefill pass only; see
-    ``plan_passes``). Rows past query_start_loc[-1] (padding) are left unwritten, as in the reference.
+    and tuning (``block_m``, ``num_warps`` and ``num_stages`` apply to the prefill pass, the
+    ``decode_`` ones to the decode pass; see ``plan_passes``). Rows past query_start_loc[-1]
+    (padding) are left unwritten, as in the reference.
     """
     _validate(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc)
     num_tokens, num_q_heads, head_dim = q.shape
@@ -280,6 +285,7 @@ def paged_attention(
     passes = plan_passes(
         num_tokens, num_seqs, num_kv_heads, group, head_dim, q.dtype, max_query_len, max_seq_len, q.device,
         num_splits=num_splits, block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
+        decode_num_warps=decode_num_warps, decode_num_stages=decode_num_stages,
     )  # fmt: skip
     max_splits = max(p.num_splits for p in passes)
     if max_splits > 1:
