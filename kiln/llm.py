@@ -149,11 +149,10 @@ class LLM:
 
             return sink
 
-        ids = []
-        for prompt_text, token_ids, sp in prepared:
-            rid = self._next_id()
-            ids.append(rid)
-            self._submit(rid, prompt_text, token_ids, sp, sink_for(rid), stream=False)
+        ids = [self._next_id() for _ in prepared]
+        # one message for the whole batch: the engine's first step already sees every request
+        self._submit([(rid, text, token_ids, sp, sink_for(rid), False)
+                      for rid, (text, token_ids, sp) in zip(ids, prepared, strict=True)])  # fmt: skip
         with done:
             while len(results) < len(ids):
                 done.wait(timeout=0.5)
@@ -190,7 +189,7 @@ class LLM:
         def sink(item: RequestOutput | Exception) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        self._submit(rid, prompt_text, token_ids, sp, sink, stream=streaming)
+        self._submit([(rid, prompt_text, token_ids, sp, sink, streaming)])
         finished = False
         try:
             while True:
@@ -330,26 +329,23 @@ class LLM:
             )
         return text, ids, sp
 
-    def _submit(
-        self, rid: str, text: str | None, ids: list[int], sp: SamplingParams, sink: Sink, stream: bool
-    ) -> None:
+    def _submit(self, items: list[tuple[str, str | None, list[int], SamplingParams, Sink, bool]]) -> None:
+        """Register and send requests: (request id, prompt text, token ids, params, sink, stream) each."""
         if self._closed or self._dead is not None:
             raise EngineDeadError(self._dead_message())
-        state = RequestState(rid, text, ids, sp, self.tokenizer)
+        states = [RequestState(rid, text, ids, sp, self.tokenizer) for rid, text, ids, sp, _, _ in items]
         with self._lock:
-            if rid in self._states:
-                raise InvalidRequestError(f"request id {rid!r} is already running", param="request_id")
-            self._states[rid] = state
-            self._sinks[rid] = (sink, stream)
+            for rid, *_ in items:
+                if rid in self._states:
+                    raise InvalidRequestError(f"request id {rid!r} is already running", param="request_id")
+            for state, (rid, _, _, _, sink, stream) in zip(states, items, strict=True):
+                self._states[rid] = state
+                self._sinks[rid] = (sink, stream)
+        eos = self.tokenizer.eos_token_ids
         self._executor.submit(
-            Request(
-                rid,
-                ids,
-                sp,
-                eos_token_ids=self.tokenizer.eos_token_ids,
-                arrival_time=state.metrics.arrival_time,
-            )
-        )
+            *(Request(rid, ids, sp, eos_token_ids=eos, arrival_time=state.metrics.arrival_time)
+              for state, (rid, _, ids, sp, _, _) in zip(states, items, strict=True))
+        )  # fmt: skip
 
     def _on_output(self, msg: tuple[Any, ...]) -> None:
         """Called from the executor's thread (or the reader of the worker process)."""

@@ -65,6 +65,19 @@ def test_greedy_tokens_and_logprobs_match_transformers(tiny_model, arch, overrid
                 assert entry[tid] == pytest.approx(lp, abs=1e-3)
 
 
+@pytest.mark.parametrize("executor", ["thread", "process"])
+def test_generate_admits_its_whole_batch_in_the_first_step(tiny_model, executor):
+    # generate() sends its requests as one message: the engine's first step already holds all of them
+    path = tiny_model("LlamaForCausalLM", tokenizer=True)
+    n = 200
+    with _llm(path, executor=executor, max_batch_size=n, max_num_tokens=4096) as llm:
+        before = llm.stats().steps
+        sp = SamplingParams(max_tokens=1, **GREEDY)
+        outs = llm.generate(_prompts(n, seed=5, hi=20), sp, use_tqdm=False)
+        assert [len(o.outputs[0].token_ids) for o in outs] == [1] * n
+        assert llm.stats().steps - before == 1
+
+
 def test_batch_invariance_and_chunked_prefill(tiny_model):
     path = tiny_model("LlamaForCausalLM", tokenizer=True)
     prompts = _prompts(16, seed=2, hi=120)

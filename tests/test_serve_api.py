@@ -6,6 +6,8 @@ model gives the expected outputs.
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 from test_serve_harness import API_KEY, MODEL_NAME, ServerProcess
@@ -333,3 +335,19 @@ def test_metrics_and_request_log(server, client):
     assert 'kiln:request_success_total{finished_reason="length",model_name="tiny"}' in text
     log = server.log()
     assert "request cmpl-" in log and "ttft=" in log and "finish=length" in log
+
+
+@pytest.mark.parametrize("text", ["a\u2028b", "line\u2029sep", "nel\x85x", "ctl\x1c\x1d\x1e\x0b\x0cz", "é ✓"])
+def test_sse_event_stays_one_line_whatever_the_text(text):
+    # Line readers (str.splitlines, httpx's aiter_lines) break at more than "\n": every one of those
+    # characters must reach the client escaped, inside one "data:" line that parses back to the text.
+    from kiln.serve.protocol import CompletionChoice, CompletionResponse
+    from kiln.serve.sse import event
+
+    model = CompletionResponse(id="c", model="m", choices=[CompletionChoice(index=0, text=text)])
+    for obj in ({"text": text}, model):
+        raw = event(obj).decode("utf-8")
+        lines = [ln for ln in raw.splitlines() if ln]
+        assert len(lines) == 1 and lines[0].startswith("data: ")
+        got = json.loads(lines[0][6:])
+        assert (got["text"] if "text" in got else got["choices"][0]["text"]) == text

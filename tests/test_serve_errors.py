@@ -319,7 +319,8 @@ def _post_and_check(server, path: str, body: dict) -> None:
         err = json.loads(raw)["error"]
         assert set(err) == {"message", "type", "param", "code"}
     elif body.get("stream") is True:
-        events = [line for line in raw.splitlines() if line.startswith("data: ")]
+        # SSE lines end with "\n"; str.splitlines would also split inside a JSON string at U+2028 & co.
+        events = [line for line in raw.split("\n") if line.startswith("data: ")]
         assert events[-1] == "data: [DONE]", raw[-500:]
         for e in events[:-1]:
             assert "error" not in json.loads(e[6:]), e

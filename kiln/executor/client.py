@@ -22,8 +22,9 @@ class ExecutorClient(ABC):
 
     info: dict[str, Any]
 
-    def submit(self, req: Request) -> None:
-        self._send(("add", req))
+    def submit(self, *reqs: Request) -> None:
+        """One message for all of ``reqs``: the engine admits them together, before its next step."""
+        self._send(("add", *reqs))
 
     def abort(
         self,

@@ -46,9 +46,18 @@ def _update_to_plain(u: SequenceUpdate) -> Any:
     return {"__u": vals}
 
 
+def _request_to_plain(r: Request) -> Any:
+    # A prompt's ids go to msgpack as they are (a list of ints is native to it): no per-token dispatch.
+    ids = r.prompt_token_ids
+    ids = ids.tolist() if isinstance(ids, np.ndarray) else ids
+    return {"__r": [r.request_id, ids, _to_plain(r.params), list(r.eos_token_ids), r.arrival_time]}
+
+
 def _to_plain(obj: Any) -> Any:
     if type(obj) is SequenceUpdate:
         return _update_to_plain(obj)
+    if type(obj) is Request:
+        return _request_to_plain(obj)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         name = type(obj).__name__
         assert name in _TYPES, f"{name} is not a registered message type"
@@ -78,6 +87,9 @@ def _from_plain(obj: Any) -> Any:
             if up.new_top:
                 up.new_top = [[(int(t), float(lp)) for t, lp in row] for row in up.new_top]
             return up
+        if "__r" in obj:
+            rid, ids, params, eos, arrival = obj["__r"]
+            return Request(rid, ids, _from_plain(params), tuple(eos), arrival)
         if "__t" in obj:
             cls = _TYPES[obj.pop("__t")]
             kwargs = {k: _from_plain(v) for k, v in obj.items()}

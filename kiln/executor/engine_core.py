@@ -9,7 +9,7 @@ keeps freed KV blocks back for one step (``free_delay_steps=1``) so none is reus
 
 The loop is the same in a thread (CPU, tests) and in a worker process (the GPU default): it only
 sees two callables, ``receive(block)`` for incoming messages and ``send(msg)`` for outgoing ones.
-Messages in: ("add", Request) | ("abort", request_id, seq_index, reason, stop_reason) | ("shutdown",).
+Messages in: ("add", Request, ...) | ("abort", request_id, seq_index, reason, stop_reason) | ("shutdown",).
 Messages out: ("ready", info) | ("updates", [SequenceUpdate], EngineStats) | ("fatal", text).
 """
 
@@ -287,7 +287,8 @@ def run_engine_loop(
                 if kind == "shutdown":
                     return
                 if kind == "add":
-                    updates += core.add_request(msg[1])
+                    for req in msg[1:]:
+                        updates += core.add_request(req)
                 elif kind == "abort":
                     updates += core.abort(*msg[1:])
                 else:

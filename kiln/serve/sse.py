@@ -24,12 +24,17 @@ DONE = b"data: [DONE]\n\n"
 CLIENT_CLOSED = 499  # status logged for a request whose client left before the answer (never sent)
 
 
+# Characters JSON leaves raw that line readers (str.splitlines, httpx's aiter_lines) still break lines at:
+# escaped, an event stays one line whatever text the model generates.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def event(obj: BaseModel | dict[str, Any], exclude: set[str] | None = None) -> bytes:
     if isinstance(obj, BaseModel):
         payload = obj.model_dump_json(exclude=exclude)
     else:
-        payload = json.dumps(obj, separators=(",", ":"))
-    return b"data: " + payload.encode("utf-8") + b"\n\n"
+        payload = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    return b"data: " + payload.translate(_LINE_BREAKS).encode("utf-8") + b"\n\n"
 
 
 class EventStreamResponse(Response):
