@@ -33,6 +33,7 @@ def main() -> None:
         "--prefill", action="store_true", help="profile prefill steps (batch x isl new tokens, no decode)"
     )
     ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--no-piecewise-graphs", action="store_true", help="prefill and mixed steps eagerly")
     ap.add_argument("--no-overlap", action="store_true", help="one step at a time (GPU default: overlapped)")
     ap.add_argument("--preset-cache", default=None, metavar="DIR", help="where presets are materialised")
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu, to check the script itself")
@@ -57,6 +58,7 @@ def main() -> None:
         scheduler_config=SchedulerConfig(),
         plugin_backend="forward" if args.device.startswith("cuda") else "reference",
         cuda_graphs=not args.no_graphs,
+        piecewise_graphs=not args.no_piecewise_graphs,
         overlap_scheduling=on_gpu and not args.no_overlap,
     )
     t0 = time.perf_counter()
