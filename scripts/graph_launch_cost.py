@@ -18,19 +18,38 @@ import time
 import torch
 
 
-def capture(n: int, x: torch.Tensor, pool: object) -> torch.cuda.CUDAGraph:
+def step(kind: str):
+    """One node's work: a torch elementwise kernel, a Triton kernel (the engine's RMSNorm, launched
+    directly as its plugin op does), or a cuBLAS GEMV."""
+    if kind == "torch":
+        return lambda y, w: y * 1.0001
+    if kind == "cublas":
+        return lambda y, w: (w @ y.view(-1, 1)).view(-1)
+    from torch._library.triton import set_wrap_triton_enabled
+
+    from kiln.plugins.triton.norms import rms_norm
+
+    def norm(y, w):
+        with set_wrap_triton_enabled(False):
+            return rms_norm(y.view(1, -1), w[0], 1e-5).view(-1)
+
+    return norm
+
+
+def capture(n: int, x: torch.Tensor, w: torch.Tensor, pool: object, kind: str) -> torch.cuda.CUDAGraph:
+    op = step(kind)
     g = torch.cuda.CUDAGraph()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         y = x
         for _ in range(n):  # warm-up outside the capture
-            y = y * 1.0001
+            y = op(y, w)
     torch.cuda.current_stream().wait_stream(stream)
     with torch.cuda.graph(g, pool=pool, stream=stream):
         y = x
         for _ in range(n):
-            y = y * 1.0001
+            y = op(y, w)
     return g
 
 
@@ -52,14 +71,16 @@ def main() -> None:
     ap.add_argument("--others", type=int, default=400)
     ap.add_argument("--other-nodes", type=int, default=15)
     ap.add_argument("--reps", type=int, default=2000)
+    ap.add_argument("--kind", choices=["torch", "triton", "cublas"], default="torch", help="the kernels")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("graph_launch_cost.py needs a CUDA device")
-    x = torch.randn(1024, device="cuda")
-    main_graph = capture(args.nodes, x, torch.cuda.graph_pool_handle())
+    x = torch.randn(1024, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(1024, 1024, device="cuda", dtype=torch.bfloat16)
+    main_graph = capture(args.nodes, x, w, torch.cuda.graph_pool_handle(), args.kind)
     before = replay_cpu_us(main_graph, args.reps)
     pool = torch.cuda.graph_pool_handle()
-    others = [capture(args.other_nodes, x, pool) for _ in range(args.others)]
+    others = [capture(args.other_nodes, x, w, pool, args.kind) for _ in range(args.others)]
     for g in others[:3]:
         g.replay()
     after = replay_cpu_us(main_graph, args.reps)
@@ -67,7 +88,7 @@ def main() -> None:
     torch.cuda.synchronize()
     freed = replay_cpu_us(main_graph, args.reps)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print(f"replay() of a {args.nodes}-node graph, CPU time (median of {args.reps}):")
+    print(f"replay() of a {args.nodes}-node graph of {args.kind} kernels, CPU time (median of {args.reps}):")
     print(f"  alone                                   {before:7.1f} us")
     print(f"  with {args.others} graphs of {args.other_nodes} nodes instantiated  {after:7.1f} us")
     print(f"  after those are freed                   {freed:7.1f} us")
