@@ -400,6 +400,8 @@ class ModelEngine:
         if self.kv_cache is not None:
             self.kv_cache.close()
             self.kv_cache = None
+        # the graphs hold their memory pools and (the pieces) views of the KV pool
+        self.graphs = self.pieces = None
         self.model = None  # type: ignore[assignment]
         self.block_table = torch.empty(0, dtype=torch.int32)
         self._staging.close()

@@ -1,7 +1,9 @@
-"""The paged-attention layer: RoPE + KV-cache write, then attention over the paged cache.
+"""The paged-attention layer: RoPE + KV-cache write (``write_kv``), then attention over the paged
+cache (``attend``).
 
 Projections (and q/k norms) belong to the model; this layer only runs the two plugins on
-already-projected q, k, v.
+already-projected q, k, v. They are two calls so that piecewise CUDA graphs can capture the KV write
+with the projections before it and launch the attention on its own.
 """
 
 from __future__ import annotations
@@ -63,16 +65,3 @@ class PagedAttention(nn.Module):
             self.scale,
             self.sliding_window,
         )  # [T, Hq, D]
-
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        positions: torch.Tensor,
-        cos_sin_cache: torch.Tensor,
-        kv_cache: tuple[torch.Tensor, torch.Tensor],
-        attn: AttentionMetadata,
-    ) -> torch.Tensor:
-        q = self.write_kv(q, k, v, positions, cos_sin_cache, kv_cache, attn.slot_mapping)
-        return self.attend(q, kv_cache, attn)

@@ -67,17 +67,6 @@ class SelfAttention(nn.Module):
         """[T, Hq, D] attention output -> [T, H]."""
         return self.o_proj(attn_out.reshape(attn_out.shape[0], self.q_size))
 
-    def forward(
-        self,
-        hidden: torch.Tensor,  # [T, H]
-        positions: torch.Tensor,
-        cos_sin_cache: torch.Tensor,
-        kv_cache: KvCache,
-        attn: AttentionMetadata,
-    ) -> torch.Tensor:
-        q = self.project(hidden, positions, cos_sin_cache, kv_cache, attn.slot_mapping)
-        return self.output(self.attn.attend(q, kv_cache, attn))  # [T, H]
-
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, plugins: PluginSet) -> None:
