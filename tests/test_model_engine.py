@@ -366,6 +366,8 @@ def test_steps_beyond_the_largest_piecewise_size_run_eagerly(tiny_model):
     out = engine.forward(builder.batch([Chunk(0, 1, 12, SEQ_A[12:19])]))
     torch.testing.assert_close(out.logits[0], reference(path, tuple(SEQ_A))[18], **TOL)
     assert runs == [7]  # 12 tokens: eager; 7: padded to 8
+    engine.close()  # the pieces hold views of the KV pool: closing lets them go
+    assert engine.pieces is None and engine.kv_cache is None
 
 
 @pytest.mark.parametrize("max_tokens", [16, 100, 2048, 8192, 8000])
