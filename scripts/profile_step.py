@@ -159,6 +159,44 @@ def _profiled(fn, on_gpu: bool, sync):
     return prof
 
 
+def idle_gaps(kernels: list[tuple[float, float]]) -> tuple[list[tuple[float, float, float]], float]:
+    """Sorted (start, end) kernel intervals -> ([(gap, from, to)] where no kernel ran, whole span)."""
+    gaps, busy_end = [], kernels[0][1]
+    for start, end in kernels[1:]:
+        if start > busy_end:
+            gaps.append((start - busy_end, busy_end, start))
+        busy_end = max(busy_end, end)
+    return gaps, busy_end - kernels[0][0]
+
+
+def _print_gaps(prof, n: int, unit: str, top: int = 8) -> None:
+    """Where the device sat idle between kernels, and what the host was running meanwhile.
+
+    Kernel and host times come from one profiler timeline (us). A gap is the time from one kernel's
+    end to the next kernel's start; the host ops shown are the shortest ones spanning the gap's
+    midpoint (the innermost call the host was in)."""
+    from torch.autograd import DeviceType
+
+    events = prof.events()
+    kernels = sorted(
+        (e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA
+    )
+    if len(kernels) < 2:
+        print("\n== device idle between kernels: no device kernels recorded")
+        return
+    host = [e for e in events if e.device_type == DeviceType.CPU]
+    gaps, span = idle_gaps(kernels)
+    idle = sum(g for g, _, _ in gaps)
+    print(f"\n== device idle between kernels (per {unit}): {idle / n / 1e3:.3f} ms of {span / n / 1e3:.3f} "
+          f"ms ({len(gaps) // max(n, 1)} gaps)")  # fmt: skip
+    for g, lo, hi in sorted(gaps, reverse=True)[:top]:
+        mid = (lo + hi) / 2
+        spanning = sorted((e for e in host if e.time_range.start <= mid <= e.time_range.end),
+                          key=lambda e: e.time_range.end - e.time_range.start)  # fmt: skip
+        names = ", ".join(e.name[:40] for e in spanning[:3]) or "nothing profiled"
+        print(f"  {g:8.1f} us   host in: {names}")
+
+
 def _print_tables(prof, n: int, unit: str) -> None:
     # kernels only: an op such as aten::mm also reports its kernel's time and would count it twice
     events = [e for e in prof.key_averages() if e.self_device_time_total > 0 and not e.key.startswith("aten")]
@@ -170,6 +208,7 @@ def _print_tables(prof, n: int, unit: str) -> None:
     print(f"\n== top host ops (self CPU time per {unit})")
     for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:15]:
         print(f"  {e.self_cpu_time_total / n / 1e3:8.3f} ms  x{e.count // n:<4} {e.key[:90]}")
+    _print_gaps(prof, n, unit)
 
 
 if __name__ == "__main__":
