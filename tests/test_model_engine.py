@@ -257,9 +257,13 @@ def test_kv_cache_sizing(tiny_model):
 
 
 @pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
-@pytest.mark.parametrize("linear", ["linear", "skinny_linear"])
-def test_triton_backend_end_to_end(tiny_model, linear):
-    """The same paged schedule through the Triton plugins: compiled on a GPU, else Triton's interpreter."""
+@pytest.mark.parametrize(
+    "linear,attention",
+    [("linear", "paged_attention"), ("skinny_linear", "paged_attention"), ("linear", "paged_attention_sdpa")],
+)
+def test_triton_backend_end_to_end(tiny_model, linear, attention):
+    """The same paged schedule through the Triton plugins: compiled on a GPU, else Triton's interpreter.
+    (The schedule starts with a lone fresh prompt: paged_attention_sdpa's SDPA path.)"""
     pytest.importorskip("triton")
     if not ON_GPU and tuple(int(p) for p in np.__version__.split(".")[:2]) >= (2, 4):
         pytest.skip("Triton's interpreter needs numpy < 2.4")
@@ -271,7 +275,7 @@ def test_triton_backend_end_to_end(tiny_model, linear):
         device="cuda" if ON_GPU else "cpu",
         limits=LIMITS,
         kv_config=KV,
-        plugins=PluginSet("forward", {"linear": linear}),
+        plugins=PluginSet("forward", {"linear": linear, "attention": attention}),
     )
     builder = StepBuilder(BLOCK)
     for chunks in schedule()[:6]:

@@ -511,6 +511,43 @@ def test_gpu_attention_large_prefill(window):
     _check_attention(seqs, 32, 8, 128, 16, torch.bfloat16, window=window)
 
 
+def _check_sdpa_plugin(monkeypatch, seqs, heads, kv_heads, head_dim, block_size, dtype, window=0, extra=0):
+    """paged_attention_sdpa against the reference; -> how many calls took the SDPA path."""
+    from kiln.plugins import sdpa_prefill
+
+    taken = []
+    real = sdpa_prefill.fresh_prompt_attention
+    monkeypatch.setattr(sdpa_prefill, "fresh_prompt_attention", lambda *a: taken.append(1) or real(*a))
+    args = _paged_batch(seqs, heads, kv_heads, head_dim, block_size, dtype, extra_tokens=extra)
+    out = get_plugin("paged_attention_sdpa").forward_impl(*args, window)
+    ref = _ref("paged_attention")(*args, window)
+    n = sum(q for q, _ in seqs)  # rows past the packed tokens are padding: left unwritten
+    torch.testing.assert_close(out[:n], ref[:n], **TOL[dtype])
+    return len(taken)
+
+
+@pytest.mark.parametrize("length,extra", [(37, 0), (128, 5), (200, 0)])
+def test_sdpa_plugin_lone_fresh_prompt(monkeypatch, length, extra):
+    # one prompt, nothing cached before it: SDPA on the prompt padded to a multiple of 128, reading no
+    # KV past the prompt (the cache is NaN there) and leaving q's padding rows alone
+    assert _check_sdpa_plugin(monkeypatch, [(length, length)], 4, 2, 64, 16, torch.float32, extra=extra) == 1
+
+
+@pytest.mark.parametrize(
+    "seqs,window", [(MIXED, 0), ([(30, 50)], 0), ([(40, 40)], 16), ([(9, 9), (5, 5)], 0)]
+)
+def test_sdpa_plugin_other_steps_take_the_paged_kernel(monkeypatch, seqs, window):
+    # a batch, a cached prefix, a sliding window, two fresh prompts: the Triton kernel, same contract
+    assert _check_sdpa_plugin(monkeypatch, seqs, 4, 2, 64, 16, torch.float32, window=window) == 0
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("length", [2048, 1000])
+def test_gpu_sdpa_plugin_lone_prompt_bf16(monkeypatch, length):
+    assert _check_sdpa_plugin(monkeypatch, [(length, length)], 32, 8, 128, 32, torch.bfloat16) == 1
+
+
 @gpu
 @pytest.mark.gpu
 def test_gpu_attention_cuda_graph_replay():

@@ -197,8 +197,9 @@ class ModelEngine:
 
     def attention_variants(self) -> Callable[[list[int], list[int]], set] | None:
         """(num_computed, num_new) of a step -> the Triton attention variants it launches; None
-        unless attention runs the built-in Triton kernel."""
-        if self.plugins.choice["attention"] != ("paged_attention", "forward"):
+        unless attention runs the built-in Triton kernel (``paged_attention_sdpa`` falls back to it)."""
+        name, backend = self.plugins.choice["attention"]
+        if backend != "forward" or name not in ("paged_attention", "paged_attention_sdpa"):
             return None
         from kiln.plugins.triton.attention_plan import step_variants
 
