@@ -152,6 +152,9 @@ workloads() {
 ttft() {
   # time to first token of one 2,048-token prompt (target 48 ms on an H100; bound 41 ms)
   bench ttft_llama8b_2048 latency --model preset:llama-3.1-8b --isl 2048 --osl 16 --batch-size 1 --backend kiln
+  # the same with the lone fresh prompt's attention through torch SDPA (the opt-in attention plugin)
+  bench ttft_llama8b_2048_sdpa latency --model preset:llama-3.1-8b --isl 2048 --osl 16 --batch-size 1 \
+    --backend kiln --plugin attention=paged_attention_sdpa
 }
 
 nano() {
@@ -160,13 +163,14 @@ nano() {
 }
 
 profile() {
-  # PROFILE_RUNS: "preset:batch ..." decode steps, "preset:batch:isl" prefill steps of batch x isl tokens
-  # (default: 1B and 8B decode at batch 1 and 64)
+  # PROFILE_RUNS: "preset:batch ..." decode steps, "preset:batch:isl" prefill steps of batch x isl tokens,
+  # "preset:batch:isl:eager" without piecewise graphs (isl 0: decode) (default: 1B and 8B decode, batch 1 and 64)
   for run in ${PROFILE_RUNS:-llama-3.2-1b:1 llama-3.2-1b:64 llama-3.1-8b:1 llama-3.1-8b:64}; do
-    local m b isl extra=() name
-    IFS=: read -r m b isl <<<"$run"
+    local m b isl mode extra=() name
+    IFS=: read -r m b isl mode <<<"$run"
     name="profile_${m}_bs$b"
-    [ -n "$isl" ] && extra=(--prefill --isl "$isl") && name="${name}_prefill$isl"
+    [ -n "$isl" ] && [ "$isl" != 0 ] && extra=(--prefill --isl "$isl") && name="${name}_prefill$isl"
+    [ "$mode" = eager ] && extra+=(--no-piecewise-graphs) && name="${name}_no_piecewise"
     note "profile $m batch $b ${isl:+prefill $isl}: scripts/profile_step.py"
     timeout --kill-after=30 "$BENCH_TIMEOUT" "$PY" scripts/profile_step.py --model "preset:$m" --batch-size "$b" \
       "${extra[@]}" "${CACHE_ARGS[@]}" 2>&1 | tee "$OUT/$name.log"
