@@ -374,6 +374,46 @@ def test_steps_beyond_the_largest_piecewise_size_run_eagerly(tiny_model):
     assert engine.pieces is None and engine.kv_cache is None
 
 
+class _RecordedPiece:
+    """Stands in for a captured piece on the CPU: replay() runs the piece and writes its output into
+    one fixed tensor, as a graph writes into its captured memory; the residual stays inside."""
+
+    def __init__(self, runner: PiecewiseGraphRunner, i: int, size: int, out: torch.Tensor, state: dict):
+        self.runner, self.i, self.size, self.out, self.state = runner, i, size, out, state
+
+    def replay(self) -> None:
+        out, self.state["residual"] = self.runner._piece(self.i, self.size, self.state.get("residual"))
+        self.out.copy_(out)
+
+
+def test_piecewise_replay_bookkeeping_matches_transformers(tiny_model):
+    # The replay path (graphs, their fixed outputs, attention between them) with recorded pieces
+    # standing in for CUDA graphs: every step of the schedule, padded, matches transformers.
+    path = tiny_model("Qwen3ForCausalLM", num_hidden_layers=3)
+    engine = make_engine(path)
+    runs = use_piecewise(engine, [8, 16])
+    runner = engine.pieces
+    assert runner is not None
+    cfg = engine.info.config
+    for size in runner.sizes:
+        state: dict = {}
+        qs = [torch.full((size, cfg.num_heads, cfg.head_dim), float("nan")) for _ in range(cfg.num_layers)]
+        runner._hidden[size] = torch.full((size, cfg.hidden_size), float("nan"))
+        runner._q[size] = qs
+        runner._graphs[size] = [_RecordedPiece(runner, i, size, out, state)
+                                for i, out in enumerate([*qs, runner._hidden[size]])]  # fmt: skip
+    runner._capture = True
+    ref = {0: reference(path, tuple(SEQ_A)), 1: reference(path, tuple(SEQ_B))}
+    builder = StepBuilder(BLOCK)
+    inits = [slot_init(1, SEQ_A[:PROMPT_A], None), slot_init(2, SEQ_B[:PROMPT_B], None)]
+    for i, chunks in enumerate(schedule()):
+        chunks = [dataclasses.replace(c, prompt_logprobs_k=None) for c in chunks]
+        out = engine.forward(builder.batch(chunks, slot_inits=inits if i == 0 else None))
+        for row, c in enumerate(chunks):
+            torch.testing.assert_close(out.logits[row], ref[c.seq_id][c.start + len(c.tokens) - 1], **TOL)
+    assert len(runs) == len(schedule())
+
+
 @pytest.mark.parametrize("max_tokens", [16, 100, 2048, 8192, 8000])
 def test_default_piecewise_sizes(max_tokens):
     sizes = default_piecewise_sizes(max_tokens)

@@ -169,15 +169,17 @@ class PiecewiseGraphRunner:
         self.tokens[SLOTS, :n].copy_(attn.slot_mapping)
         if size > n:
             self.tokens[:, n:size].copy_(self._padding[:, : size - n])
-        num_layers = len(self._layers)
-        residual: torch.Tensor | None = None
-        out = self.attn_out  # (placeholder until the first piece runs)
-        for i in range(num_layers + 1):
-            if self._capture:
-                self._graphs[size][i].replay()
-                out = self._q[size][i] if i < num_layers else self._hidden[size]
-            else:
-                out, residual = self._piece(i, size, residual)
-            if i < num_layers:
-                self.attn_out[:n].copy_(self._attention[i].attend(out[:n], self._kv[i], attn))
-        return out[:n]
+        attn_out = self.attn_out[:n]
+        if not self._capture:  # the same pieces, run eagerly
+            residual: torch.Tensor | None = None
+            for i, attention in enumerate(self._attention):
+                q, residual = self._piece(i, size, residual)
+                attn_out.copy_(attention.attend(q[:n], self._kv[i], attn))
+            hidden, _ = self._piece(len(self._layers), size, residual)
+            return hidden[:n]
+        graphs = self._graphs[size]
+        for graph, q, attention, kv in zip(graphs, self._q[size], self._attention, self._kv, strict=False):
+            graph.replay()  # ... up to this layer's KV write; its rotated q is in ``q``
+            attn_out.copy_(attention.attend(q[:n], kv, attn))
+        graphs[-1].replay()  # the last layer's end and the final norm
+        return self._hidden[size][:n]
