@@ -374,6 +374,18 @@ def test_steps_beyond_the_largest_piecewise_size_run_eagerly(tiny_model):
     assert engine.pieces is None and engine.kv_cache is None
 
 
+def test_non_owning_view_aliases_the_same_memory():
+    from kiln.engine.piecewise_graphs import _non_owning
+
+    t = torch.arange(24, dtype=torch.float32).view(4, 6)[1:, ::2]  # offset and strides kept
+    alias = _non_owning(t)
+    assert alias.data_ptr() == t.data_ptr() and alias.shape == t.shape and alias.stride() == t.stride()
+    torch.testing.assert_close(alias, t)
+    t.add_(1)  # one memory: writes show through
+    torch.testing.assert_close(alias, t)
+    assert alias.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+
+
 class _RecordedPiece:
     """Stands in for a captured piece on the CPU: replay() runs the piece and writes its output into
     one fixed tensor, as a graph writes into its captured memory; the residual stays inside."""
