@@ -435,6 +435,21 @@ def test_default_piecewise_sizes(max_tokens):
         assert hi <= 2 * lo and hi - lo <= (256 if lo < 2048 else 512)
 
 
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+def test_warm_up_builds_sdpa_plans_only_for_the_sdpa_attention(tiny_model, monkeypatch):
+    from kiln.plugins import sdpa_prefill
+
+    calls = []
+    monkeypatch.setattr(sdpa_prefill, "warm_up", lambda *a: calls.append(a) or 1)
+    path = tiny_model("Qwen3ForCausalLM", head_dim=32, num_hidden_layers=1)  # a head dim the kernel takes
+    make_engine(path).warm_up_steps()
+    assert calls == []
+    make_engine(path, plugins=PluginSet("forward", {"attention": "paged_attention_sdpa"})).warm_up_steps()
+    ((heads, kv_heads, head_dim, scale, dtype, _device, max_tokens),) = calls
+    assert (heads, kv_heads, dtype, max_tokens) == (4, 2, torch.float32, LIMITS.max_num_tokens)
+    assert scale == pytest.approx(head_dim**-0.5)
+
+
 def test_warm_up_steps_leave_the_engine_clean(tiny_model):
     path = tiny_model("LlamaForCausalLM")
     engine = make_engine(path)

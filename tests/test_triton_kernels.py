@@ -541,6 +541,22 @@ def test_sdpa_plugin_other_steps_take_the_paged_kernel(monkeypatch, seqs, window
     assert _check_sdpa_plugin(monkeypatch, seqs, 4, 2, 64, 16, torch.float32, window=window) == 0
 
 
+def test_sdpa_plugin_warm_up_runs_every_padded_length(monkeypatch):
+    from kiln.plugins import sdpa_prefill
+
+    shapes = []
+    real = sdpa_prefill._causal_sdpa
+    monkeypatch.setattr(
+        sdpa_prefill, "_causal_sdpa", lambda q, k, v, s: shapes.append((q.shape, k.shape)) or real(q, k, v, s)
+    )
+    assert sdpa_prefill.warm_up(4, 2, 64, 0.125, torch.float32, DEVICE, 300) == 3
+    assert shapes == [((1, 4, n, 64), (1, 2, n, 64)) for n in (128, 256, 384)]
+    # a prompt of 300 tokens then runs at a warmed-up shape
+    shapes.clear()
+    _check_sdpa_plugin(monkeypatch, [(300, 300)], 4, 2, 64, 16, torch.float32)
+    assert [q for q, _ in shapes] == [(1, 4, 384, 64)]
+
+
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("length", [2048, 1000])

@@ -215,9 +215,20 @@ class ModelEngine:
             batch, blocks = synthetic_batch(computed, new, self.tokens_per_block)
             if blocks <= self.num_blocks:
                 self.forward(batch)
+        if self.plugins.choice["attention"] == ("paged_attention_sdpa", "forward"):
+            self._warm_up_sdpa_plans()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.block_table.zero_()
+
+    def _warm_up_sdpa_plans(self) -> int:
+        """paged_attention_sdpa: every padded prompt length's SDPA plan, built now (see its module)."""
+        from kiln.layers.attention import PagedAttention
+        from kiln.plugins import sdpa_prefill
+
+        attn = next(m for m in self.model.modules() if isinstance(m, PagedAttention))
+        return sdpa_prefill.warm_up(attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.scale, self.dtype,
+                                    self.device, self.limits.max_num_tokens)  # fmt: skip
 
     # ------------------------------------------------------------------ one step
 

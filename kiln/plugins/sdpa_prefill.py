@@ -10,8 +10,8 @@ until it measurably shortens TTFT end to end.
 
 Shapes: cuDNN builds an execution plan per shape, so the prompt is padded to a multiple of
 ``PAD_TOKENS`` (a bounded set of plans). Padded keys are zeros and sit after every real query, which
-the causal mask hides from them; K/V are never read past the prompt's own slots. The plans are built
-on first use of each padded length, in a request's step: start-up does not build them yet.
+the causal mask hides from them; K/V are never read past the prompt's own slots. The engine's
+start-up runs every padded length once (``warm_up``), so the plans exist before the first request.
 """
 
 from __future__ import annotations
@@ -46,8 +46,6 @@ def fresh_prompt_attention(
     scale: float,
 ) -> torch.Tensor:
     """Causal attention of a prompt to itself through SDPA; -> [T, Hq, D] (padding rows unwritten)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     page, num_kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     padded = -(-length // PAD_TOKENS) * PAD_TOKENS
     blocks = block_table[: -(-length // page)].long()
@@ -62,14 +60,32 @@ def fresh_prompt_attention(
 
     qp = q.new_zeros(1, q.shape[1], padded, head_dim)
     qp[0, :, :length] = q[:length].transpose(0, 1)
-    backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                SDPBackend.MATH]  # fmt: skip
-    with sdpa_kernel(backends, set_priority=True):
-        o = F.scaled_dot_product_attention(qp, gather(k_cache), gather(v_cache), is_causal=True, scale=scale,
-                                           enable_gqa=True)  # fmt: skip
+    o = _causal_sdpa(qp, gather(k_cache), gather(v_cache), scale)
     out = torch.empty_like(q)
     out[:length] = o[0, :, :length].transpose(0, 1)
     return out
+
+
+def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """[1, H, L, D] contiguous inputs (K/V with their own head count) -> [1, Hq, L, D]; cuDNN first."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                SDPBackend.MATH]  # fmt: skip
+    with sdpa_kernel(backends, set_priority=True):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+
+
+def warm_up(num_heads: int, num_kv_heads: int, head_dim: int, scale: float, dtype: torch.dtype,
+            device: torch.device, max_tokens: int) -> int:  # fmt: skip
+    """Run SDPA once at every padded length up to ``max_tokens``, so cuDNN builds each plan at
+    start-up rather than in a request's step; returns how many lengths ran."""
+    lengths = range(PAD_TOKENS, -(-max_tokens // PAD_TOKENS) * PAD_TOKENS + 1, PAD_TOKENS)
+    for length in lengths:
+        q = torch.zeros(1, num_heads, length, head_dim, dtype=dtype, device=device)
+        kv = torch.zeros(1, num_kv_heads, length, head_dim, dtype=dtype, device=device)
+        _causal_sdpa(q, kv, kv, scale)
+    return len(lengths)
 
 
 @plugin("paged_attention_sdpa", kind="attention")
