@@ -1,4 +1,4 @@
-"""Paged attention's prefill pass: a sweep of its launch configuration, with torch's SDPA as a peer.
+"""Paged attention's launch configurations swept: the prefill pass (torch's SDPA as a peer), or --decode.
 
     python3 scripts/bench_attention.py [--json FILE] [--reps 30] [--case NAME ...]
 

@@ -37,6 +37,9 @@ from kiln.engine.synthetic_batches import covering_shapes, profile_batch, synthe
 from kiln.executor.messages import PromptLogprobs, ScheduledBatch
 from kiln.plugins import PluginSet
 
+# Attention plugins whose steps launch the built-in Triton kernel (the SDPA one for all but lone prompts).
+_TRITON_ATTENTION = ("paged_attention", "paged_attention_sdpa")
+
 
 @dataclass
 class ForwardOutput:
@@ -199,7 +202,7 @@ class ModelEngine:
         """(num_computed, num_new) of a step -> the Triton attention variants it launches; None
         unless attention runs the built-in Triton kernel (``paged_attention_sdpa`` falls back to it)."""
         name, backend = self.plugins.choice["attention"]
-        if backend != "forward" or name not in ("paged_attention", "paged_attention_sdpa"):
+        if backend != "forward" or name not in _TRITON_ATTENTION:
             return None
         from kiln.plugins.triton.attention_plan import step_variants
 
@@ -227,8 +230,9 @@ class ModelEngine:
         from kiln.plugins import sdpa_prefill
 
         attn = next(m for m in self.model.modules() if isinstance(m, PagedAttention))
+        longest_prompt_step = min(self.limits.max_num_tokens, self.limits.max_seq_len)
         return sdpa_prefill.warm_up(attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.scale, self.dtype,
-                                    self.device, self.limits.max_num_tokens)  # fmt: skip
+                                    self.device, longest_prompt_step)  # fmt: skip
 
     # ------------------------------------------------------------------ one step
 

@@ -25,6 +25,11 @@ from kiln.plugins.registry import plugin
 PAD_TOKENS = 128
 
 
+def padded_length(length: int) -> int:
+    """The length SDPA sees for a prompt of ``length`` tokens (one cuDNN plan per padded length)."""
+    return -(-length // PAD_TOKENS) * PAD_TOKENS
+
+
 def is_lone_fresh_prompt(q: torch.Tensor, seq_lens: torch.Tensor, max_query_len: int, max_seq_len: int,
                          sliding_window: int) -> bool:  # fmt: skip
     """One sequence whose new tokens are all of its KV (nothing cached before them), no window.
@@ -47,7 +52,7 @@ def fresh_prompt_attention(
 ) -> torch.Tensor:
     """Causal attention of a prompt to itself through SDPA; -> [T, Hq, D] (padding rows unwritten)."""
     page, num_kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
-    padded = -(-length // PAD_TOKENS) * PAD_TOKENS
+    padded = padded_length(length)
     blocks = block_table[: -(-length // page)].long()
 
     # Contiguous [1, H, L, D] inputs, the layout the cuDNN timing was measured with.
@@ -78,9 +83,9 @@ def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 
 def warm_up(num_heads: int, num_kv_heads: int, head_dim: int, scale: float, dtype: torch.dtype,
             device: torch.device, max_tokens: int) -> int:  # fmt: skip
-    """Run SDPA once at every padded length up to ``max_tokens``, so cuDNN builds each plan at
-    start-up rather than in a request's step; returns how many lengths ran."""
-    lengths = range(PAD_TOKENS, -(-max_tokens // PAD_TOKENS) * PAD_TOKENS + 1, PAD_TOKENS)
+    """Run SDPA once at every padded length of a prompt of up to ``max_tokens`` tokens, so cuDNN builds
+    each plan at start-up rather than in a request's step; returns how many lengths ran."""
+    lengths = range(PAD_TOKENS, padded_length(max_tokens) + 1, PAD_TOKENS)
     for length in lengths:
         q = torch.zeros(1, num_heads, length, head_dim, dtype=dtype, device=device)
         kv = torch.zeros(1, num_kv_heads, length, head_dim, dtype=dtype, device=device)
