@@ -43,6 +43,7 @@ CASES: dict[str, tuple[str, list[tuple[int, int]]]] = {
     "prefill4": ("prefill 4x2048", [(2048, 2048)] * 4),  # a full 8192-token step
     "chunk": ("chunk 2048 after 2048", [(2048, 4096)]),
     "mixed": ("mixed 256 decode @2k + 1x2048", [(1, 2048)] * 256 + [(2048, 2048)]),
+    "prefill64": ("prefill 64x128", [(128, 128)] * 64),  # a 128/128 prefill step
 }
 
 Config = tuple[int, int, int, int]  # block_m, block_n, num_warps, num_stages
@@ -189,6 +190,62 @@ def sdpa_peers(case: Case, reps: int, warmup: int, graph: bool) -> list[dict]:
     return rows
 
 
+def varlen_peers(case: Case, reps: int, warmup: int, graph: bool) -> list[dict]:
+    """torch's packed variable-length attention ops on the case's q and its K/V gathered from the pages
+    into packed [T_k, H, D] (the gather timed on its own): cuDNN with K/V at their own head count and
+    repeated to Hq, and flash. A chunk after a cached prefix (seq_q < seq_k) checks which end the
+    causal diagonal is aligned to: a wrong alignment shows as a max error, not a time."""
+    q, k_cache, v_cache, tables, seq_lens, qsl = case.args[:6]
+    page = k_cache.shape[1]
+
+    def seq_slots(s: int, kv: int) -> torch.Tensor:
+        pos = torch.arange(kv, device=q.device)
+        return tables[s, pos // page].long() * page + pos % page
+
+    slots = torch.cat([seq_slots(s, kv) for s, (_, kv) in enumerate(case.seqs)])
+    flat_k, flat_v = k_cache.view(-1, NUM_KV_HEADS, HEAD_DIM), v_cache.view(-1, NUM_KV_HEADS, HEAD_DIM)
+    cu_q = qsl.to(torch.int32)
+    cu_k = torch.tensor([0, *[kv for _, kv in case.seqs]], device=q.device).cumsum(0).to(torch.int32)
+    max_q, max_k = max(n for n, _ in case.seqs), max(kv for _, kv in case.seqs)
+    group = NUM_Q_HEADS // NUM_KV_HEADS
+    k, v = flat_k.index_select(0, slots), flat_v.index_select(0, slots)
+    kr, vr = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    aten = torch.ops.aten
+
+    def cudnn(k_: torch.Tensor, v_: torch.Tensor) -> Callable[[], torch.Tensor]:
+        return lambda: aten._cudnn_attention_forward(q, k_, v_, None, cu_q, cu_k, max_q, max_k, False, 0.0,
+                                                     True, False, scale=HEAD_DIM**-0.5)[0]  # fmt: skip
+
+    def flash() -> torch.Tensor:
+        return aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False,
+                                             scale=HEAD_DIM**-0.5)[0]  # fmt: skip
+
+    candidates: list[tuple[str, Callable[[], torch.Tensor]]] = [
+        ("varlen cudnn (GQA)", cudnn(k, v)), ("varlen cudnn (K/V repeated)", cudnn(kr, vr)),
+        ("varlen flash (GQA)", flash)]  # fmt: skip
+    rows = []
+    for label, fn in candidates:
+        try:
+            out = fn()
+            torch.cuda.synchronize()
+            err = (out.float() - case.ref).abs().max().item()
+            us = time_us(fn, reps, warmup, graph)
+        except Exception as e:  # noqa: BLE001
+            print(f"  {case.name}: {label}: skip: {short_reason(e)}")
+            continue
+        rows.append(dict(case=case.name, kind="sdpa", config=label, us=us, tflops=case.flops / us / 1e6,
+                         default=False, max_abs_err=err))  # fmt: skip
+    copies: list[tuple[str, Callable[[], object]]] = [
+        ("gather K+V from pages", lambda: (flat_k.index_select(0, slots), flat_v.index_select(0, slots))),
+        ("repeat K+V to Hq heads", lambda: (k.repeat_interleave(group, 1), v.repeat_interleave(group, 1))),
+    ]
+    for label, fn in copies:
+        us = time_us(fn, reps, warmup, graph)
+        rows.append(dict(case=case.name, kind="sdpa", config=label, us=us, tflops=0.0, default=False,
+                         max_abs_err=0.0))  # fmt: skip
+    return rows
+
+
 def print_table(case: Case, skipped: dict[str, str]) -> None:
     paged = sorted((r for r in case.rows if r["kind"] == "paged"), key=lambda r: r["us"])
     peers = sorted((r for r in case.rows if r["kind"] == "sdpa"), key=lambda r: r["us"])
@@ -224,6 +281,8 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=150.0,
                     help="stop starting new configurations after this many seconds of sweep")  # fmt: skip
     ap.add_argument("--no-sdpa", action="store_true", help="skip the torch SDPA peers")
+    ap.add_argument("--varlen", action="store_true",
+                    help="time only the defaults; torch's packed variable-length ops as peers")  # fmt: skip
     ap.add_argument("--eager", action="store_true", help="time eager calls instead of CUDA-graph replays")
     ap.add_argument("--json", default=None, help="write every row and the environment to this file")
     ap.add_argument("--decode", action="store_true", help="sweep the decode pass instead (DECODE_CASES)")
@@ -276,7 +335,9 @@ def run(args: argparse.Namespace) -> None:
     configs: list[Config] = []
     for c in [*(case.default for case in cases),
               *itertools.product(args.block_m, args.block_n, args.num_warps, args.num_stages)]:  # fmt: skip
-        if c in configs or (not args.all and not bounded(c) and c not in [k.default for k in cases]):
+        if c in configs or (args.varlen and c not in [k.default for k in cases]):
+            continue
+        if not args.all and not bounded(c) and c not in [k.default for k in cases]:
             continue
         configs.append(c)
     print(f"{len(configs)} configurations x {len(cases)} cases (default first)")
@@ -329,6 +390,11 @@ def run(args: argparse.Namespace) -> None:
         for case in cases:
             if all(kv == q for q, kv in case.seqs) and len({q for q, _ in case.seqs}) == 1:
                 case.rows += sdpa_peers(case, args.reps, args.warmup, not args.eager)
+    if args.varlen:
+        print("\ntorch variable-length attention peers")
+        for case in cases:
+            if not case.name.startswith("mixed"):
+                case.rows += varlen_peers(case, args.reps, args.warmup, not args.eager)
 
     for case in cases:
         print_table(case, skipped[case.name])

@@ -195,7 +195,9 @@ gemm() {
 attn() {
   note "paged attention prefill sweep: scripts/bench_attention.py (timeout ${BENCH_TIMEOUT} s)"
   local t0=$(date +%s)
-  timeout --kill-after=30 "$BENCH_TIMEOUT" "$PY" scripts/bench_attention.py --json "$OUT/attention_sweep.json" 2>&1 \
+  # ATTN_ARGS: extra options, e.g. "--varlen --case prefill1 prefill4 chunk prefill64"
+  # shellcheck disable=SC2086
+  timeout --kill-after=30 "$BENCH_TIMEOUT" "$PY" scripts/bench_attention.py ${ATTN_ARGS:-} --json "$OUT/attention_sweep.json" 2>&1 \
     | tee "$OUT/attention_sweep.log"
   local rc=${PIPESTATUS[0]}
   printf 'attention_sweep\t%s\tsee attention_sweep.log (%s s)\n' "$rc" "$(($(date +%s) - t0))" >>"$STATUS_FILE"
