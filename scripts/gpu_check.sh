@@ -140,12 +140,13 @@ throughput() {
 }
 
 workloads() {
-  # WORKLOADS: "ISL/OSLxREQUESTS ..." llama-3.1-8b throughput runs (default: the three long targets)
+  # WORKLOADS: "ISL/OSLxREQUESTS ..." llama-3.1-8b throughput runs (default: the three long targets);
+  # WORKLOAD_ARGS: extra options for each, e.g. "--kv-fraction 0.95"
   local w isl osl n
   for w in ${WORKLOADS:-128/2048x512 2048/128x1024 2048/2048x256}; do
     isl=${w%%/*}; osl=${w#*/}; osl=${osl%%x*}; n=${w##*x}
     bench "throughput_llama8b_${isl}_${osl}" throughput --model preset:llama-3.1-8b --isl "$isl" --osl "$osl" \
-      --num-requests "$n" --backend kiln
+      --num-requests "$n" --backend kiln ${WORKLOAD_ARGS:-}
   done
 }
 
