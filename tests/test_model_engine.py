@@ -445,8 +445,8 @@ def test_warm_up_builds_sdpa_plans_only_for_the_sdpa_attention(tiny_model, monke
     make_engine(path).warm_up_steps()
     assert calls == []
     make_engine(path, plugins=PluginSet("forward", {"attention": "paged_attention_sdpa"})).warm_up_steps()
-    ((heads, kv_heads, head_dim, scale, dtype, _device, max_tokens),) = calls
-    assert (heads, kv_heads, dtype, max_tokens) == (4, 2, torch.float32, LIMITS.max_num_tokens)
+    ((heads, kv_heads, head_dim, scale, dtype, _device, max_tokens, page),) = calls
+    assert (heads, kv_heads, dtype, max_tokens, page) == (4, 2, torch.float32, LIMITS.max_num_tokens, BLOCK)
     assert scale == pytest.approx(head_dim**-0.5)
 
 

@@ -545,16 +545,23 @@ def test_sdpa_plugin_warm_up_runs_every_padded_length(monkeypatch):
     from kiln.plugins import sdpa_prefill
 
     shapes = []
-    real = sdpa_prefill._causal_sdpa
+    real = sdpa_prefill.causal_sdpa
+
+    def layout(t: torch.Tensor) -> tuple:
+        return tuple(t.shape), t.stride()
+
     monkeypatch.setattr(
-        sdpa_prefill, "_causal_sdpa", lambda q, k, v, s: shapes.append((q.shape, k.shape)) or real(q, k, v, s)
+        sdpa_prefill,
+        "causal_sdpa",
+        lambda q, k, v, s: shapes.append((layout(q), layout(k))) or real(q, k, v, s),
     )
-    assert sdpa_prefill.warm_up(4, 2, 64, 0.125, torch.float32, DEVICE, 300) == 3
-    assert shapes == [((1, 4, n, 64), (1, 2, n, 64)) for n in (128, 256, 384)]
-    # a prompt of 300 tokens then runs at a warmed-up shape
+    assert sdpa_prefill.warm_up(4, 2, 64, 0.125, torch.float32, DEVICE, 300, 16) == 3
+    assert [(q[0], k[0]) for q, k in shapes] == [((n, 4, 64), (n, 2, 64)) for n in (128, 256, 384)]
+    # a prompt of 300 tokens then runs at a warmed-up shape, with the same strides (cuDNN's plan key)
+    warmed = shapes[-1]
     shapes.clear()
     _check_sdpa_plugin(monkeypatch, [(300, 300)], 4, 2, 64, 16, torch.float32)
-    assert [q for q, _ in shapes] == [(1, 4, 384, 64)]
+    assert shapes == [warmed]
 
 
 @gpu

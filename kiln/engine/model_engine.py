@@ -232,7 +232,7 @@ class ModelEngine:
         attn = next(m for m in self.model.modules() if isinstance(m, PagedAttention))
         longest_prompt_step = min(self.limits.max_num_tokens, self.limits.max_seq_len)
         return sdpa_prefill.warm_up(attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.scale, self.dtype,
-                                    self.device, longest_prompt_step)  # fmt: skip
+                                    self.device, longest_prompt_step, self.tokens_per_block)  # fmt: skip
 
     # ------------------------------------------------------------------ one step
 

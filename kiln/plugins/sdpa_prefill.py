@@ -8,10 +8,10 @@ sequences, a cached prefix, a sliding window) goes to the Triton kernel, so the 
 ``attention`` kind's contract everywhere. Opt-in (``plugins={"attention": "paged_attention_sdpa"}``)
 until it measurably shortens TTFT end to end.
 
-Shapes: cuDNN builds an execution plan per shape, so the prompt is padded to a multiple of
-``PAD_TOKENS`` (a bounded set of plans). Padded keys are zeros and sit after every real query, which
-the causal mask hides from them; K/V are never read past the prompt's own slots. The engine's
-start-up runs every padded length once (``warm_up``), so the plans exist before the first request.
+Shapes: cuDNN builds an execution plan per shape (and strides), so the prompt is padded to a
+multiple of ``PAD_TOKENS`` (a bounded set of plans). Padded keys sit after every real query, which
+the causal mask hides from them. The engine's start-up runs every padded length once (``warm_up``),
+on inputs laid out as a step's, so the plans exist before the first request.
 """
 
 from __future__ import annotations
@@ -50,46 +50,66 @@ def fresh_prompt_attention(
     length: int,  # L: the prompt's tokens, all new
     scale: float,
 ) -> torch.Tensor:
-    """Causal attention of a prompt to itself through SDPA; -> [T, Hq, D] (padding rows unwritten)."""
-    page, num_kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    """Causal attention of a prompt to itself through SDPA; -> [T, Hq, D] (padding rows unwritten).
+
+    Few copies: SDPA reads q where it lies (copied only when the prompt is not a whole number of
+    ``PAD_TOKENS`` and q has no rows to spare) and K/V as the prompt's pages gathered in order (one
+    index_select each), both through strided [1, H, L, D] views. Keys past the prompt are zeroed:
+    only padding queries see them, but a stale NaN there would still reach real rows through P @ V."""
+    page = k_cache.shape[1]
     padded = padded_length(length)
-    blocks = block_table[: -(-length // page)].long()
+    if q.shape[0] >= padded:
+        qp = q[:padded]
+    else:
+        qp = q.new_empty((padded, *q.shape[1:]))
+        qp[:length] = q[:length]
+        qp[length:].zero_()
+    own_pages = -(-length // page)
+    pages = block_table[:own_pages].long()
 
-    # Contiguous [1, H, L, D] inputs, the layout the cuDNN timing was measured with.
-    def gather(cache: torch.Tensor) -> torch.Tensor:  # [1, Hkv, padded, D], zeros past the prompt
-        out = cache.new_zeros(1, num_kv_heads, padded, head_dim)
-        out[0, :, :length] = (
-            cache.index_select(0, blocks).view(-1, num_kv_heads, head_dim)[:length].transpose(0, 1)
-        )
-        return out
+    def gather(cache: torch.Tensor) -> torch.Tensor:  # [padded, Hkv, D]
+        buf = cache.new_empty((-(-padded // page), *cache.shape[1:]))
+        torch.index_select(cache, 0, pages, out=buf[:own_pages])
+        rows = buf.flatten(0, 1)
+        rows[length:].zero_()
+        return rows[:padded]
 
-    qp = q.new_zeros(1, q.shape[1], padded, head_dim)
-    qp[0, :, :length] = q[:length].transpose(0, 1)
-    o = _causal_sdpa(qp, gather(k_cache), gather(v_cache), scale)
+    o = causal_sdpa(qp, gather(k_cache), gather(v_cache), scale)  # [padded, Hq, D]
+    if q.shape[0] == length:
+        return o[:length]
     out = torch.empty_like(q)
-    out[:length] = o[0, :, :length].transpose(0, 1)
+    out[:length] = o[:length]
     return out
 
 
-def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """[1, H, L, D] contiguous inputs (K/V with their own head count) -> [1, Hq, L, D]; cuDNN first."""
+def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """One sequence, packed rows: q [L, Hq, D], k/v [L, Hkv, D] -> [L, Hq, D] contiguous; cuDNN first.
+    SDPA sees [1, H, L, D] views of the rows as they lie (cuDNN takes the strides)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                 SDPBackend.MATH]  # fmt: skip
+
+    def heads_first(t: torch.Tensor) -> torch.Tensor:
+        return t.unsqueeze(0).transpose(1, 2)
+
     with sdpa_kernel(backends, set_priority=True):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        o = F.scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v), is_causal=True,
+                                           scale=scale, enable_gqa=True)  # fmt: skip
+    return o.transpose(1, 2).reshape(q.shape)  # a view when SDPA wrote rows in q's layout
 
 
 def warm_up(num_heads: int, num_kv_heads: int, head_dim: int, scale: float, dtype: torch.dtype,
-            device: torch.device, max_tokens: int) -> int:  # fmt: skip
-    """Run SDPA once at every padded length of a prompt of up to ``max_tokens`` tokens, so cuDNN builds
-    each plan at start-up rather than in a request's step; returns how many lengths ran."""
+            device: torch.device, max_tokens: int, page: int) -> int:  # fmt: skip
+    """Run SDPA once at every padded length of a prompt of up to ``max_tokens`` tokens, on inputs laid
+    out as a step's (q rows, K/V gathered from pages), so cuDNN builds each plan at start-up rather
+    than in a request's step; returns how many lengths ran."""
     lengths = range(PAD_TOKENS, padded_length(max_tokens) + 1, PAD_TOKENS)
     for length in lengths:
-        q = torch.zeros(1, num_heads, length, head_dim, dtype=dtype, device=device)
-        kv = torch.zeros(1, num_kv_heads, length, head_dim, dtype=dtype, device=device)
-        _causal_sdpa(q, kv, kv, scale)
+        q = torch.zeros(length, num_heads, head_dim, dtype=dtype, device=device)
+        pages = torch.zeros(-(-length // page), page, num_kv_heads, head_dim, dtype=dtype, device=device)
+        kv = pages.flatten(0, 1)[:length]
+        causal_sdpa(q, kv, kv, scale)
     return len(lengths)
 
 
