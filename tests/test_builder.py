@@ -148,7 +148,7 @@ def test_plan_defaults_for_kv_blocks_and_plugins(tiny_model, tmp_path):
     src = tiny_model("LlamaForCausalLM", tokenizer=True)
     out = str(tmp_path / "e16")
     plan = build_engine(src, out, device="cpu", tokens_per_block=16, **SMALL).plan
-    assert plan.tokens_per_block == 16 and plan.plugins["attention"] == "paged_attention"
+    assert plan.tokens_per_block == 16 and plan.plugins["attention"] == "paged_attention_sdpa"
     with LLM(out) as llm:  # 80 shared tokens: 5 blocks of 16 reused (blocks of 32 would reuse 64)
         shared = list(range(1, 81))
         llm.generate(shared + [5], GREEDY, use_tqdm=False)

@@ -150,7 +150,7 @@ def _load_builtins() -> None:
 
 # The built-in plugin chosen for each kind unless the user picks another.
 DEFAULT_PLUGINS = {
-    "attention": "paged_attention",
+    "attention": "paged_attention_sdpa",
     "rope_kv_write": "rope_kv_write",
     "rms_norm": "rms_norm",
     "fused_add_rms_norm": "fused_add_rms_norm",

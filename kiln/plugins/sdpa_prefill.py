@@ -5,8 +5,9 @@ plain causal attention over K/V this step just wrote. torch's scaled_dot_product
 that on cuDNN's attention, which on an H100 takes 85 us for a 2,048-token Llama-8B layer against
 160 us for the Triton kernel (scripts/bench_attention.py, 2026-11-27). Every other step (several
 sequences, a cached prefix, a sliding window) goes to the Triton kernel, so the plugin keeps the
-``attention`` kind's contract everywhere. Opt-in (``plugins={"attention": "paged_attention_sdpa"}``)
-until it measurably shortens TTFT end to end.
+``attention`` kind's contract everywhere. The default attention plugin: it cut the 8B's TTFT at ISL
+2,048 from 48.4-48.6 to 46.8-47.6 ms on an H100 (benchmarks/RESULTS.md). ``paged_attention`` is the
+Triton kernel alone.
 
 Shapes: cuDNN builds an execution plan per shape (and strides), so the prompt is padded to a
 multiple of ``PAD_TOKENS`` (a bounded set of plans). Padded keys sit after every real query, which
