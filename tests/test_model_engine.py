@@ -299,12 +299,15 @@ def test_warm_up_shapes_stay_within_the_limits(max_batch, extra_tokens, max_len)
         )
 
 
-def _attention_variants_8b(monkeypatch):
-    """Llama-3.1-8B's attention geometry in bf16 on a 132-SM card: step shape -> Triton variants."""
+def _attention_variants_8b(monkeypatch, plugin="paged_attention"):
+    """Llama-3.1-8B's attention geometry in bf16 on a 132-SM card: step shape -> Triton variants
+    (with ``paged_attention_sdpa``, a lone fresh prompt launches none: SDPA takes it)."""
+    from kiln.plugins.sdpa_prefill import without_lone_prompts
     from kiln.plugins.triton import attention_plan
 
     monkeypatch.setattr(attention_plan, "num_sms", lambda device: 132)
-    return attention_plan.step_variants(8, 4, 128, torch.bfloat16, torch.device("cpu"))
+    variants_of = attention_plan.step_variants(8, 4, 128, torch.bfloat16, torch.device("cpu"))
+    return without_lone_prompts(variants_of) if plugin == "paged_attention_sdpa" else variants_of
 
 
 def _random_step(rng: np.random.Generator, limits: EngineLimits) -> tuple[list[int], list[int]]:
@@ -327,9 +330,11 @@ def _random_step(rng: np.random.Generator, limits: EngineLimits) -> tuple[list[i
     [EngineLimits(512, 8192, 131072), EngineLimits(256, 8192, 4096), EngineLimits(16, 256, 256)],
     ids=["8k-budget-128k-context", "4k-context", "small"],
 )
-def test_start_up_steps_reach_every_attention_variant_real_steps_do(monkeypatch, limits):
-    # A variant first met mid-run compiles there (0.1-1 s on the GPU): start-up must have run them all.
-    variants_of = _attention_variants_8b(monkeypatch)
+@pytest.mark.parametrize("plugin", ["paged_attention", "paged_attention_sdpa"])
+def test_start_up_steps_reach_every_attention_variant_real_steps_do(monkeypatch, limits, plugin):
+    # A variant first met mid-run compiles there (0.1-1 s on the GPU; 2.5 s in a served request when
+    # the lone-prompt warm-up steps stopped reaching the Triton kernel): start-up must run them all.
+    variants_of = _attention_variants_8b(monkeypatch, plugin)
     base = warm_up_shapes(limits)
     extra = covering_shapes(limits, variants_of, base)
     warmed = set().union(*(variants_of(c, n) for c, n in base + extra))
@@ -352,12 +357,16 @@ def test_engine_adds_covering_steps_only_for_the_triton_attention(tiny_model):
     reference_engine = make_engine(path)
     assert reference_engine.attention_variants() is None
     assert reference_engine.warm_up_shapes() == warm_up_shapes(LIMITS)
-    triton_engine = make_engine(path, plugins=PluginSet("forward"))
+    triton_engine = make_engine(path, plugins=PluginSet("forward", {"attention": "paged_attention"}))
     variants_of = triton_engine.attention_variants()
     assert variants_of is not None and variants_of([0], [8])
     shapes = triton_engine.warm_up_shapes()
     assert shapes[: len(warm_up_shapes(LIMITS))] == warm_up_shapes(LIMITS)
     assert set().union(*(variants_of(c, n) for c, n in shapes)) >= variants_of([0], [1])
+    # the default attention hands a lone fresh prompt to SDPA: such a step launches no Triton variant
+    sdpa_variants = make_engine(path, plugins=PluginSet("forward")).attention_variants()
+    assert sdpa_variants is not None and sdpa_variants([0], [8]) == set()
+    assert sdpa_variants([4], [8]) == variants_of([4], [8]) and sdpa_variants([0, 0], [8, 8])
 
 
 def test_steps_beyond_the_largest_piecewise_size_run_eagerly(tiny_model):

@@ -208,8 +208,13 @@ class ModelEngine:
 
         cfg = self.info.config
         assert cfg is not None
-        return step_variants(cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim, self.dtype,
-                             self.device)  # fmt: skip
+        variants_of = step_variants(cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim,
+                                    self.dtype, self.device)  # fmt: skip
+        if name == "paged_attention_sdpa" and not any(cfg.sliding_windows):
+            from kiln.plugins.sdpa_prefill import without_lone_prompts
+
+            return without_lone_prompts(variants_of)
+        return variants_of
 
     def warm_up_steps(self) -> None:
         """Run the steps of ``warm_up_shapes`` on the (still empty) KV pool, so their first-use work

@@ -17,6 +17,8 @@ on inputs laid out as a step's, so the plans exist before the first request.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
+
 import torch
 import torch.nn.functional as F
 
@@ -112,6 +114,21 @@ def warm_up(num_heads: int, num_kv_heads: int, head_dim: int, scale: float, dtyp
         kv = pages.flatten(0, 1)[:length]
         causal_sdpa(q, kv, kv, scale)
     return len(lengths)
+
+
+def without_lone_prompts(
+    variants_of: Callable[[list[int], list[int]], set[Hashable]],
+) -> Callable[[list[int], list[int]], set[Hashable]]:
+    """The Triton attention variants a step launches under this plugin (see ``step_variants``): none
+    for a lone fresh prompt, which SDPA takes, so start-up reaches the other steps' variants with
+    steps that really launch them (a variant first met mid-run compiles inside a request's step)."""
+
+    def triton_variants(computed: list[int], new: list[int]) -> set[Hashable]:
+        if len(new) == 1 and computed[0] == 0:
+            return set()
+        return variants_of(computed, new)
+
+    return triton_variants
 
 
 @plugin("paged_attention_sdpa", kind="attention")
