@@ -13,6 +13,22 @@ from typing import Any
 log = logging.getLogger("kiln")
 
 
+def describe(hook_kwargs: dict[str, Any]) -> str:
+    """Kernel, launch options, constexpr values and the specialisation key (argument types, 16-byte
+    alignment and ==1 flags) of one compile: everything that tells this variant from the others."""
+    head = str(hook_kwargs.get("repr", "?")).split("(", 1)[0]
+    compile_info = hook_kwargs.get("compile") or {}
+    fn = getattr(hook_kwargs.get("fn"), "jit_function", None)
+    params = [p.name for p in getattr(fn, "params", [])]
+
+    def arg(key: Any) -> str:
+        i = key[0] if isinstance(key, tuple) and key else key
+        return params[i] if isinstance(i, int) and i < len(params) else str(key)
+
+    constants = ", ".join(f"{arg(k)}={v}" for k, v in (compile_info.get("constants") or {}).items())
+    return f"{head} constexprs({constants}) key={compile_info.get('key', '?')}"[:4000]
+
+
 class LateCompileWatch:
     """Counts Triton JIT compilations once ``arm()`` is called; a no-op where Triton is missing."""
 
@@ -36,7 +52,7 @@ class LateCompileWatch:
     def _hook(self, *args: Any, **kwargs: Any) -> Any:
         if self.armed:
             self.count += 1
-            name = str(kwargs.get("repr", "?"))
+            name = describe(kwargs)
             self.names.append(name)
             log.warning("Triton compiled a kernel variant after start-up (the step waits for it): %s", name)
         return self._prev(*args, **kwargs) if self._prev is not None else None
