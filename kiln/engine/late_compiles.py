@@ -36,6 +36,7 @@ class LateCompileWatch:
         self.armed = False
         self.count = 0
         self.names: list[str] = []
+        self._startup: list[str] = []  # what compiled before arm(), described the same way
         self._prev: Any = None
         self._knobs: Any = None
         try:
@@ -50,11 +51,17 @@ class LateCompileWatch:
         self.armed = True
 
     def _hook(self, *args: Any, **kwargs: Any) -> Any:
+        name = describe(kwargs)
         if self.armed:
             self.count += 1
-            name = describe(kwargs)
             self.names.append(name)
-            log.warning("Triton compiled a kernel variant after start-up (the step waits for it): %s", name)
+            # the start-up compiles with the same constexprs differ only in the specialisation key:
+            # naming them shows which argument's alignment or value class the warm-up missed
+            same = [n for n in self._startup if n.split(" key=", 1)[0] == name.split(" key=", 1)[0]]
+            log.warning("Triton compiled a kernel variant after start-up (the step waits for it): %s%s", name,
+                        "".join(f"\n  start-up compiled the same constexprs as: {n}" for n in same))  # fmt: skip
+        else:
+            self._startup.append(name)
         return self._prev(*args, **kwargs) if self._prev is not None else None
 
     def close(self) -> None:
