@@ -58,8 +58,10 @@ class LateCompileWatch:
             # the start-up compiles with the same constexprs differ only in the specialisation key:
             # naming them shows which argument's alignment or value class the warm-up missed
             same = [n for n in self._startup if n.split(" key=", 1)[0] == name.split(" key=", 1)[0]]
-            log.warning("Triton compiled a kernel variant after start-up (the step waits for it): %s%s", name,
-                        "".join(f"\n  start-up compiled the same constexprs as: {n}" for n in same))  # fmt: skip
+            earlier = "".join(f"\n  start-up compiled the same constexprs as: {n}" for n in same)
+            log.warning(
+                "Triton compiled a kernel variant after start-up (the step waits for it): %s%s", name, earlier
+            )
         else:
             self._startup.append(name)
         return self._prev(*args, **kwargs) if self._prev is not None else None
