@@ -406,6 +406,46 @@ def test_step_varying_int_args_are_not_specialised(monkeypatch):
         assert not many, f"{name}: constexprs {many} follow the batch (a new variant compiles mid-run)"
 
 
+def test_a_pass_launches_one_variant_whether_or_not_the_other_pass_splits(monkeypatch):
+    """Triton's variant key holds every pointer's dtype and every int's class (strides too). The
+    prefill pass of a step whose decode pass splits must match the one of a step where nothing splits:
+    start-up cannot run every pairing of the two passes (a served step compiled one mid-run)."""
+    from kiln.plugins.triton import paged_attention as pa
+
+    k = pa._attention_tile_kernel
+    names = list(inspect.signature(k.fn).parameters)
+    fixed = set(getattr(k, "kwargs", {}).get("do_not_specialize") or getattr(k, "do_not_specialize", []))
+    launches = []
+
+    def record(*args, grid, warmup, _run=k.run, **kw):
+        key = tuple(
+            str(a.dtype)
+            if isinstance(a, torch.Tensor)
+            else _spec_class(a)
+            if type(a) is int
+            else type(a).__name__
+            for n, a in zip(names, args, strict=False)
+            if n not in fixed
+        )
+        launches.append((kw["BLOCK_M"], kw["SPLIT"], key))
+        return _run(*args, grid=grid, warmup=warmup, **kw)
+
+    monkeypatch.setattr(k, "run", record)
+    from kiln.plugins.triton import attention_plan
+
+    monkeypatch.setattr(attention_plan, "num_sms", lambda device: 8)  # few SMs: a lone decode row splits
+    args = _paged_batch([(1, 900), (256, 256)], 4, 2, 64, 16, torch.float16)
+    keys = {}
+    for splits in (None, 1):  # the planner's (the decode pass splits, the prefill pass not), then none
+        launches.clear()
+        paged_attention(*args, 0, num_splits=splits)
+        decode = [split for bm, split, _ in launches if bm <= 16]
+        prefill = [(split, key) for bm, split, key in launches if bm > 16]
+        assert decode == [splits is None] and len(prefill) == 1 and not prefill[0][0]
+        keys[splits] = prefill[0][1]
+    assert keys[None] == keys[1]
+
+
 def test_opcheck_norms_activation():
     x = torch.randn(3, 64, device=DEVICE)
     w = torch.randn(64, device=DEVICE)

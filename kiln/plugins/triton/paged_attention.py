@@ -294,7 +294,17 @@ def paged_attention(
         part_acc = q.new_empty((max_splits, num_tokens, num_q_heads, head_dim), dtype=torch.float32)
         part_ml = q.new_empty((max_splits, num_tokens, num_q_heads, 2), dtype=torch.float32)
     else:
-        part_acc = part_ml = out  # never touched when no pass splits
+        # Never touched when no pass splits, but shaped like the real partials' pointers and strides:
+        # Triton keys a compiled variant on pointer dtypes and stride classes too, so a pass that does
+        # not split must launch the same variant whether or not the other pass splits (one that did
+        # not compiled mid-run, in a served request's step, when a split decode pass sat beside it).
+        t, h, d = num_tokens, num_q_heads, head_dim
+        part_acc = torch.empty_strided(
+            (1, 1, 1, d), (t * h * d, h * d, d, 1), dtype=torch.float32, device=q.device
+        )
+        part_ml = torch.empty_strided(
+            (1, 1, 1, 2), (t * h * 2, h * 2, 2, 1), dtype=torch.float32, device=q.device
+        )
     block_d = next_pow2(head_dim)
     search_steps = num_seqs.bit_length()
     for p in passes:
