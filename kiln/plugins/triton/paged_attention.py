@@ -298,13 +298,12 @@ def paged_attention(
         # Triton keys a compiled variant on pointer dtypes and stride classes too, so a pass that does
         # not split must launch the same variant whether or not the other pass splits (one that did
         # not compiled mid-run, in a served request's step, when a split decode pass sat beside it).
+        # They are fp32 views of `out`'s memory: no allocation per call.
         t, h, d = num_tokens, num_q_heads, head_dim
-        part_acc = torch.empty_strided(
-            (1, 1, 1, d), (t * h * d, h * d, d, 1), dtype=torch.float32, device=q.device
-        )
-        part_ml = torch.empty_strided(
-            (1, 1, 1, 2), (t * h * 2, h * 2, 2, 1), dtype=torch.float32, device=q.device
-        )
+        room = out.numel() * out.element_size() >= 4 * d
+        f32 = out.view(torch.float32) if room else out.new_empty(d, dtype=torch.float32)
+        part_acc = f32.as_strided((1, 1, 1, d), (t * h * d, h * d, d, 1))
+        part_ml = f32.as_strided((1, 1, 1, 2), (t * h * 2, h * 2, 2, 1))
     block_d = next_pow2(head_dim)
     search_steps = num_seqs.bit_length()
     for p in passes:
