@@ -475,6 +475,12 @@ def test_opcheck_paged_attention():
     torch.library.opcheck(get_plugin("paged_attention").forward_op, (*args, 0))
 
 
+@pytest.mark.parametrize("seqs", [[(1, 20), (3, 9)], [(40, 40)]], ids=["triton-path", "sdpa-path"])
+def test_opcheck_paged_attention_sdpa(seqs):
+    args = _paged_batch(seqs, 4, 2, 64, 16, torch.float32)
+    torch.library.opcheck(get_plugin("paged_attention_sdpa").forward_op, (*args, 0))
+
+
 # ----------------------------------------------------------------------------- GPU only
 
 
