@@ -480,3 +480,20 @@ def test_gpu_preset_draw_and_peaks(tmp_path):
     assert secs < 60, f"drawing a 0.6B preset took {secs:.1f} s"
     peaks = measure_peaks("cuda")
     assert 0.5e12 < peaks.hbm_bytes_per_s < 10e12 and 50e12 < peaks.flops_per_s < 3000e12
+
+
+@pytest.mark.skipif(not _engine_importable(), reason="kiln.engine.model_engine is not importable yet")
+def test_throughput_under_the_max_utilization_policy(tmp_path):
+    from kiln.cli import main
+
+    out = tmp_path / "t.json"
+    argv = ["bench", "throughput", "--model", "preset:tiny-llama", "--num-requests", "6", "--isl", "12",
+            "--osl", "5", "--scheduler-policy", "max_utilization", "--preset-cache", str(tmp_path),
+            "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    r = json.loads(out.read_text())
+    assert r["settings"]["scheduler_policy"] == "max_utilization"
+    k = r["results"]["kiln"]
+    assert k["output_tokens"] == 30 and k["wrong_lengths"] == 0
+    with pytest.raises(SystemExit):
+        main([*argv[:-2], "--scheduler-policy", "greedy"])

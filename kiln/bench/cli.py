@@ -84,6 +84,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         default=0.9,
         help="share of free GPU memory for the KV cache (default 0.9)",
     )
+    p.add_argument(
+        "--scheduler-policy",
+        default="guaranteed_no_evict",
+        choices=["guaranteed_no_evict", "max_utilization"],
+        help="admission: reserve each request's whole KV budget (default), or admit while the next chunk "
+        "fits and preempt the newest sequence when one cannot grow",
+    )
     p.add_argument("--executor", default="auto", choices=["auto", "thread", "process"])
     p.add_argument(
         "--plugin",
@@ -245,6 +252,7 @@ def _run(args: argparse.Namespace) -> int:
         max_num_tokens=args.max_num_tokens,
         max_seq_len=args.max_seq_len,
         kv_fraction=args.kv_fraction,
+        scheduler_policy=args.scheduler_policy,
         executor=args.executor,
         seed=args.seed,
         plugins=_plugin_overrides(args.plugin),

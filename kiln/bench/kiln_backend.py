@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kiln.bench.workloads import Workload, synthetic
+from kiln.config import SchedulerPolicy
 
 if TYPE_CHECKING:
     from kiln.llm import LLM
@@ -22,6 +23,7 @@ class EngineSettings:
     max_num_tokens: int = 8192
     max_seq_len: int | None = None
     kv_fraction: float = 0.9
+    scheduler_policy: SchedulerPolicy = "guaranteed_no_evict"
     executor: str = "auto"
     seed: int = 0
     plugins: tuple[tuple[str, str], ...] = ()  # (kind, plugin name) overrides
@@ -29,7 +31,7 @@ class EngineSettings:
 
 
 def open_llm(model_dir: str, s: EngineSettings) -> LLM:
-    from kiln.config import KvCacheConfig
+    from kiln.config import KvCacheConfig, SchedulerConfig
     from kiln.llm import LLM
 
     return LLM(
@@ -40,6 +42,7 @@ def open_llm(model_dir: str, s: EngineSettings) -> LLM:
         max_num_tokens=s.max_num_tokens,
         max_seq_len=s.max_seq_len,
         kv_cache_config=KvCacheConfig(free_gpu_memory_fraction=s.kv_fraction),
+        scheduler_config=SchedulerConfig(policy=s.scheduler_policy),
         plugins=dict(s.plugins) or None,
         seed=s.seed,
         executor=s.executor,
