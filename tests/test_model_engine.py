@@ -531,3 +531,78 @@ def test_graph_path_matches_transformers(tiny_model, sizes):
     )
     assert replays == 12 and fork.logits.shape == (2, 320)
     torch.testing.assert_close(fork.logits[0], fork.logits[1])
+
+
+def _launch_key(names: list[str], fixed: set[str], args: tuple, kwargs: dict) -> tuple:
+    """What Triton compiles a variant for: each specialised argument's class (a tensor's dtype and
+    16-byte alignment, an int's ==1 / divisible-by-16 class), the constexprs and launch options."""
+
+    def cls(a: object) -> object:
+        if isinstance(a, torch.Tensor):
+            return str(a.dtype), a.data_ptr() % 16 == 0
+        if isinstance(a, bool) or a is None:
+            return a
+        if isinstance(a, int):
+            return "1" if a == 1 else "div16" if a % 16 == 0 else "int"
+        return type(a).__name__
+
+    specialised = tuple((n, cls(a)) for n, a in zip(names, args, strict=False) if n not in fixed)
+    options = tuple(sorted((k, v) for k, v in kwargs.items() if k not in ("grid", "warmup")))
+    return specialised + options
+
+
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+def test_random_steps_launch_only_triton_variants_start_up_launched(tiny_model, monkeypatch):
+    """A launch whose specialisation start-up never made compiles inside a request's step (2-4 s on an
+    H100: a served prefill beside split decode rows did). Every kernel of every random in-flight step
+    must match a launch of the start-up steps, arguments' dtypes, alignment and int classes included."""
+    import inspect
+
+    pytest.importorskip("triton")
+    if not ON_GPU and tuple(int(p) for p in np.__version__.split(".")[:2]) >= (2, 4):
+        pytest.skip("Triton's interpreter needs numpy < 2.4")
+    from kiln.plugins.triton import activation, norms, paged_attention, rope_kv_write
+
+    launches: list[tuple] = []
+    for module in (activation, norms, paged_attention, rope_kv_write):
+        for kernel in vars(module).values():
+            if not (hasattr(kernel, "run") and hasattr(kernel, "fn")):
+                continue
+            names = list(inspect.signature(kernel.fn).parameters)
+            kw = getattr(kernel, "kwargs", {})
+            fixed = set(kw.get("do_not_specialize") or getattr(kernel, "do_not_specialize", None) or [])
+
+            def record(
+                *args, _run=kernel.run, _name=kernel.fn.__name__, _names=names, _fixed=fixed, **kwargs
+            ):
+                launches.append((_name, _launch_key(_names, _fixed, args, kwargs)))
+                return _run(*args, **kwargs)
+
+            monkeypatch.setattr(kernel, "run", record)
+    path = tiny_model("Qwen3ForCausalLM", head_dim=32, num_hidden_layers=1)
+    # contexts past 256 tokens: the decode pass splits its keys beside a prefill pass that does not
+    limits = EngineLimits(max_batch_size=4, max_num_tokens=64, max_seq_len=400)
+    kv_config = KvCacheConfig(tokens_per_block=BLOCK, max_tokens=2048)
+    engine = make_engine(path, limits=limits, kv_config=kv_config, plugins=PluginSet("forward"))
+    engine.warm_up_steps()
+    warmed = set(launches)
+    assert {name for name, _ in warmed} >= {"_attention_tile_kernel", "_rope_kv_write_kernel"}
+    rng = np.random.default_rng(1)
+    for _ in range(12):
+        computed, new = _random_step(rng, limits)
+        batch, blocks = synthetic_batch(computed, new, BLOCK)
+        if not new or blocks > engine.num_blocks:
+            continue
+        launches.clear()
+        engine.forward(batch)
+        late = set(launches) - warmed
+
+        def nearest(launch: tuple) -> list:  # the start-up launch of that kernel differing least from it
+            name, key = launch
+            same = [dict(k) for n, k in warmed if n == name]
+            return min(([(f, v, d.get(f)) for f, v in key if d.get(f) != v] for d in same), key=len)
+
+        assert not late, (
+            f"step {computed} + {new}: launches start-up did not (field, now, then): "
+            + "; ".join(f"{n}: {nearest((n, k))}" for n, k in late)
+        )

@@ -117,7 +117,9 @@ def covering_shapes(
     for num_seqs in counts:
         for decode in sorted({0, 1, num_seqs - 1, num_seqs}):
             chunks = num_seqs - decode
-            for chunk_len in (8, 100, 1000, 4000):
+            # fixed lengths, and the chunks that fill the budget (a small budget fits none of the others)
+            fill = (budget - decode) // chunks if chunks else 0
+            for chunk_len in sorted({8, 100, 1000, 4000, fill} - {0}):
                 for ctx, prefix in itertools.product((64, 1000, 4000), (False, True)):
                     # prefix: the chunks continue a cached prefix of ctx tokens (a prefix-cache hit)
                     start = ctx if prefix else 0

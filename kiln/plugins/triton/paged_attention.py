@@ -79,8 +79,19 @@ def _attend(
 
 # Triton compiles a variant per class of each int argument (== 1, divisible by 16, other); arguments
 # that change from step to step are left unspecialised, so a new batch shape never compiles mid-run.
+# The partials' split strides grow with the step's token count (T x Hq x ...): whether they divide by 16
+# can follow T's parity (Hq = 28, say), so they stay unspecialised like the other per-step ints.
 @triton.jit(
-    do_not_specialize=["num_seqs", "q_len_lo", "q_len_hi", "tiles_per_seq", "search_steps", "num_splits"]
+    do_not_specialize=[
+        "num_seqs",
+        "q_len_lo",
+        "q_len_hi",
+        "tiles_per_seq",
+        "search_steps",
+        "num_splits",
+        "stride_pas",
+        "stride_pms",
+    ]  # fmt: skip
 )
 def _attention_tile_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
@@ -182,7 +193,15 @@ def _attention_tile_kernel(
 
 
 @triton.jit(
-    do_not_specialize=["num_seqs", "search_steps", "decode_tokens", "decode_splits", "prefill_splits"]
+    do_not_specialize=[
+        "num_seqs",
+        "search_steps",
+        "decode_tokens",
+        "decode_splits",
+        "prefill_splits",
+        "stride_pas",
+        "stride_pms",
+    ]  # fmt: skip
 )
 def _merge_splits_kernel(
     part_acc_ptr, part_ml_ptr, out_ptr, query_start_loc_ptr,
