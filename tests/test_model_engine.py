@@ -258,12 +258,19 @@ def test_kv_cache_sizing(tiny_model):
 
 @pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 @pytest.mark.parametrize(
-    "linear,attention",
-    [("linear", "paged_attention"), ("skinny_linear", "paged_attention"), ("linear", "paged_attention_sdpa")],
+    "linear,attention,path_kind",
+    [
+        ("linear", "paged_attention", "eager"),
+        ("skinny_linear", "paged_attention", "eager"),
+        ("linear", "paged_attention_sdpa", "eager"),
+        ("linear", "paged_attention", "piecewise"),
+        ("linear", "paged_attention_sdpa", "piecewise"),
+    ],
 )
-def test_triton_backend_end_to_end(tiny_model, linear, attention):
+def test_triton_backend_end_to_end(tiny_model, linear, attention, path_kind):
     """The same paged schedule through the Triton plugins: compiled on a GPU, else Triton's interpreter.
-    (The schedule starts with a lone fresh prompt: paged_attention_sdpa's SDPA path.)"""
+    (The schedule starts with a lone fresh prompt: paged_attention_sdpa's SDPA path.) "piecewise": the
+    attention writes straight into the pieces' static output rows (its plugin's forward_into)."""
     pytest.importorskip("triton")
     if not ON_GPU and tuple(int(p) for p in np.__version__.split(".")[:2]) >= (2, 4):
         pytest.skip("Triton's interpreter needs numpy < 2.4")
@@ -277,12 +284,14 @@ def test_triton_backend_end_to_end(tiny_model, linear, attention):
         kv_config=KV,
         plugins=PluginSet("forward", {"linear": linear, "attention": attention}),
     )
+    runs = use_piecewise(engine, [16]) if path_kind == "piecewise" else []
     builder = StepBuilder(BLOCK)
     for chunks in schedule()[:6]:
         out = engine.forward(builder.batch(chunks))
         for row, c in enumerate(chunks):
             expect = ref[c.seq_id][c.start + len(c.tokens) - 1]
             torch.testing.assert_close(out.logits[row].cpu(), expect, atol=2e-4, rtol=2e-4)
+    assert len(runs) == (6 if path_kind == "piecewise" else 0)
 
 
 @settings(max_examples=200, deadline=None)

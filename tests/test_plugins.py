@@ -143,3 +143,12 @@ def test_registration_requires_all_three_implementations():
 
             def forward(self, x, weight, eps):
                 return x
+
+
+def test_writer_is_the_chosen_forward_plugins_forward_into():
+    assert PluginSet("reference").writer("attention") is None  # references return their result
+    forward = PluginSet("forward", {"attention": "paged_attention"})
+    assert forward.writer("attention") is get_plugin("paged_attention").into_impl is not None
+    assert forward.writer("rms_norm") is None  # a plugin without forward_into
+    with pytest.raises(ValueError, match="no plugin kind"):
+        forward.writer("attn")

@@ -352,6 +352,20 @@ def test_attention_padded_tokens_left_alone():
         torch.testing.assert_close(out[:num_real], ref[:num_real], **TOL[torch.float32])
 
 
+def test_attention_writes_into_a_given_buffer():
+    # the piecewise graphs hand their static attention-output rows in: no result tensor, no copy
+    args = _paged_batch(MIXED, 4, 2, 64, 16, torch.float32)
+    expect = paged_attention(*args, 0)
+    rows = args[0].shape[0]
+    buf = torch.full((rows + 5, 4, 64), float("nan"), device=DEVICE)
+    got = paged_attention(*args, 0, out=buf[:rows])
+    assert got.data_ptr() == buf.data_ptr()
+    torch.testing.assert_close(buf[:rows], expect, rtol=0, atol=0)
+    assert buf[rows:].isnan().all()
+    with pytest.raises(ValueError, match="out must be"):
+        paged_attention(*args, 0, out=buf[: rows - 1])
+
+
 def test_attention_rejects_bad_shapes():
     args = list(_paged_batch(DECODE, 4, 2, 64, 16, torch.float32))
     with pytest.raises(ValueError, match="head dims"):

@@ -174,12 +174,12 @@ class PiecewiseGraphRunner:
             residual: torch.Tensor | None = None
             for i, attention in enumerate(self._attention):
                 q, residual = self._piece(i, size, residual)
-                attn_out.copy_(attention.attend(q[:n], self._kv[i], attn))
+                attention.attend_into(q[:n], self._kv[i], attn, attn_out)
             hidden, _ = self._piece(len(self._layers), size, residual)
             return hidden[:n]
         graphs = self._graphs[size]
         for graph, q, attention, kv in zip(graphs, self._q[size], self._attention, self._kv, strict=False):
             graph.replay()  # ... up to this layer's KV write; its rotated q is in ``q``
-            attn_out.copy_(attention.attend(q[:n], kv, attn))
+            attention.attend_into(q[:n], kv, attn, attn_out)  # straight into the next piece's input
         graphs[-1].replay()  # the last layer's end and the final norm
         return self._hidden[size][:n]

@@ -33,6 +33,7 @@ class PagedAttention(nn.Module):
         self.sliding_window = sliding_window  # 0 = full attention
         self.rope_kv_write_op = plugins.rope_kv_write
         self.attention_op = plugins.attention
+        self.attention_into = plugins.writer("attention")
 
     def write_kv(
         self,
@@ -65,3 +66,18 @@ class PagedAttention(nn.Module):
             self.scale,
             self.sliding_window,
         )  # [T, Hq, D]
+
+    def attend_into(
+        self, q: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], attn: AttentionMetadata,
+        out: torch.Tensor,
+    ) -> None:  # fmt: skip
+        """``attend`` writing into ``out`` [T, Hq, D] (outside compiled code): the plugin's
+        ``forward_into`` where it has one, else a copy of ``attend``'s result."""
+        if self.attention_into is None:
+            out.copy_(self.attend(q, kv_cache, attn))
+            return
+        k_cache, v_cache = kv_cache
+        self.attention_into(
+            out, q, k_cache, v_cache, attn.block_tables, attn.seq_lens, attn.query_start_loc,
+            attn.max_query_len, attn.max_seq_len, self.scale, self.sliding_window,
+        )  # fmt: skip

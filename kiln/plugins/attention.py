@@ -36,6 +36,13 @@ class PagedAttention(Plugin):
         return paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                                max_query_len, max_seq_len, scale, sliding_window)  # fmt: skip
 
+    def forward_into(self, out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+                     max_query_len, max_seq_len, scale, sliding_window):  # fmt: skip
+        from kiln.plugins.triton.paged_attention import paged_attention
+
+        paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, max_query_len,
+                        max_seq_len, scale, sliding_window, out=out)  # fmt: skip
+
     def reference(self, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                   max_query_len, max_seq_len, scale, sliding_window):  # fmt: skip
         num_q_heads, head_dim = q.shape[1], q.shape[2]

@@ -7,6 +7,11 @@ A plugin is a class decorated with ``@kiln.plugins.plugin("name", kind="...")``.
 - ``forward``: the fast path (Triton or CUDA).
 - ``reference``: plain torch; runs anywhere, the ground truth in tests.
 
+Optionally ``forward_into(out, *args)``: ``forward`` writing its result into ``out`` (a tensor of the
+result's shape and dtype) and returning nothing. Where the engine already holds the buffer the result
+goes to (the piecewise CUDA graphs' attention output), it calls that and saves a copy; without it,
+``forward``'s result is copied there.
+
 Each plugin becomes two torch custom ops, ``kiln::<name>`` (forward) and ``kiln::<name>_reference``,
 so torch.compile and CUDA graphs see a shape-known opaque op. Models never import plugins: they get
 a ``PluginSet`` that maps a *kind* (``"attention"``, ``"rms_norm"``, ...) to the op chosen for it.
@@ -41,6 +46,9 @@ class Plugin:
     def reference(self, *args: Any) -> Any:
         raise NotImplementedError
 
+    def forward_into(self, out: torch.Tensor, *args: Any) -> None:
+        raise NotImplementedError
+
 
 @dataclass
 class RegisteredPlugin:
@@ -48,6 +56,7 @@ class RegisteredPlugin:
     forward_op: Callable[..., Any]
     reference_op: Callable[..., Any]
     forward_impl: Callable[..., Any]  # what forward_op runs: the plugin's forward, launching directly
+    into_impl: Callable[..., None] | None  # forward_into, launching directly; None if not implemented
 
     def op(self, backend: str) -> Callable[..., Any]:
         if backend not in BACKENDS:
@@ -119,7 +128,12 @@ def plugin(name: str, *, kind: str) -> Callable[[type[Plugin]], type[Plugin]]:
             op.register_fake(inst.shape_dtype_inference)
             ops.append(op)
         _KIND_SCHEMAS.setdefault(kind, inst.schema)
-        _REGISTRY[name] = RegisteredPlugin(inst, ops[0], ops[1], forward)
+        into = (
+            _launch_triton_directly(inst.forward_into)
+            if cls.forward_into is not Plugin.forward_into
+            else None
+        )
+        _REGISTRY[name] = RegisteredPlugin(inst, ops[0], ops[1], forward, into)
         return cls
 
     return register
@@ -176,6 +190,7 @@ class PluginSet:
             raise ValueError(f"unknown plugin kinds {sorted(unknown)}; kinds are {sorted(DEFAULT_PLUGINS)}")
         self.choice: dict[str, tuple[str, str]] = {}
         self._ops: dict[str, Callable[..., Any]] = {}
+        self._into: dict[str, Callable[..., None] | None] = {}
         for kind, default in DEFAULT_PLUGINS.items():
             sel = overrides.get(kind, default)
             name, be = (sel, backend) if isinstance(sel, str) else tuple(sel)
@@ -187,6 +202,14 @@ class PluginSet:
                 raise ValueError(f"plugin {name!r} is of kind {reg.plugin.kind!r}, not {kind!r}")
             self.choice[kind] = (name, be)
             self._ops[kind] = reg.op(be)
+            self._into[kind] = reg.into_impl if be == "forward" else None
+
+    def writer(self, kind: str) -> Callable[..., None] | None:
+        """``kind``'s ``forward_into`` (called outside any traced or compiled code), or None when the
+        chosen plugin has none or runs its reference."""
+        if kind not in self._into:
+            raise ValueError(f"no plugin kind {kind!r}; kinds are {sorted(DEFAULT_PLUGINS)}")
+        return self._into[kind]
 
     def __getattr__(self, kind: str) -> Callable[..., Any]:
         ops = self.__dict__.get("_ops", {})

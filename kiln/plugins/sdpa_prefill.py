@@ -141,3 +141,11 @@ class PagedAttentionSdpa(PagedAttention):
             return fresh_prompt_attention(q, k_cache, v_cache, block_tables[0], max_query_len, scale)
         return super().forward(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                                max_query_len, max_seq_len, scale, sliding_window)  # fmt: skip
+
+    def forward_into(self, out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+                     max_query_len, max_seq_len, scale, sliding_window):  # fmt: skip
+        if is_lone_fresh_prompt(q, seq_lens, max_query_len, max_seq_len, sliding_window):
+            out.copy_(fresh_prompt_attention(q, k_cache, v_cache, block_tables[0], max_query_len, scale))
+            return
+        super().forward_into(out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+                             max_query_len, max_seq_len, scale, sliding_window)  # fmt: skip

@@ -283,6 +283,7 @@ def paged_attention(
     num_stages: int | None = None,
     decode_num_warps: int | None = None,
     decode_num_stages: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal paged attention; see ``kiln.plugins.attention.PagedAttention`` for the contract.
 
@@ -290,14 +291,21 @@ def paged_attention(
     splits (pass a fixed upper bound when capturing a CUDA graph). Keyword overrides are for tests
     and tuning (``block_m``, ``num_warps`` and ``num_stages`` apply to the prefill pass, the
     ``decode_`` ones to the decode pass; see ``plan_passes``). Rows past query_start_loc[-1]
-    (padding) are left unwritten, as in the reference.
+    (padding) are left unwritten, as in the reference. ``out`` (q's shape and dtype, rows of
+    contiguous heads) receives the result instead of a new tensor.
     """
     _validate(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc)
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads, page_size = k_cache.shape[2], k_cache.shape[1]
     group = num_q_heads // num_kv_heads
     num_seqs = seq_lens.shape[0]
-    out = torch.empty_like(q)
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(2) != 1 or out.stride(1) != head_dim:
+        raise ValueError(
+            f"out must be a {q.dtype} tensor of q's shape {tuple(q.shape)} with contiguous heads, got "
+            f"{out.dtype} {tuple(out.shape)} with strides {out.stride()}"
+        )
     if num_tokens == 0 or num_seqs == 0:
         return out
     seq_lens, query_start_loc = seq_lens.contiguous(), query_start_loc.contiguous()
