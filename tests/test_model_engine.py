@@ -466,6 +466,11 @@ def test_warm_up_builds_sdpa_plans_only_for_the_sdpa_attention(tiny_model, monke
     ((heads, kv_heads, head_dim, scale, dtype, _device, max_tokens, page),) = calls
     assert (heads, kv_heads, dtype, max_tokens, page) == (4, 2, torch.float32, LIMITS.max_num_tokens, BLOCK)
     assert scale == pytest.approx(head_dim**-0.5)
+    # every layer windowed: no step takes the SDPA path, so no plans are built
+    calls.clear()
+    windowed = tiny_model("MistralForCausalLM", head_dim=32, num_hidden_layers=1, sliding_window=6)
+    make_engine(windowed, plugins=PluginSet("forward")).warm_up_steps()
+    assert calls == []
 
 
 def test_warm_up_steps_leave_the_engine_clean(tiny_model):

@@ -223,7 +223,9 @@ class ModelEngine:
             batch, blocks = synthetic_batch(computed, new, self.tokens_per_block)
             if blocks <= self.num_blocks:
                 self.forward(batch)
-        if self.plugins.choice["attention"] == ("paged_attention_sdpa", "forward"):
+        cfg = self.info.config
+        windowed = cfg is not None and all(cfg.sliding_windows)  # then no layer takes the SDPA path
+        if self.plugins.choice["attention"] == ("paged_attention_sdpa", "forward") and not windowed:
             self._warm_up_sdpa_plans()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
