@@ -37,8 +37,10 @@ from kiln.engine.synthetic_batches import covering_shapes, profile_batch, synthe
 from kiln.executor.messages import PromptLogprobs, ScheduledBatch
 from kiln.plugins import PluginSet
 
-# Attention plugins whose steps launch the built-in Triton kernel (the SDPA one for all but lone prompts).
-_TRITON_ATTENTION = ("paged_attention", "paged_attention_sdpa")
+# The attention plugin that hands a lone fresh prompt to torch SDPA (cuDNN) and the rest to Triton, and
+# those whose steps launch the built-in Triton kernel.
+_SDPA_ATTENTION = "paged_attention_sdpa"
+_TRITON_ATTENTION = ("paged_attention", _SDPA_ATTENTION)
 
 
 @dataclass
@@ -210,7 +212,7 @@ class ModelEngine:
         assert cfg is not None
         variants_of = step_variants(cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim,
                                     self.dtype, self.device)  # fmt: skip
-        if name == "paged_attention_sdpa" and not any(cfg.sliding_windows):
+        if name == _SDPA_ATTENTION and not any(cfg.sliding_windows):
             from kiln.plugins.sdpa_prefill import without_lone_prompts
 
             return without_lone_prompts(variants_of)
@@ -223,18 +225,21 @@ class ModelEngine:
             batch, blocks = synthetic_batch(computed, new, self.tokens_per_block)
             if blocks <= self.num_blocks:
                 self.forward(batch)
-        cfg = self.info.config
-        windowed = cfg is not None and all(cfg.sliding_windows)  # then no layer takes the SDPA path
-        if self.plugins.choice["attention"] == ("paged_attention_sdpa", "forward") and not windowed:
+        if self.plugins.choice["attention"] == (_SDPA_ATTENTION, "forward"):
             self._warm_up_sdpa_plans()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.block_table.zero_()
 
     def _warm_up_sdpa_plans(self) -> int:
-        """paged_attention_sdpa: every padded prompt length's SDPA plan, built now (see its module)."""
+        """paged_attention_sdpa: every padded prompt length's SDPA plan, built now (see its module);
+        none when every layer has a sliding window (no step then takes the SDPA path)."""
         from kiln.layers.attention import PagedAttention
         from kiln.plugins import sdpa_prefill
+
+        cfg = self.info.config
+        if cfg is not None and all(cfg.sliding_windows):
+            return 0
 
         attn = next(m for m in self.model.modules() if isinstance(m, PagedAttention))
         longest_prompt_step = min(self.limits.max_num_tokens, self.limits.max_seq_len)
