@@ -6,7 +6,8 @@
 # Groups (each sized to fit a 10-minute call on one H100, presets made on first use):
 #   env         nvidia-smi and versions only (always printed first)
 #   tiny        tiny-llama throughput + latency: checks this script and the bench plumbing (seconds)
-#   tests       python3 -m pytest -q -m gpu, file by file, kernels first           (~10 min in all)
+#   tests       python3 -m pytest -q -m gpu, file by file, kernels first (~10 min in all: split it over two
+#               calls with TEST_FILES="tests/a.py ..." and TEST_K="pytest -k expression")
 #   profile     scripts/profile_step.py: host phases vs GPU kernels of a decode step, 1B and 8B (~2-4 min)
 #   smoke       llama-3.2-1b: latency bs=1 and a small 128/128 throughput, kiln only  (~1-2 min)
 #   latency     bs=1 ISL 128 / 256 new: llama-3.2-1b and llama-3.1-8b, kiln + transformers peer (~5-8 min)
@@ -75,9 +76,12 @@ run_tests() {
   # its own test and a fresh worker runs the rest, instead of every later test losing the CUDA context.
   local iso=() files=() f t_end=$(($(date +%s) + TEST_TIMEOUT)) worst=0 rc left
   "$PY" -c "import xdist" 2>/dev/null && iso=(-n 1 --max-worker-restart 100)
-  for f in tests/test_triton_kernels.py $(grep -l "mark.gpu" tests/test_*.py | grep -v test_triton_kernels.py); do
+  # TEST_FILES picks files, TEST_K a pytest -k expression: the whole suite is close to one call's limit
+  for f in ${TEST_FILES:-tests/test_triton_kernels.py $(grep -l "mark.gpu" tests/test_*.py | grep -v test_triton_kernels.py)}; do
     files+=("$f")
   done
+  local sel=()
+  [ -n "${TEST_K:-}" ] && sel=(-k "$TEST_K")
   note "pytest -m gpu, ${#files[@]} files (timeout ${TEST_TIMEOUT} s in all)"
   : >"$OUT/pytest_gpu.log"
   for f in "${files[@]}"; do
@@ -87,7 +91,7 @@ run_tests() {
       worst=124
       continue
     fi
-    timeout --kill-after=20 "$left" "$PY" -m pytest -q -rfE --tb=short --durations=8 -m gpu "$f" -p no:cacheprovider "${iso[@]}" \
+    timeout --kill-after=20 "$left" "$PY" -m pytest -q -rfE --tb=short --durations=8 -m gpu "$f" "${sel[@]}" -p no:cacheprovider "${iso[@]}" \
       --junitxml="$OUT/pytest_gpu_$(basename "$f" .py).xml" 2>&1 | grep -v -e PytestBenchmarkWarning -e "warner(" \
       | tee -a "$OUT/pytest_gpu.log"
     rc=${PIPESTATUS[0]}
@@ -133,10 +137,12 @@ latency() {
 }
 
 throughput() {
-  # MAX_BATCH: the engine's max batch size for this run (default 512, kiln bench's own default)
-  local mb=${MAX_BATCH:-512}
-  bench "throughput_llama8b_128_128${MAX_BATCH:+_bs$mb}" throughput --model preset:llama-3.1-8b --isl 128 --osl 128 \
-    --num-requests 512 --max-batch-size "$mb" --backend "$PEER" --hf-num-requests 256 --hf-batch-size 64
+  # MAX_BATCH: the engine's max batch size for this run (default 512, kiln bench's own default);
+  # NUM_REQUESTS: requests (default 512; TensorRT-LLM's published 128/128 runs queue 30,000)
+  local mb=${MAX_BATCH:-512} n=${NUM_REQUESTS:-512}
+  bench "throughput_llama8b_128_128${MAX_BATCH:+_bs$mb}${NUM_REQUESTS:+_n$n}" throughput --model preset:llama-3.1-8b \
+    --isl 128 --osl 128 --num-requests "$n" --max-batch-size "$mb" --backend "$PEER" --hf-num-requests 256 \
+    --hf-batch-size 64
 }
 
 workloads() {
