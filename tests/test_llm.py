@@ -67,7 +67,7 @@ def test_greedy_tokens_and_logprobs_match_transformers(tiny_model, arch, overrid
 
 @pytest.mark.parametrize("executor", ["thread", "process"])
 def test_generate_admits_its_whole_batch_in_the_first_step(tiny_model, executor):
-    # generate() sends its requests as one message: the engine's first step already holds all of them
+    # a batch up to one submit chunk goes as one message: the engine's first step already holds all of it
     path = tiny_model("LlamaForCausalLM", tokenizer=True)
     n = 200
     with _llm(path, executor=executor, max_batch_size=n, max_num_tokens=4096) as llm:
@@ -76,6 +76,34 @@ def test_generate_admits_its_whole_batch_in_the_first_step(tiny_model, executor)
         outs = llm.generate(_prompts(n, seed=5, hi=20), sp, use_tqdm=False)
         assert [len(o.outputs[0].token_ids) for o in outs] == [1] * n
         assert llm.stats().steps - before == 1
+
+
+def test_a_large_generate_is_validated_whole_then_sent_in_chunks(tiny_model, monkeypatch):
+    # The engine starts on the first chunk while the rest are registered and sent; a bad prompt
+    # anywhere still fails the call before any request is sent.
+    import kiln.llm as llm_module
+
+    monkeypatch.setattr(llm_module, "_SUBMIT_CHUNK", 8)
+    path = tiny_model("LlamaForCausalLM", tokenizer=True)
+    with _llm(path, max_batch_size=32) as llm:
+        sent: list[list[str]] = []
+        submit = llm._executor.submit
+
+        def recording_submit(*reqs):
+            sent.append([r.request_id for r in reqs])
+            submit(*reqs)
+
+        monkeypatch.setattr(llm._executor, "submit", recording_submit)
+        prompts = _prompts(20, seed=6, hi=20)
+        sp = SamplingParams(max_tokens=3, **GREEDY)
+        with pytest.raises(InvalidRequestError, match="token ids must be in"):
+            llm.generate([*prompts, [10**9]], sp, use_tqdm=False)
+        assert sent == []
+        outs = llm.generate(prompts, sp, use_tqdm=False)
+        assert [len(chunk) for chunk in sent] == [8, 8, 4]
+        assert [rid for chunk in sent for rid in chunk] == [o.request_id for o in outs]
+        alone = [llm.generate(p, sp, use_tqdm=False)[0].outputs[0].token_ids for p in prompts[:3]]
+        assert [o.outputs[0].token_ids for o in outs[:3]] == alone
 
 
 def test_batch_invariance_and_chunked_prefill(tiny_model):
