@@ -181,3 +181,30 @@ def test_codec_round_trips_messages():
     back = codec.decode(codec.encode(("updates", step, None)))[1]
     assert [b.request_id for b in back] == ["c", "a", "b"] and back[0] == plain and back[2] == rejected
     assert back[1].new_top == [[(4, -0.1)]] and back[1].prompt_logprobs[0].token_logprobs.shape == (3,)
+
+
+def test_worker_outbox_queues_while_the_front_end_does_not_read_and_keeps_order():
+    # The engine loop must not wait on a front end that stops reading: sends return while the pipe's
+    # buffer is full, and everything arrives, in order, once the reader drains it.
+    import multiprocessing as mp
+    import threading
+
+    from kiln.executor.client import _Outbox
+
+    reader, writer = mp.get_context("spawn").Pipe(duplex=False)
+    outbox = _Outbox(writer)
+    payload = "x" * 100_000  # ~40 messages fill any pipe buffer many times over
+    sent = threading.Event()
+
+    def loop() -> None:
+        for i in range(40):
+            outbox.send(("updates", i, payload))
+        sent.set()
+
+    threading.Thread(target=loop, daemon=True).start()
+    assert sent.wait(timeout=60), "a send blocked on the unread pipe"
+    got = [tuple(codec.decode(reader.recv_bytes()))[1] for _ in range(40)]
+    assert got == list(range(40))
+    outbox.send(("fatal", "last words"))
+    outbox.close()
+    assert tuple(codec.decode(reader.recv_bytes())) == ("fatal", "last words")

@@ -77,11 +77,38 @@ class ThreadExecutor(ExecutorClient):
         self._core.close()
 
 
-def _worker_main(cfg_bytes: bytes, inbox: Any, outbox: Any) -> None:
-    """Entry point of the worker process: build the engine, report ready, run the loop."""
+class _Outbox:
+    """The worker's sending side: the loop encodes a message (a snapshot of its stats) and queues it; a
+    thread writes it to the pipe. A front end that stops reading for a while (a full garbage
+    collection over thousands of requests, a burst of detokenizing) fills the pipe's buffer; the
+    writer then waits, and the engine keeps stepping instead of idling the device."""
 
-    def send(msg: tuple[Any, ...]) -> None:
-        outbox.send_bytes(codec.encode(msg))
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._write, name="kiln-outbox", daemon=True)
+        self._thread.start()
+
+    def send(self, msg: tuple[Any, ...]) -> None:
+        self._queue.put(codec.encode(msg))
+
+    def _write(self) -> None:
+        while (data := self._queue.get()) is not None:
+            try:
+                self._conn.send_bytes(data)
+            except OSError:  # the front end is gone; nobody is left to tell
+                return
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Write everything queued (the last updates, a fatal error), then stop."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+
+def _worker_main(cfg_bytes: bytes, inbox: Any, outbox_conn: Any) -> None:
+    """Entry point of the worker process: build the engine, report ready, run the loop."""
+    outbox = _Outbox(outbox_conn)
+    send = outbox.send
 
     def receive(block: bool) -> list[tuple[Any, ...]]:
         msgs = []
@@ -100,14 +127,18 @@ def _worker_main(cfg_bytes: bytes, inbox: Any, outbox: Any) -> None:
         import traceback
 
         send(("fatal", f"engine start-up failed: {e}\n{traceback.format_exc()}"))
+        outbox.close()
         return
     # Everything built so far (modules, compiled code, graphs) lives as long as the process: frozen out
     # of the cyclic collector, whose full passes run only while the loop waits for work.
     gc_policy = IdleFullCollections()
     gc_policy.install()
     send(("ready", core.info()))
-    run_engine_loop(core, receive, send, gc_policy)
-    core.close()
+    try:
+        run_engine_loop(core, receive, send, gc_policy)
+        core.close()
+    finally:
+        outbox.close()
 
 
 class ProcessExecutor(ExecutorClient):
