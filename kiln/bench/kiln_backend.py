@@ -32,9 +32,10 @@ class EngineSettings:
 
 def open_llm(model_dir: str, s: EngineSettings) -> LLM:
     from kiln.config import KvCacheConfig, SchedulerConfig
+    from kiln.executor.gc_policy import freeze_startup_objects
     from kiln.llm import LLM
 
-    return LLM(
+    llm = LLM(
         model=model_dir,
         dtype=s.dtype,
         device=s.device,
@@ -48,6 +49,8 @@ def open_llm(model_dir: str, s: EngineSettings) -> LLM:
         executor=s.executor,
         piecewise_graphs=s.piecewise_graphs,
     )
+    freeze_startup_objects()  # the front end's full collections then scan only the requests' objects
+    return llm
 
 
 @dataclass

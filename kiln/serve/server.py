@@ -147,6 +147,7 @@ def _build_engine(args: argparse.Namespace) -> Any:
     from kiln import LLM
     from kiln.builder.engine_dir import EnginePlan, is_engine_dir
     from kiln.config import KvCacheConfig, SchedulerConfig
+    from kiln.executor.gc_policy import freeze_startup_objects
 
     # a built engine fixes its KV block size; a checkpoint gets the default
     tokens_per_block = (
@@ -171,4 +172,5 @@ def _build_engine(args: argparse.Namespace) -> Any:
         executor=args.executor,
     )
     logger.info("engine ready: %s", llm.startup_summary())
+    freeze_startup_objects()  # full collections then scan only the requests' objects
     return llm
