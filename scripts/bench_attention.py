@@ -313,6 +313,8 @@ def main() -> None:
     ap.add_argument("--varlen", action="store_true",
                     help="time only the defaults; torch's packed variable-length ops as peers")  # fmt: skip
     ap.add_argument("--eager", action="store_true", help="time eager calls instead of CUDA-graph replays")
+    ap.add_argument("--overlap", action="store_true",
+                    help="mixed case: also time every configuration on two streams")  # fmt: skip
     ap.add_argument("--json", default=None, help="write every row and the environment to this file")
     ap.add_argument("--decode", action="store_true", help="sweep the decode pass instead (DECODE_CASES)")
     ap.add_argument("--decode-case", nargs="+", choices=list(DECODE_CASES), default=list(DECODE_CASES))
@@ -412,6 +414,18 @@ def run(args: argparse.Namespace) -> None:
                                   num_warps=c[2], num_stages=c[3], us=us, tflops=case.flops / us / 1e6,
                                   default=c == case.default, max_abs_err=err))  # fmt: skip
             notes.append(f"{us:.0f} us")
+            if args.overlap and case.name.startswith("mixed"):
+                # the same launches with the decode pass on a second stream beside the prefill pass
+                def fn_overlap(case=case, overrides=overrides):
+                    return paged_attention(*case.args, 0, **overrides, overlap_passes=True)
+
+                same = torch.equal(fn_overlap(), out)
+                us_o = time_us(fn_overlap, args.reps, args.warmup, not args.eager)
+                case.rows.append(dict(case=case.name, kind="paged", config=name + " overlap", block_m=c[0],
+                                      block_n=c[1], num_warps=c[2], num_stages=c[3], us=us_o,
+                                      tflops=case.flops / us_o / 1e6, default=False, max_abs_err=err,
+                                      same_as_sequential=same))  # fmt: skip
+                notes.append(f"overlapped {us_o:.0f} us{'' if same else ' (OUTPUT DIFFERS)'}")
         print(f"[{i + 1}/{len(configs)}] {name} ({time.time() - t0:.1f} s): " + "; ".join(notes), flush=True)
 
     if not args.no_sdpa:

@@ -527,6 +527,18 @@ def test_gpu_attention_mixed(dtype, head_dim, group, block_size, window):
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("num_splits", [None, 3])
+def test_gpu_attention_passes_on_two_streams_give_the_same_output(num_splits):
+    # decode rows at long contexts beside two chunks: both passes run, the decode one on a side stream
+    seqs = [(1, 2000)] * 40 + [(700, 700), (300, 1300)]
+    args = _check_attention(seqs, 32, 8, 128, 32, torch.bfloat16, num_splits=num_splits, overlap_passes=True)
+    one_stream = paged_attention(*args, 0, num_splits=num_splits, overlap_passes=False)
+    two_streams = paged_attention(*args, 0, num_splits=num_splits, overlap_passes=True)
+    assert torch.equal(one_stream, two_streams)
+
+
+@gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("rows", [1, 7, 256])
 def test_gpu_greedy_sample_bf16_llama_vocab(rows):
     _check_greedy((torch.randn(rows, 128256, device=DEVICE) * 3).to(torch.bfloat16))

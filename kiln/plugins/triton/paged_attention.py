@@ -23,7 +23,9 @@ data, so a captured CUDA graph stays valid while seq_lens / block_tables change 
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 
 import torch
 import triton
@@ -34,6 +36,19 @@ from kiln.plugins.triton._common import check_last_dim_contiguous, dot_precision
 from kiln.plugins.triton.attention_plan import MAX_SPLITS, plan_passes
 
 SUPPORTED_HEAD_DIMS = (32, 64, 96, 128, 256)
+
+# KILN_ATTENTION_OVERLAP=1: in a step with both passes, the decode pass (bound by K/V bandwidth) runs
+# on a second stream beside the prefill pass (bound by the MMAs), so the two can share the SMs.
+# Off until measured (scripts/bench_attention.py --overlap); both orders give the same output.
+OVERLAP_PASSES = os.environ.get("KILN_ATTENTION_OVERLAP", "0") == "1"
+_side_streams: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _side_streams:
+        _side_streams[index] = torch.cuda.Stream(device=index)
+    return _side_streams[index]
 
 
 @triton.jit
@@ -284,6 +299,7 @@ def paged_attention(
     decode_num_warps: int | None = None,
     decode_num_stages: int | None = None,
     out: torch.Tensor | None = None,
+    overlap_passes: bool | None = None,
 ) -> torch.Tensor:
     """Causal paged attention; see ``kiln.plugins.attention.PagedAttention`` for the contract.
 
@@ -292,7 +308,8 @@ def paged_attention(
     and tuning (``block_m``, ``num_warps`` and ``num_stages`` apply to the prefill pass, the
     ``decode_`` ones to the decode pass; see ``plan_passes``). Rows past query_start_loc[-1]
     (padding) are left unwritten, as in the reference. ``out`` (q's shape and dtype, rows of
-    contiguous heads) receives the result instead of a new tensor.
+    contiguous heads) receives the result instead of a new tensor. ``overlap_passes`` (default
+    ``OVERLAP_PASSES``) runs the decode pass on a side stream beside the prefill pass (CUDA only).
     """
     _validate(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc)
     num_tokens, num_q_heads, head_dim = q.shape
@@ -333,20 +350,21 @@ def paged_attention(
         part_ml = f32.as_strided((1, 1, 1, 2), (t * h * 2, h * 2, 2, 1))
     block_d = next_pow2(head_dim)
     search_steps = num_seqs.bit_length()
+    overlap = OVERLAP_PASSES if overlap_passes is None else overlap_passes
+    side = _side_stream(q.device) if overlap and len(passes) == 2 and q.is_cuda else None
+    if side is not None:
+        # The passes write disjoint rows of out and of the partials. The side stream starts after
+        # everything queued so far (this step's K/V writes) and the main stream waits for it before
+        # anything after this call (the merge, the next layer, freeing the partials for reuse).
+        side.wait_stream(torch.cuda.current_stream(q.device))
     for p in passes:
-        wrap_triton(_attention_tile_kernel)[(p.num_tiles, num_kv_heads, p.num_splits)](
-            q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, part_acc, part_ml,
-            num_seqs, p.q_len_lo, p.q_len_hi, p.tiles_per_seq, search_steps, p.num_splits,
-            scale * math.log2(math.e), sliding_window,
-            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-            out.stride(0), out.stride(1),
-            part_acc.stride(0), part_acc.stride(1), part_acc.stride(2), part_ml.stride(0), part_ml.stride(1),
-            GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=p.block_m, BLOCK_N=p.block_n,
-            TOKENS_PER_TILE=p.tokens_per_tile, PAGE_SIZE=page_size, USE_SEARCH=p.use_search,
-            SPLIT=p.num_splits > 1, PRECISION=dot_precision(q.dtype),
-            num_warps=p.num_warps, num_stages=p.num_stages,
-        )  # fmt: skip
+        on_side = side is not None and p is passes[0]  # the decode pass
+        with torch.cuda.stream(side) if on_side else contextlib.nullcontext():
+            _launch_pass(p, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, part_acc,
+                         part_ml, num_seqs, search_steps, scale, sliding_window, group, head_dim, block_d,
+                         num_kv_heads, page_size)  # fmt: skip
+    if side is not None:
+        torch.cuda.current_stream(q.device).wait_stream(side)
     if max_splits > 1:
         wrap_triton(_merge_splits_kernel)[(num_tokens, num_q_heads)](
             part_acc, part_ml, out, query_start_loc,
@@ -359,3 +377,22 @@ def paged_attention(
             HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS_P2=next_pow2(max(max_splits, MAX_SPLITS)), num_warps=4,
         )  # fmt: skip
     return out
+
+
+def _launch_pass(p, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, part_acc, part_ml,
+                 num_seqs, search_steps, scale, sliding_window, group, head_dim, block_d, num_kv_heads,
+                 page_size) -> None:  # fmt: skip
+    """One pass of the tile kernel (see ``plan_passes``) on the current stream."""
+    wrap_triton(_attention_tile_kernel)[(p.num_tiles, num_kv_heads, p.num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, part_acc, part_ml,
+        num_seqs, p.q_len_lo, p.q_len_hi, p.tiles_per_seq, search_steps, p.num_splits,
+        scale * math.log2(math.e), sliding_window,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        part_acc.stride(0), part_acc.stride(1), part_acc.stride(2), part_ml.stride(0), part_ml.stride(1),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=p.block_m, BLOCK_N=p.block_n,
+        TOKENS_PER_TILE=p.tokens_per_tile, PAGE_SIZE=page_size, USE_SEARCH=p.use_search,
+        SPLIT=p.num_splits > 1, PRECISION=dot_precision(q.dtype),
+        num_warps=p.num_warps, num_stages=p.num_stages,
+    )  # fmt: skip
