@@ -497,3 +497,32 @@ def test_throughput_under_the_max_utilization_policy(tmp_path):
     assert k["output_tokens"] == 30 and k["wrong_lengths"] == 0
     with pytest.raises(SystemExit):
         main([*argv[:-2], "--scheduler-policy", "greedy"])
+
+
+@pytest.mark.parametrize("policy", ["guaranteed_no_evict", "max_utilization"])
+def test_simulated_steps_are_the_engines_steps(tiny_model, policy):
+    # kiln bench simulate drives the engine's scheduler without a model: on a workload that fills a
+    # small KV pool (waiting, chunked prompts, preemptions under max_utilization) it must make the
+    # very steps the engine makes.
+    from kiln import LLM, SamplingParams
+    from kiln.bench.simulate import simulate
+    from kiln.config import EngineLimits, KvCacheConfig, SchedulerConfig
+
+    path = tiny_model("LlamaForCausalLM", tokenizer=True)
+    wl = synthetic(40, 48, 12, 300, isl_stdev=16, osl_stdev=4, seed=3)
+    limits = EngineLimits(max_batch_size=8, max_num_tokens=96, max_seq_len=wl.max_seq_len)
+    kv = KvCacheConfig(max_tokens=400, tokens_per_block=16)
+    with LLM(path, max_batch_size=8, max_num_tokens=96, max_seq_len=wl.max_seq_len, kv_cache_config=kv,
+             scheduler_config=SchedulerConfig(policy)) as llm:  # fmt: skip
+        before = llm.stats()
+        params = [SamplingParams(max_tokens=n, ignore_eos=True, temperature=0.0) for n in wl.output_lens]
+        llm.generate([{"prompt_token_ids": p} for p in wl.prompts], params, use_tqdm=False)
+        after = llm.stats()
+        kv_tokens = (llm.engine_info["num_blocks"] - 1) * kv.tokens_per_block
+    sim = simulate(wl, policy, limits, kv_tokens, tokens_per_block=kv.tokens_per_block, overlap=False)
+    assert sim.steps == after.steps - before.steps
+    assert sim.decode_steps == after.decode_steps - before.decode_steps
+    assert sim.preemptions == after.num_preemptions - before.num_preemptions
+    assert sim.output_tokens == sum(wl.output_lens)
+    if policy == "max_utilization":
+        assert sim.preemptions > 0  # the pool is small enough to exercise them

@@ -1,4 +1,4 @@
-"""``kiln bench``: throughput, latency, serve (an HTTP load generator) and presets.
+"""``kiln bench``: throughput, latency, serve (an HTTP load generator), simulate and presets.
 
 ``kiln.cli`` calls ``add_arguments(parser)`` on the ``bench`` sub-parser and ``main(args)``.
 """
@@ -183,6 +183,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     if serve is not None:
         s = sub.add_parser("serve", help="load generator against an OpenAI-compatible server")
         serve.add_arguments(s)
+    sim = sub.add_parser("simulate", help="the scheduler over a throughput workload, timed by a cost model")
+    _PARSERS["simulate"] = sim
+    _add_simulate_arguments(sim)
     pr = sub.add_parser("presets", help="list model presets, or materialise one")
     pr.add_argument("--make", default=None, metavar="NAME", help="materialise preset NAME and print its path")
     pr.add_argument(
@@ -202,7 +205,62 @@ def main(args: argparse.Namespace) -> int:
         return int(serve.main(args) or 0)
     if cmd == "presets":
         return _presets(args)
+    if cmd == "simulate":
+        return _simulate(args)
     return _run(args)
+
+
+def _add_simulate_arguments(p: argparse.ArgumentParser) -> None:
+    from kiln.bench.simulate import StepCostModel
+
+    p.add_argument("--num-requests", type=int, default=DEFAULT_NUM_REQUESTS)
+    p.add_argument("--isl", type=int, default=128)
+    p.add_argument("--osl", type=int, default=128)
+    p.add_argument("--isl-stdev", type=float, default=0.0)
+    p.add_argument("--osl-stdev", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--policy", nargs="+", default=["guaranteed_no_evict", "max_utilization"],
+                   choices=["guaranteed_no_evict", "max_utilization"])  # fmt: skip
+    p.add_argument("--max-batch-size", type=int, default=THROUGHPUT_MAX_BATCH)
+    p.add_argument("--max-num-tokens", type=int, default=8192)
+    p.add_argument("--kv-tokens", type=int, default=438_368,
+                   help="KV pool in tokens (default: Llama-3.1-8B, H100 80GB, kv fraction 0.9)")  # fmt: skip
+    p.add_argument("--tokens-per-block", type=int, default=32)
+    p.add_argument("--no-overlap", action="store_true", help="one step in flight (the engine on a CPU)")
+    d = StepCostModel()
+    for name, help_ in (
+        ("base_s", "a step's floor, seconds"),
+        ("token_s", "seconds per token a step computes"),
+        ("kv_bandwidth", "bytes/s of KV read by decode rows"),
+        ("kv_bytes_per_token", "KV bytes per token, all layers"),
+        ("attention_flops", "FLOP/s of the chunks' causal attention"),
+        ("layers", "decoder layers"),
+        ("attention_width", "query heads x head dim"),
+    ):
+        default = getattr(d, name)
+        p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default,
+                       help=f"{help_} (default {default:g}: Llama-3.1-8B, BF16, H100, fitted)")  # fmt: skip
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from kiln.bench.simulate import StepCostModel, simulate
+    from kiln.bench.workloads import synthetic
+    from kiln.config import EngineLimits
+
+    wl = synthetic(args.num_requests, args.isl, args.osl, 32_000, args.isl_stdev, args.osl_stdev, args.seed)
+    limits = EngineLimits(args.max_batch_size, args.max_num_tokens, wl.max_seq_len)
+    cost = StepCostModel(args.base_s, args.token_s, args.kv_bandwidth, args.kv_bytes_per_token,
+                         args.attention_flops, args.layers, args.attention_width)  # fmt: skip
+    print(f"{wl.num_requests} requests, {args.isl}/{args.osl}; KV pool {args.kv_tokens:,} tokens, "
+          f"max batch {args.max_batch_size}, {args.max_num_tokens} tokens a step")  # fmt: skip
+    print(f"{'policy':20} {'steps':>6} {'decode-only':>11} {'mean batch':>10} {'preempted':>9} "
+          f"{'model s':>8} {'output tok/s':>12}")  # fmt: skip
+    for policy in args.policy:
+        r = simulate(wl, policy, limits, args.kv_tokens, tokens_per_block=args.tokens_per_block,
+                     overlap=not args.no_overlap, cost=cost)  # fmt: skip
+        print(f"{r.policy:20} {r.steps:>6} {r.decode_steps:>11} {r.mean_batch:>10.1f} {r.preemptions:>9} "
+              f"{r.seconds:>8.1f} {r.output_tok_s:>12,.0f}")  # fmt: skip
+    return 0
 
 
 def _presets(args: argparse.Namespace) -> int:
