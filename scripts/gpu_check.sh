@@ -12,7 +12,7 @@
 #   smoke       llama-3.2-1b: latency bs=1 and a small 128/128 throughput, kiln only  (~1-2 min)
 #   latency     bs=1 ISL 128 / 256 new: llama-3.2-1b and llama-3.1-8b, kiln + transformers peer (~5-8 min)
 #   throughput  llama-3.1-8b 128/128 x 512 requests, kiln + transformers peer on 256   (~4-7 min)
-#   workloads   llama-3.1-8b 128/2048 x 512, 2048/128 x 1024, 2048/2048 x 256, kiln only (WORKLOADS changes
+#   workloads   llama-3.1-8b 128/2048 x 512, 2048/128 x 1024, 2048/2048 x 512, kiln only (WORKLOADS changes
 #               them: "ISL/OSLxREQUESTS ..."; ~8-10 min: split over two calls when they run slow)
 #   ttft        llama-3.1-8b TTFT of one 2,048-token prompt (~1-2 min)
 #   nano        qwen3-0.6b nano-vllm workload (256 requests), kiln + peer on 64        (~2-4 min)
@@ -149,7 +149,7 @@ workloads() {
   # WORKLOADS: "ISL/OSLxREQUESTS ..." llama-3.1-8b throughput runs (default: the three long targets);
   # WORKLOAD_ARGS: extra options for each, e.g. "--kv-fraction 0.95"
   local w isl osl n
-  for w in ${WORKLOADS:-128/2048x512 2048/128x1024 2048/2048x256}; do
+  for w in ${WORKLOADS:-128/2048x512 2048/128x1024 2048/2048x512}; do
     isl=${w%%/*}; osl=${w#*/}; osl=${osl%%x*}; n=${w##*x}
     bench "throughput_llama8b_${isl}_${osl}" throughput --model preset:llama-3.1-8b --isl "$isl" --osl "$osl" \
       --num-requests "$n" --backend kiln ${WORKLOAD_ARGS:-}
