@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import Any, get_args
 
 from kiln.bench.throughput import DEFAULT_HF_BATCH_SIZE, DEFAULT_HF_NUM_REQUESTS, DEFAULT_NUM_REQUESTS
+from kiln.config import SchedulerPolicy
 
 # The sub-parsers built by add_arguments, so a run can write its command line back out.
 _PARSERS: dict[str, argparse.ArgumentParser] = {}
 
 THROUGHPUT_MAX_BATCH = 512
+_POLICIES = list(get_args(SchedulerPolicy))  # the scheduler's admission policies
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -87,7 +89,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--scheduler-policy",
         default="guaranteed_no_evict",
-        choices=["guaranteed_no_evict", "max_utilization"],
+        choices=_POLICIES,
         help="admission: reserve each request's whole KV budget (default), or admit while the next chunk "
         "fits and preempt the newest sequence when one cannot grow",
     )
@@ -219,8 +221,7 @@ def _add_simulate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--isl-stdev", type=float, default=0.0)
     p.add_argument("--osl-stdev", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--policy", nargs="+", default=["guaranteed_no_evict", "max_utilization"],
-                   choices=["guaranteed_no_evict", "max_utilization"])  # fmt: skip
+    p.add_argument("--policy", nargs="+", default=_POLICIES, choices=_POLICIES)
     p.add_argument("--max-batch-size", type=int, default=THROUGHPUT_MAX_BATCH)
     p.add_argument("--max-num-tokens", type=int, default=8192)
     p.add_argument("--kv-tokens", type=int, default=438_368,
