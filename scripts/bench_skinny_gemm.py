@@ -1,6 +1,6 @@
 """Decode-sized linear layers: torch (cuBLAS) against kiln's split-K skinny GEMM, on a preset's shapes.
 
-    python3 scripts/bench_skinny_gemm.py --preset llama-3.1-8b --rows 1 2 4 8 [--json FILE]
+    python3 scripts/bench_skinny_gemm.py --preset llama-3.1-8b --rows 1 2 4 8 [--sweep] [--json FILE]
 
 Each layer's weight is cycled through enough copies to exceed the L2 cache, as in a real step where
 every layer reads its own weights; times are CUDA-event medians; GB/s counts the weight bytes.
@@ -10,6 +10,7 @@ Both outputs are checked against an fp32 product before anything is timed.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 
@@ -57,6 +58,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--sweep", action="store_true", help="also time every tile width, depth and split count")
     args = ap.parse_args()
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -78,10 +80,26 @@ def main() -> None:
             t_torch = time_fn(torch.nn.functional.linear, weights, x, args.iters)
             t_skinny = time_fn(skinny_gemm, weights, x, args.iters)
             gbs = lambda t, b=nbytes: b / (t * 1e-6) / 1e9  # noqa: E731
+            best = ""
+            row = dict(layer=layer, n=n, k=k, m=m, torch_us=t_torch, skinny_us=t_skinny,
+                       torch_gb_s=gbs(t_torch), skinny_gb_s=gbs(t_skinny))  # fmt: skip
+            if args.sweep:  # the plan's choice against every tile width, depth and split count
+                swept = {}
+                for bn, stages, splits in itertools.product((16, 32, 64), (3, 4, 6), (1, 2, 4)):
+
+                    def fn(x_, w_, bn=bn, stages=stages, splits=splits):
+                        return skinny_gemm(x_, w_, block_n=bn, num_stages=stages, num_splits=splits)
+
+                    try:
+                        swept[(bn, stages, splits)] = time_fn(fn, weights, x, args.iters // 4)
+                    except Exception as e:  # noqa: BLE001 - a configuration that cannot launch here
+                        print(f"  block_n {bn} stages {stages} splits {splits}: skip ({type(e).__name__})")
+                (bn, stages, splits), t_best = min(swept.items(), key=lambda kv: kv[1])
+                best = f"  best: block_n {bn} stages {stages} splits {splits} {t_best:.1f} us"
+                row.update(best_us=t_best, best_block_n=bn, best_stages=stages, best_splits=splits)
             print(f"{layer:<8} {f'{n} x {k}':>14} {m:>2} {t_torch:9.1f} {gbs(t_torch):6.0f} {t_skinny:9.1f} "
-                  f"{gbs(t_skinny):6.0f} {t_torch / t_skinny:7.2f}x")  # fmt: skip
-            rows_out.append(dict(layer=layer, n=n, k=k, m=m, torch_us=t_torch, skinny_us=t_skinny,
-                                 torch_gb_s=gbs(t_torch), skinny_gb_s=gbs(t_skinny)))  # fmt: skip
+                  f"{gbs(t_skinny):6.0f} {t_torch / t_skinny:7.2f}x{best}")  # fmt: skip
+            rows_out.append(row)
         del weights
     if args.json:
         meta = dict(preset=args.preset, card=torch.cuda.get_device_name(), torch=torch.__version__)

@@ -188,7 +188,8 @@ profile() {
 gemm() {
   for m in llama-3.2-1b llama-3.1-8b; do
     note "skinny GEMM vs cuBLAS, $m shapes"
-    timeout --kill-after=30 "$BENCH_TIMEOUT" "$PY" scripts/bench_skinny_gemm.py --preset "$m" \
+    # GEMM_ARGS: extra options, e.g. "--rows 1 --sweep"
+    timeout --kill-after=30 "$BENCH_TIMEOUT" "$PY" scripts/bench_skinny_gemm.py --preset "$m" ${GEMM_ARGS:-} \
       --json "$OUT/gemm_$m.json" 2>&1 | tee "$OUT/gemm_$m.log"
     printf 'gemm_%s\t%s\tsee gemm_%s.log\n' "$m" "${PIPESTATUS[0]}" "$m" >>"$STATUS_FILE"
   done

@@ -167,6 +167,25 @@ def test_skinny_gemm(dtype, m, n, k, splits):
     torch.testing.assert_close(out, ref, **TOL[dtype])
 
 
+@pytest.mark.parametrize("block_n,block_k,splits", [(32, 64, 1), (64, 128, 2), (16, 32, 4)])
+def test_skinny_gemm_tile_overrides(block_n, block_k, splits):
+    # every column-tile width the plan picks, ragged N and K, with and without split K
+    x = torch.randn(2, 300, device=DEVICE).to(torch.float16)
+    w = (torch.randn(100, 300, device=DEVICE) / 300**0.5).to(torch.float16)
+    out = skinny_gemm(x, w, block_n=block_n, block_k=block_k, num_splits=splits)
+    torch.testing.assert_close(out, (x.float() @ w.float().T).to(torch.float16), **TOL[torch.float16])
+
+
+def test_skinny_gemm_plan_fills_the_gpu_before_splitting_k():
+    from kiln.plugins.triton.skinny_gemm import plan
+
+    assert plan(28672, 4096, 132) == (64, 1)  # 8B gate|up: 448 tiles of 64 columns
+    assert plan(16384, 2048, 132) == (32, 1)  # 1B gate|up: 512 tiles of 32
+    assert plan(6144, 4096, 132) == (16, 1)  # 8B q|k|v: 384 tiles of 16, more than a wave
+    assert plan(2048, 8192, 132) == (16, 3)  # 1B down: 128 tiles, under a wave: K in three
+    assert plan(2048, 512, 132) == (16, 1)  # K too short to split
+
+
 def test_skinny_gemm_rejects_bad_shapes():
     with pytest.raises(ValueError, match="1 to 8 rows"):
         skinny_gemm(torch.randn(9, 16, device=DEVICE), torch.randn(4, 16, device=DEVICE))

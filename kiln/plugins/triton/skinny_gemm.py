@@ -1,12 +1,13 @@
-"""y = x @ w.T for a few rows of x (decode at small batch): a split-K kernel that streams the weight once.
+"""y = x @ w.T for a few rows of x (decode at small batch): the weight streamed once through the MMAs.
 
-At batch 1-8 a linear layer is a pass over its weight matrix; the profile of a decode step showed
-cuBLAS's small-M kernels reading the 1B model's QKV and O weights at 1.8 TB/s and the 8B's at
-3.0-3.2 TB/s on an H200 (4.2-4.4 TB/s for the large gate/up and LM-head matrices). Here every
-program owns ``BLOCK_N`` output columns and a ``1 / split`` share of K, loads the matching weight
-tile once (contiguous along K) and applies it to all rows of x; with several K splits, fp32
-partials are summed by a second launch. Splits are chosen so that the grid covers the GPU about
-twice even when N is small.
+At batch 1-8 a linear layer is a pass over its weight matrix. The first version multiplied every
+row in registers ([rows, BLOCK_N, BLOCK_K] products and a reduction per K tile) and lost to cuBLAS
+on every decode shape of an H100 (0.08-0.77x, docs/kernels.md). This one is a GEMM tile whose rows
+are x's few rows padded to ``BLOCK_M`` = 16 (masked loads, so the padding reads nothing): each program
+owns ``BLOCK_N`` output columns, streams ``[BLOCK_K, BLOCK_N]`` tiles of w^T (contiguous along K,
+16-byte loads) through ``tl.dot``, and Triton's software pipeline keeps ``num_stages`` tiles in flight
+per program. Column tiles are as wide as still gives ~2 waves of programs; only when even 16-column
+tiles do not fill one wave is K split, with fp32 partials summed by a second launch.
 
 The ``skinny_linear`` plugin (opt-in: ``LLM(..., plugins={"linear": "skinny_linear"})``) uses it;
 ``scripts/bench_skinny_gemm.py`` times it against cuBLAS on a model's shapes, and it becomes the
@@ -19,35 +20,39 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.plugins.triton._common import next_pow2, num_sms
+from kiln.plugins.triton._common import dot_precision, num_sms
 
 MAX_ROWS = 8  # rows of x the kernel serves; larger batches belong to cuBLAS
+_BLOCK_M = 16  # the MMA's smallest row count; rows past M are masked to zero
 _TARGET_WAVES = 2
-_ELEMS_PER_TILE = 8192  # M_P2 * BLOCK_N * BLOCK_K products per program and iteration (64 per thread)
+_MIN_K_PER_SPLIT = 512  # a split shorter than this spends more on its partials than it saves
 
 
 @triton.jit(do_not_specialize=["k_per_split"])
 def _skinny_gemm_kernel(
     x_ptr, w_ptr, out_ptr, part_ptr, M, N, K, k_per_split, stride_xm, stride_wn, stride_om,
-    M_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    rm = tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = rn < N
-    rm = tl.arange(0, M_P2)
+    rk = tl.arange(0, BLOCK_K)
     m_ok = rm < M
+    n_ok = rn < N
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
-    acc = tl.zeros([M_P2, BLOCK_N], dtype=tl.float32)
-    w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_wn
+    x_ptrs = x_ptr + rm[:, None] * stride_xm + (k_lo + rk)[None, :]  # [BLOCK_M, BLOCK_K]
+    w_ptrs = w_ptr + rn.to(tl.int64)[None, :] * stride_wn + (k_lo + rk)[:, None]  # w^T: [BLOCK_K, BLOCK_N]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        k_ok = rk < k_hi
-        w = tl.load(w_rows + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)  # [BN, BK]
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                    other=0.0)  # [M_P2, BK]  # fmt: skip
-        acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        k_ok = k0 + rk < k_hi
+        x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=PRECISION)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
     mask = m_ok[:, None] & n_ok[None, :]
     if SPLIT:
         part = part_ptr + pid_k * M * N + rm[:, None] * N + rn[None, :]
@@ -69,8 +74,31 @@ def _sum_splits_kernel(part_ptr, out_ptr, M, N, num_splits, stride_om, BLOCK: tl
     tl.store(out_ptr + m * stride_om + n, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def skinny_gemm(x: torch.Tensor, w: torch.Tensor, *, num_splits: int | None = None) -> torch.Tensor:
-    """x [M, K] (M <= MAX_ROWS), w [N, K], both contiguous along K -> x @ w.T, [M, N] in x's dtype."""
+def plan(n: int, k: int, sms: int) -> tuple[int, int]:
+    """(BLOCK_N, K splits) for an [N, K] weight: the widest column tile that still gives ~2 waves of
+    programs; K split only when 16-column tiles do not fill one wave."""
+    target = _TARGET_WAVES * sms
+    for block_n in (64, 32):
+        if triton.cdiv(n, block_n) >= target:
+            return block_n, 1
+    tiles = triton.cdiv(n, 16)
+    if tiles >= sms:  # a wave or more: a split's partials and their sum cost more than they add
+        return 16, 1
+    return 16, max(1, min(triton.cdiv(target, tiles), k // _MIN_K_PER_SPLIT))
+
+
+def skinny_gemm(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    *,
+    num_splits: int | None = None,
+    block_n: int | None = None,
+    block_k: int = 128,
+    num_warps: int = 4,
+    num_stages: int = 4,
+) -> torch.Tensor:
+    """x [M, K] (M <= MAX_ROWS), w [N, K], both contiguous along K -> x @ w.T, [M, N] in x's dtype.
+    The keyword arguments override the plan, for tests and tuning (scripts/bench_skinny_gemm.py)."""
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(
             f"skinny_gemm needs x [M, K] and w [N, K], got {tuple(x.shape)} and {tuple(w.shape)}"
@@ -82,21 +110,16 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, *, num_splits: int | None = No
     m, k = x.shape
     n = w.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    m_p2 = next_pow2(m)
-    # the [M_P2, BLOCK_N, BLOCK_K] products of one iteration stay in registers: fewer K per row as M grows
-    block_n = 32 if m_p2 == 1 else 16
-    block_k = min(next_pow2(k), max(32, _ELEMS_PER_TILE // (m_p2 * block_n)))
-    tiles_n = triton.cdiv(n, block_n)
-    if num_splits is None:
-        num_splits = max(
-            1, min(triton.cdiv(_TARGET_WAVES * num_sms(x.device), tiles_n), triton.cdiv(k, block_k))
-        )
+    planned_n, planned_splits = plan(n, k, num_sms(x.device))
+    block_n = block_n or planned_n
+    num_splits = num_splits or planned_splits
     k_per_split = triton.cdiv(triton.cdiv(k, num_splits), block_k) * block_k
     num_splits = triton.cdiv(k, k_per_split)
     part = torch.empty(num_splits if num_splits > 1 else 0, m, n, dtype=torch.float32, device=x.device)
-    _skinny_gemm_kernel[(tiles_n, num_splits)](
+    _skinny_gemm_kernel[(triton.cdiv(n, block_n), num_splits)](
         x, w, out, part, m, n, k, k_per_split, x.stride(0), w.stride(0), out.stride(0),
-        M_P2=m_p2, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=num_splits > 1, num_warps=4,
+        BLOCK_M=_BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=num_splits > 1,
+        PRECISION=dot_precision(x.dtype), num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if num_splits > 1:
         block = 1024
