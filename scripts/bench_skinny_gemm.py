@@ -4,7 +4,9 @@
 
 Each layer's weight is cycled through enough copies to exceed the L2 cache, as in a real step where
 every layer reads its own weights; times are CUDA-event medians; GB/s counts the weight bytes.
-Both outputs are checked against an fp32 product before anything is timed.
+Both outputs are checked against an fp32 product before anything is timed. For q|k|v, gate|up and
+down, the norm or SiLU-and-mul launched before cuBLAS is also timed against the skinny GEMM that
+applies it as a prologue.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import statistics
 import torch
 
 from kiln.bench.presets import get_preset
-from kiln.plugins.triton.skinny_gemm import skinny_gemm
+from kiln.plugins.triton.skinny_gemm import add_rms_norm_skinny_gemm, silu_mul_skinny_gemm, skinny_gemm
 
 _L2_BYTES = 256 << 20  # copies of a weight until this much is cycled through (H100/H200 L2: 50 MB)
 
@@ -50,6 +52,46 @@ def time_fn(fn, weights: list[torch.Tensor], x: torch.Tensor, iters: int) -> flo
         end[j].record()
     torch.cuda.synchronize()
     return 1e3 * statistics.median(s.elapsed_time(e) for s, e in zip(start, end, strict=True))
+
+
+def fused_rows(
+    layer: str, weights: list[torch.Tensor], n: int, k: int, args: argparse.Namespace
+) -> list[dict]:
+    """The norm (before q|k|v and gate|up) or SiLU-and-mul (before down) as its own launch then cuBLAS,
+    against the skinny GEMM with it as a prologue."""
+    from kiln.plugins import get_plugin
+
+    linear = torch.nn.functional.linear
+    silu = get_plugin("silu_and_mul").plugin.forward
+    norm = get_plugin("fused_add_rms_norm").plugin.forward
+    dev, rows = weights[0].device, []
+    for m in args.rows:
+        other = torch.randn(m, 2 * k if layer == "down" else k, device=dev).to(torch.bfloat16)
+        nw = torch.ones(k, device=dev, dtype=torch.bfloat16)
+        if layer == "down":  # x is unused: gate|up (`other`) is the input
+
+            def apart(x_, w_, g=other):
+                return linear(silu(g), w_)
+
+            def fused(x_, w_, g=other):
+                return silu_mul_skinny_gemm(g, w_)
+
+        else:  # `other` is the residual
+
+            def apart(x_, w_, r=other, nw=nw):
+                return linear(norm(x_, r, nw, 1e-5)[0], w_)
+
+            def fused(x_, w_, r=other, nw=nw):
+                return add_rms_norm_skinny_gemm(x_, r, nw, 1e-5, w_)[0]
+
+        what = "silu_and_mul" if layer == "down" else "fused_add_rms_norm"
+        x = torch.randn(m, k, device=dev).to(torch.bfloat16)
+        t_apart = time_fn(apart, weights, x, args.iters)
+        t_fused = time_fn(fused, weights, x, args.iters)
+        print(f"{layer:<8} {f'{n} x {k}':>14} {m:>2}   {what} + cuBLAS {t_apart:7.1f} us, fused prologue "
+              f"{t_fused:7.1f} us: {t_apart / t_fused:.2f}x")  # fmt: skip
+        rows.append(dict(layer=layer, n=n, k=k, m=m, prologue=what, apart_us=t_apart, fused_us=t_fused))
+    return rows
 
 
 def main() -> None:
@@ -100,6 +142,8 @@ def main() -> None:
             print(f"{layer:<8} {f'{n} x {k}':>14} {m:>2} {t_torch:9.1f} {gbs(t_torch):6.0f} {t_skinny:9.1f} "
                   f"{gbs(t_skinny):6.0f} {t_torch / t_skinny:7.2f}x{best}")  # fmt: skip
             rows_out.append(row)
+        if layer in ("qkv", "gate_up", "down"):  # the prologue each would take, fused or launched apart
+            rows_out += fused_rows(layer, weights, n, k, args)
         del weights
     if args.json:
         meta = dict(preset=args.preset, card=torch.cuda.get_device_name(), torch=torch.__version__)

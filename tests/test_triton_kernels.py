@@ -33,7 +33,11 @@ from kiln.plugins.triton.greedy_sample import greedy_sample  # noqa: E402
 from kiln.plugins.triton.norms import fused_add_rms_norm, rms_norm  # noqa: E402
 from kiln.plugins.triton.paged_attention import paged_attention  # noqa: E402
 from kiln.plugins.triton.rope_kv_write import rope_kv_write  # noqa: E402
-from kiln.plugins.triton.skinny_gemm import skinny_gemm  # noqa: E402
+from kiln.plugins.triton.skinny_gemm import (  # noqa: E402
+    add_rms_norm_skinny_gemm,
+    silu_mul_skinny_gemm,
+    skinny_gemm,
+)
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 # the interpreter converts 1-element arrays to ints in loop bounds; numpy 2.3 warns about it each time
@@ -174,6 +178,31 @@ def test_skinny_gemm_tile_overrides(block_n, block_k, splits):
     w = (torch.randn(100, 300, device=DEVICE) / 300**0.5).to(torch.float16)
     out = skinny_gemm(x, w, block_n=block_n, block_k=block_k, num_splits=splits)
     torch.testing.assert_close(out, (x.float() @ w.float().T).to(torch.float16), **TOL[torch.float16])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m,n,k,splits", [(1, 40, 300, None), (3, 70, 260, 2), (8, 17, 128, 1)])
+def test_skinny_gemm_prologues_match_the_unfused_ops(dtype, m, n, k, splits):
+    # fused_add_rms_norm or silu_and_mul, then the product: the prologue repeats each op's roundings
+    x, residual = (torch.randn(m, k, device=DEVICE).to(dtype) for _ in range(2))
+    norm_w = (1 + 0.1 * torch.randn(k, device=DEVICE)).to(dtype)
+    w = (torch.randn(n, k, device=DEVICE) / k**0.5).to(dtype)
+    normed, res_ref = _ref("fused_add_rms_norm")(x, residual, norm_w, 1e-5)
+    out, res_out = add_rms_norm_skinny_gemm(x, residual, norm_w, 1e-5, w, num_splits=splits)
+    assert torch.equal(res_out, res_ref)
+    torch.testing.assert_close(out, (normed.float() @ w.float().T).to(dtype), **TOL[dtype])
+    gate_up = torch.randn(m, 2 * k, device=DEVICE).to(dtype)
+    act = _ref("silu_and_mul")(gate_up)
+    out = silu_mul_skinny_gemm(gate_up, w, num_splits=splits)
+    torch.testing.assert_close(out, (act.float() @ w.float().T).to(dtype), **TOL[dtype])
+
+
+def test_skinny_gemm_prologues_reject_mismatched_inputs():
+    x, w = torch.randn(2, 16, device=DEVICE), torch.randn(4, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="residual shaped and strided like x"):
+        add_rms_norm_skinny_gemm(x, torch.randn(2, 8, device=DEVICE), torch.ones(16, device=DEVICE), 1e-5, w)
+    with pytest.raises(ValueError, match=r"gate_up \[M, 2K\]"):
+        silu_mul_skinny_gemm(x, w)
 
 
 def test_skinny_gemm_plan_fills_the_gpu_before_splitting_k():
@@ -572,6 +601,29 @@ def test_gpu_skinny_gemm_bf16_model_shapes(m, n, k):
     w = (torch.randn(n, k, device=DEVICE) / k**0.5).to(torch.bfloat16)
     ref = (x.float() @ w.float().T).to(torch.bfloat16)
     torch.testing.assert_close(skinny_gemm(x, w), ref, **TOL[torch.bfloat16])
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 8])
+def test_gpu_skinny_gemm_prologues_bf16_llama_shapes(m):
+    h, inter = 4096, 14336
+    x, residual = (torch.randn(m, h, device=DEVICE).to(torch.bfloat16) for _ in range(2))
+    norm_w = (1 + 0.1 * torch.randn(h, device=DEVICE)).to(torch.bfloat16)
+    w_qkv = (torch.randn(6144, h, device=DEVICE) / h**0.5).to(torch.bfloat16)
+    normed, res_ref = _ref("fused_add_rms_norm")(x, residual, norm_w, 1e-5)
+    out, res_out = add_rms_norm_skinny_gemm(x, residual, norm_w, 1e-5, w_qkv)
+    assert torch.equal(res_out, res_ref)
+    torch.testing.assert_close(
+        out, (normed.float() @ w_qkv.float().T).to(torch.bfloat16), **TOL[torch.bfloat16]
+    )
+    gate_up = torch.randn(m, 2 * inter, device=DEVICE).to(torch.bfloat16)
+    w_down = (torch.randn(h, inter, device=DEVICE) / inter**0.5).to(torch.bfloat16)
+    act = _ref("silu_and_mul")(gate_up)
+    out = silu_mul_skinny_gemm(gate_up, w_down)
+    torch.testing.assert_close(
+        out, (act.float() @ w_down.float().T).to(torch.bfloat16), **TOL[torch.bfloat16]
+    )
 
 
 @gpu

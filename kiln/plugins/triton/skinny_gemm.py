@@ -16,6 +16,8 @@ default only where it measurably wins.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -28,11 +30,17 @@ _TARGET_WAVES = 2
 _MIN_K_PER_SPLIT = 512  # a split shorter than this spends more on its partials than it saves
 
 
+# What the kernel applies to x's rows on the way in (each value computed where it is loaded, so the
+# separate norm or activation launch and its round trip through memory disappear):
+_PLAIN, _ADD_RMS_NORM, _SILU_MUL = 0, 1, 2
+
+
 @triton.jit(do_not_specialize=["k_per_split"])
 def _skinny_gemm_kernel(
-    x_ptr, w_ptr, out_ptr, part_ptr, M, N, K, k_per_split, stride_xm, stride_wn, stride_om,
+    x_ptr, w_ptr, out_ptr, part_ptr, res_ptr, norm_w_ptr, res_out_ptr,
+    M, N, K, k_per_split, stride_xm, stride_wn, stride_om, stride_rm, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, PROLOGUE: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -43,15 +51,37 @@ def _skinny_gemm_kernel(
     n_ok = rn < N
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
-    x_ptrs = x_ptr + rm[:, None] * stride_xm + (k_lo + rk)[None, :]  # [BLOCK_M, BLOCK_K]
+    if PROLOGUE == 1:
+        # rms of each row of x + residual (rounded to x's dtype, as the unfused op keeps it), over all of K
+        sq = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ok = m_ok[:, None] & (k0 + rk < K)[None, :]
+            xs = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :], mask=ok, other=0.0)
+            rs = tl.load(res_ptr + rm[:, None] * stride_rm + (k0 + rk)[None, :], mask=ok, other=0.0)
+            hf = (xs + rs).to(tl.float32)
+            sq += tl.sum(hf * hf, axis=1)
+        inv_rms = 1.0 / tl.sqrt(sq / K + eps)
+    x_rows = x_ptr + rm[:, None] * stride_xm
     w_ptrs = w_ptr + rn.to(tl.int64)[None, :] * stride_wn + (k_lo + rk)[:, None]  # w^T: [BLOCK_K, BLOCK_N]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         k_ok = k0 + rk < k_hi
-        x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        ok = m_ok[:, None] & k_ok[None, :]
+        if PROLOGUE == 2:  # x is gate | up, each K wide: silu in fp32 rounded, the product in x's dtype
+            g = tl.load(x_rows + (k0 + rk)[None, :], mask=ok, other=0.0)
+            u = tl.load(x_rows + (K + k0 + rk)[None, :], mask=ok, other=0.0)
+            gf = g.to(tl.float32)
+            x = (gf / (1.0 + tl.exp(-gf))).to(g.dtype) * u
+        else:
+            x = tl.load(x_rows + (k0 + rk)[None, :], mask=ok, other=0.0)
+            if PROLOGUE == 1:
+                h = x + tl.load(res_ptr + rm[:, None] * stride_rm + (k0 + rk)[None, :], mask=ok, other=0.0)
+                if pid_n == 0:  # one column of programs writes the new residual
+                    tl.store(res_out_ptr + rm[:, None] * stride_rm + (k0 + rk)[None, :], h, mask=ok)
+                nw = tl.load(norm_w_ptr + k0 + rk, mask=k_ok, other=0.0)
+                x = (h.to(tl.float32) * inv_rms[:, None]).to(h.dtype) * nw[None, :]
         w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(x, w, acc, input_precision=PRECISION)
-        x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     mask = m_ok[:, None] & n_ok[None, :]
     if SPLIT:
@@ -99,31 +129,91 @@ def skinny_gemm(
 ) -> torch.Tensor:
     """x [M, K] (M <= MAX_ROWS), w [N, K], both contiguous along K -> x @ w.T, [M, N] in x's dtype.
     The keyword arguments override the plan, for tests and tuning (scripts/bench_skinny_gemm.py)."""
-    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
+    _check(x, w, w.shape[-1], "x [M, K]")
+    return _launch(x, w, _PLAIN, x.shape[1], num_splits=num_splits, block_n=block_n, block_k=block_k,
+                   num_warps=num_warps, num_stages=num_stages)[0]  # fmt: skip
+
+
+def add_rms_norm_skinny_gemm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    w: torch.Tensor,
+    **tuning: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual) @ w.T, x + residual): ``fused_add_rms_norm`` then the product in one launch,
+    with the unfused ops' roundings. x, residual [M, K]; norm_weight [K]; w [N, K]."""
+    _check(x, w, w.shape[-1], "x [M, K]")
+    if residual.shape != x.shape or residual.stride() != x.stride() or norm_weight.shape != (x.shape[1],):
         raise ValueError(
-            f"skinny_gemm needs x [M, K] and w [N, K], got {tuple(x.shape)} and {tuple(w.shape)}"
+            f"need residual shaped and strided like x {tuple(x.shape)} and norm_weight [{x.shape[1]}], got "
+            f"{tuple(residual.shape)} (strides {residual.stride()}) and {tuple(norm_weight.shape)}"
+        )
+    out, res_out = _launch(x, w, _ADD_RMS_NORM, x.shape[1], residual=residual, norm_weight=norm_weight,
+                           eps=eps, **tuning)  # fmt: skip
+    assert res_out is not None
+    return out, res_out
+
+
+def silu_mul_skinny_gemm(gate_up: torch.Tensor, w: torch.Tensor, **tuning: Any) -> torch.Tensor:
+    """(silu(gate) * up) @ w.T for gate_up [M, 2K] (gate | up) and w [N, K]: ``silu_and_mul`` then the
+    product in one launch, with the unfused ops' roundings."""
+    if gate_up.dim() != 2 or gate_up.shape[1] != 2 * w.shape[-1]:
+        raise ValueError(
+            f"silu_mul_skinny_gemm needs gate_up [M, 2K] and w [N, K], got {tuple(gate_up.shape)} and "
+            f"{tuple(w.shape)}"
+        )
+    _check(gate_up, w, 2 * w.shape[1], "gate_up [M, 2K]")
+    return _launch(gate_up, w, _SILU_MUL, w.shape[1], **tuning)[0]
+
+
+def _check(x: torch.Tensor, w: torch.Tensor, x_width: int, x_name: str) -> None:
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != x_width:
+        raise ValueError(
+            f"skinny_gemm needs {x_name} and w [N, K], got {tuple(x.shape)} and {tuple(w.shape)}"
         )
     if not 1 <= x.shape[0] <= MAX_ROWS:
         raise ValueError(f"skinny_gemm serves 1 to {MAX_ROWS} rows, got {x.shape[0]}")
     if x.stride(1) != 1 or w.stride(1) != 1:
         raise ValueError("skinny_gemm needs x and w contiguous along K")
-    m, k = x.shape
-    n = w.shape[0]
+
+
+def _launch(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    prologue: int,
+    k: int,
+    *,
+    num_splits: int | None = None,
+    block_n: int | None = None,
+    block_k: int = 128,
+    num_warps: int = 4,
+    num_stages: int = 4,
+    residual: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    m, n = x.shape[0], w.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    res_out = torch.empty_like(residual) if residual is not None else None
     planned_n, planned_splits = plan(n, k, num_sms(x.device))
     block_n = block_n or planned_n
     num_splits = num_splits or planned_splits
     k_per_split = triton.cdiv(triton.cdiv(k, num_splits), block_k) * block_k
     num_splits = triton.cdiv(k, k_per_split)
     part = torch.empty(num_splits if num_splits > 1 else 0, m, n, dtype=torch.float32, device=x.device)
+    res = residual if residual is not None else x  # unread without the norm prologue
     _skinny_gemm_kernel[(triton.cdiv(n, block_n), num_splits)](
-        x, w, out, part, m, n, k, k_per_split, x.stride(0), w.stride(0), out.stride(0),
+        x, w, out, part, res, norm_weight if norm_weight is not None else x,
+        res_out if res_out is not None else x,
+        m, n, k, k_per_split, x.stride(0), w.stride(0), out.stride(0), res.stride(0), eps,
         BLOCK_M=_BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=num_splits > 1,
-        PRECISION=dot_precision(x.dtype), num_warps=num_warps, num_stages=num_stages,
+        PRECISION=dot_precision(x.dtype), PROLOGUE=prologue, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if num_splits > 1:
         block = 1024
         _sum_splits_kernel[(triton.cdiv(m * n, block),)](
             part, out, m, n, num_splits, out.stride(0), BLOCK=block
         )
-    return out
+    return out, res_out
