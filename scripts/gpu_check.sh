@@ -6,8 +6,9 @@
 # Groups (each sized to fit a 10-minute call on one H100, presets made on first use):
 #   env         nvidia-smi and versions only (always printed first)
 #   tiny        tiny-llama throughput + latency: checks this script and the bench plumbing (seconds)
-#   tests       python3 -m pytest -q -m gpu, file by file, kernels first (~10 min in all: split it over two
-#               calls with TEST_FILES="tests/a.py ..." and TEST_K="pytest -k expression")
+#   tests       python3 -m pytest -q -m gpu, file by file, kernels first, TEST_WORKERS processes a file
+#               (default 4; ~10 min in all with one); TEST_FILES="tests/a.py ..." and TEST_K="pytest -k
+#               expression" split it over calls
 #   profile     scripts/profile_step.py: host phases vs GPU kernels of a decode step, 1B and 8B (~2-4 min)
 #   smoke       llama-3.2-1b: latency bs=1 and a small 128/128 throughput, kiln only  (~1-2 min)
 #   latency     bs=1 ISL 128 / 256 new: llama-3.2-1b and llama-3.1-8b, kiln + transformers peer (~5-8 min)
@@ -37,7 +38,7 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-420}
-TEST_TIMEOUT=${TEST_TIMEOUT:-570}  # the whole suite took ~9.2 min on an H100 (2026-11-27)
+TEST_TIMEOUT=${TEST_TIMEOUT:-570}  # one worker a file: ~10 min on an H100 (2026-11-27), past one call
 PEER=$([ "${HF:-1}" = "0" ] && echo kiln || echo both)
 CACHE_ARGS=()
 [ -n "${PRESET_CACHE:-}" ] && CACHE_ARGS=(--preset-cache "$PRESET_CACHE")
@@ -72,10 +73,12 @@ EOF
 run_tests() {
   # One pytest run per file, kernels first, sharing TEST_TIMEOUT: a file that runs out of time still
   # leaves the earlier files' results and failure reports (pytest prints them only at its end).
-  # Inside a file, one pytest-xdist worker process (when present): a device-side assert then fails
-  # its own test and a fresh worker runs the rest, instead of every later test losing the CUDA context.
+  # Inside a file, TEST_WORKERS pytest-xdist worker processes (default 4, when xdist is present) share
+  # the card: the engine tests spend most of their time on the host (start-up, compiles, capture), and
+  # they cap their KV pools so several fit. A device-side assert fails its own test and a fresh worker
+  # runs the rest, instead of every later test losing the CUDA context.
   local iso=() files=() f t_end=$(($(date +%s) + TEST_TIMEOUT)) worst=0 rc left
-  "$PY" -c "import xdist" 2>/dev/null && iso=(-n 1 --max-worker-restart 100)
+  "$PY" -c "import xdist" 2>/dev/null && iso=(-n "${TEST_WORKERS:-4}" --max-worker-restart 100)
   # TEST_FILES picks files, TEST_K a pytest -k expression: the whole suite is close to one call's limit
   for f in ${TEST_FILES:-tests/test_triton_kernels.py $(grep -l "mark.gpu" tests/test_*.py | grep -v test_triton_kernels.py)}; do
     files+=("$f")

@@ -170,7 +170,10 @@ def test_compile_and_graphs_give_the_eager_tokens_on_gpu(tiny_model):
     # The Triton attention kernel takes head dims 32/64/96/128/256: hidden 128 over 4 heads.
     path = tiny_model("LlamaForCausalLM", tokenizer=True, hidden_size=128, intermediate_size=256)
     prompts = _prompts(12, seed=6, hi=90)
-    common = dict(device="cuda", max_num_tokens=64, max_batch_size=16)
+    # a small pool, not 90% of the card: the GPU suite runs several test processes on one device
+    common = dict(
+        device="cuda", max_num_tokens=64, max_batch_size=16, kv_cache_config=KvCacheConfig(max_tokens=8192)
+    )
     eager, eager_info, _ = _generate(path, prompts, compile=False, cuda_graphs=False, **common)
     got, info, num_graphs = _generate(path, prompts, **common)  # compile and CUDA graphs by default
     assert num_graphs == 2  # compiled at start-up; no step (nor the graph capture) added one

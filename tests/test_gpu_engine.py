@@ -11,7 +11,7 @@ import pytest
 import torch
 from tiny_models import hf_greedy, load_hf_model
 
-from kiln import LLM, SamplingParams
+from kiln import LLM, KvCacheConfig, SamplingParams
 
 pytestmark = [
     pytest.mark.gpu,
@@ -32,6 +32,8 @@ def _llm(path: str, **kw) -> LLM:
     kw.setdefault("max_num_tokens", 256)
     kw.setdefault("max_seq_len", 256)
     kw.setdefault("device", "cuda")
+    # a small pool, not 90% of the card: the GPU suite runs several test processes on one device
+    kw.setdefault("kv_cache_config", KvCacheConfig(max_tokens=16384))
     # torch.compile is tested where it is the subject (the overlap test below, test_compile.py):
     # elsewhere it would only add its start-up time to every engine.
     kw.setdefault("compile", False)
