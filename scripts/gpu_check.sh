@@ -18,7 +18,7 @@
 #   ttft        llama-3.1-8b TTFT of one 2,048-token prompt (~1-2 min)
 #   nano        qwen3-0.6b nano-vllm workload (256 requests), kiln + peer on 64        (~2-4 min)
 #   gemm        scripts/bench_skinny_gemm.py: decode-sized linears, cuBLAS vs the skinny GEMM, 1B and 8B,
-#               then the bs-1 latency runs with --plugin linear=skinny_linear (~3-4 min)
+#               then bs-1 latency with the skinny GEMM, with its prologues too, and with cuBLAS (~6-8 min)
 #   attn        scripts/bench_attention.py: paged attention's prefill launch configurations swept on 8B heads
 #               (prefill, chunk and mixed steps), torch SDPA backends as peers (~2-3 min)
 #   serve       `kiln serve` llama-3.1-8b + `kiln bench serve` ISL/OSL 1024, Poisson rates 2 4 6 (~5-7 min;
@@ -196,10 +196,15 @@ gemm() {
       --json "$OUT/gemm_$m.json" 2>&1 | tee "$OUT/gemm_$m.log"
     printf 'gemm_%s\t%s\tsee gemm_%s.log\n' "$m" "${PIPESTATUS[0]}" "$m" >>"$STATUS_FILE"
   done
-  # end to end: the same bs-1 latency runs as `latency`, with the skinny GEMM for the projections
+  # end to end: the same bs-1 latency runs as `latency`, with the skinny GEMM for the projections,
+  # then also with the norm and SiLU-and-mul as its prologues, then cuBLAS alone on the same machine
   for m in ${LATENCY_MODELS:-llama-3.2-1b llama-3.1-8b}; do
     bench "latency_${m}_bs1_skinny" latency --model "preset:$m" --isl 128 --osl 256 --batch-size 1 \
-      --plugin linear=skinny_linear
+      --backend kiln --plugin linear=skinny_linear
+    bench "latency_${m}_bs1_skinny_fused" latency --model "preset:$m" --isl 128 --osl 256 --batch-size 1 \
+      --backend kiln --plugin linear=skinny_linear --plugin add_rms_norm_linear=skinny_add_rms_norm_linear \
+      --plugin silu_mul_linear=skinny_silu_mul_linear
+    bench "latency_${m}_bs1" latency --model "preset:$m" --isl 128 --osl 256 --batch-size 1 --backend kiln
   done
 }
 

@@ -256,12 +256,20 @@ def test_kv_cache_sizing(tiny_model):
     assert engine.info.dtype == torch.float32 and engine.vocab_size == 320 and engine.dtype == torch.float32
 
 
+def _linear_choice(linear: str) -> dict[str, str]:
+    if linear != "skinny_fused":
+        return {"linear": linear}
+    return {"linear": "skinny_linear", "add_rms_norm_linear": "skinny_add_rms_norm_linear",
+            "silu_mul_linear": "skinny_silu_mul_linear"}  # fmt: skip
+
+
 @pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 @pytest.mark.parametrize(
     "linear,attention,path_kind",
     [
         ("linear", "paged_attention", "eager"),
         ("skinny_linear", "paged_attention", "eager"),
+        ("skinny_fused", "paged_attention", "eager"),  # + the norm and SiLU-and-mul as GEMM prologues
         ("linear", "paged_attention_sdpa", "eager"),
         ("linear", "paged_attention", "piecewise"),
         ("linear", "paged_attention_sdpa", "piecewise"),
@@ -274,7 +282,8 @@ def test_triton_backend_end_to_end(tiny_model, linear, attention, path_kind):
     pytest.importorskip("triton")
     if not ON_GPU and tuple(int(p) for p in np.__version__.split(".")[:2]) >= (2, 4):
         pytest.skip("Triton's interpreter needs numpy < 2.4")
-    path = tiny_model("Qwen3ForCausalLM", head_dim=32, num_hidden_layers=1)
+    # two layers where the projections are fused: the second layer's input norm is the first to fuse
+    path = tiny_model("Qwen3ForCausalLM", head_dim=32, num_hidden_layers=2 if linear == "skinny_fused" else 1)
     ref = {0: reference(path, tuple(SEQ_A)), 1: reference(path, tuple(SEQ_B))}
     engine = ModelEngine(
         path,
@@ -282,7 +291,7 @@ def test_triton_backend_end_to_end(tiny_model, linear, attention, path_kind):
         device="cuda" if ON_GPU else "cpu",
         limits=LIMITS,
         kv_config=KV,
-        plugins=PluginSet("forward", {"linear": linear, "attention": attention}),
+        plugins=PluginSet("forward", _linear_choice(linear) | {"attention": attention}),
     )
     runs = use_piecewise(engine, [16]) if path_kind == "piecewise" else []
     builder = StepBuilder(BLOCK)

@@ -60,6 +60,23 @@ def test_linear_plugin_is_called_only_when_chosen(tiny_model):
     assert outs[None] == outs["skinny_linear"]
 
 
+def test_fused_projection_kinds_are_used_only_when_chosen(tiny_model):
+    """By default the norm, SiLU-and-mul and projections run apart; chosen fused plugins take them
+    together (their references here: the same math) and give the same tokens."""
+    path = tiny_model("Qwen2ForCausalLM", tokenizer=True)  # q|k|v biases: added after the fused op
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    fused = {"add_rms_norm_linear": "skinny_add_rms_norm_linear", "silu_mul_linear": "skinny_silu_mul_linear"}
+    outs = {}
+    for name, plugins in (("apart", None), ("fused", fused)):
+        with LLM(path, max_batch_size=4, max_num_tokens=64, max_seq_len=128, plugins=plugins,
+                 executor="thread") as llm:  # fmt: skip
+            layers = llm._executor._core.engine.model.model.layers
+            assert all((layer.norm_linear_op is None) == (plugins is None) for layer in layers)
+            assert all((layer.mlp.silu_mul_linear_op is None) == (plugins is None) for layer in layers)
+            outs[name] = llm.generate([[1, 2, 3, 4], [5, 6]], sp, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs["apart"]] == [o.outputs[0].token_ids for o in outs["fused"]]
+
+
 def test_forward_launches_triton_kernels_directly():
     """Inside a plugin's op, wrap_triton launches go straight to the kernel: its tracing path costs
     ~0.1-0.2 ms of host time per launch and keeps each launch's arguments in a global table."""

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kiln.plugins import DEFAULT_PLUGINS, PluginSet
+from kiln.plugins import PluginSet
 
 
 class Linear(nn.Module):
@@ -29,7 +29,7 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.linear_op = None
-        if plugins is not None and plugins.choice["linear"][0] != DEFAULT_PLUGINS["linear"]:
+        if plugins is not None and plugins.overridden("linear"):
             self.linear_op = plugins.linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,15 @@ class GatedMLP(nn.Module):
         self.gate_up_proj = MergedLinear(hidden_size, parts, bias=bias, plugins=plugins)
         self.down_proj = Linear(intermediate_size, hidden_size, bias=bias, plugins=plugins)
         self.silu_and_mul_op = plugins.silu_and_mul
+        # a chosen silu_mul_linear plugin takes SiLU-and-mul and the down projection together
+        self.silu_mul_linear_op = plugins.silu_mul_linear if plugins.overridden("silu_mul_linear") else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)  # [T, 2I]
-        return self.down_proj(self.silu_and_mul_op(gate_up))  # [T, I] -> [T, H]
+        return self.from_gate_up(self.gate_up_proj(x))
+
+    def from_gate_up(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """[T, 2I] (gate | up, bias included) -> [T, H]."""
+        if self.silu_mul_linear_op is None:
+            return self.down_proj(self.silu_and_mul_op(gate_up))  # [T, I] -> [T, H]
+        down = self.silu_mul_linear_op(gate_up, self.down_proj.weight)
+        return down if self.down_proj.bias is None else down + self.down_proj.bias

@@ -52,8 +52,18 @@ class SelfAttention(nn.Module):
         slot_mapping: torch.Tensor,
     ) -> torch.Tensor:
         """q/k/v projections (and q/k norms), then RoPE and this step's KV write; -> rotated q [T, Hq, D]."""
-        num_tokens = hidden.shape[0]
-        qkv = self.qkv_proj(hidden)  # [T, (Hq + 2 Hkv) D]
+        return self.project_qkv(self.qkv_proj(hidden), positions, cos_sin_cache, kv_cache, slot_mapping)
+
+    def project_qkv(
+        self,
+        qkv: torch.Tensor,  # [T, (Hq + 2 Hkv) D], the q|k|v projection's output (bias included)
+        positions: torch.Tensor,
+        cos_sin_cache: torch.Tensor,
+        kv_cache: KvCache,
+        slot_mapping: torch.Tensor,
+    ) -> torch.Tensor:
+        """``project`` from the q|k|v projection on."""
+        num_tokens = qkv.shape[0]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
@@ -75,6 +85,11 @@ class DecoderLayer(nn.Module):
         self.self_attn = SelfAttention(cfg, layer_idx, plugins)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, plugins)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, plugins)
+        # A chosen add_rms_norm_linear plugin takes each residual add + norm together with the projection
+        # after it (q|k|v, gate|up); by default they run apart.
+        self.norm_linear_op = (
+            plugins.add_rms_norm_linear if plugins.overridden("add_rms_norm_linear") else None
+        )
 
     # A layer is two pieces around its attention: ``pre_attention`` ends with this step's KV write,
     # ``post_attention`` starts from the attention output. Piecewise CUDA graphs capture the pieces
@@ -90,18 +105,30 @@ class DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (rotated q [T, Hq, D], residual [T, H])."""
         # The residual add of the previous sub-block is fused into the next norm.
+        attn = self.self_attn
+        if residual is not None and self.norm_linear_op is not None:
+            norm = self.input_layernorm
+            qkv, residual = self.norm_linear_op(hidden, residual, norm.weight, norm.eps, attn.qkv_proj.weight)
+            qkv = qkv if attn.qkv_proj.bias is None else qkv + attn.qkv_proj.bias
+            return attn.project_qkv(qkv, positions, cos_sin_cache, kv_cache, slot_mapping), residual
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        return self.self_attn.project(hidden, positions, cos_sin_cache, kv_cache, slot_mapping), residual
+        return attn.project(hidden, positions, cos_sin_cache, kv_cache, slot_mapping), residual
 
     def post_attention(
         self, attn_out: torch.Tensor, residual: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """attention output [T, Hq, D] -> (hidden, residual), the layer's outputs."""
-        hidden, residual = self.post_attention_layernorm(self.self_attn.output(attn_out), residual)
+        out = self.self_attn.output(attn_out)
+        if self.norm_linear_op is not None:
+            norm, gate_up_proj = self.post_attention_layernorm, self.mlp.gate_up_proj
+            gate_up, residual = self.norm_linear_op(out, residual, norm.weight, norm.eps, gate_up_proj.weight)
+            gate_up = gate_up if gate_up_proj.bias is None else gate_up + gate_up_proj.bias
+            return self.mlp.from_gate_up(gate_up), residual
+        hidden, residual = self.post_attention_layernorm(out, residual)
         return self.mlp(hidden), residual
 
     def forward(

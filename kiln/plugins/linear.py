@@ -2,15 +2,22 @@
 
 ``linear`` (the default) is cuBLAS through ``torch.nn.functional.linear``; layers call it directly,
 not through its op, so torch.compile and CUDA graphs see a plain matmul. ``skinny_linear`` runs
-inputs of at most ``skinny_gemm.MAX_ROWS`` rows (decode at small batch) through the split-K skinny GEMM
+inputs of at most ``skinny_gemm.MAX_ROWS`` rows (decode at small batch) through the skinny GEMM
 (``plugins/triton/skinny_gemm.py``) and everything else through cuBLAS. Biases are added by the
 layer, outside the op.
+
+Two kinds fuse the op before a projection into it: ``add_rms_norm_linear`` (the residual add and
+RMSNorm before q|k|v and gate|up) and ``silu_mul_linear`` (SiLU-and-mul before down). Their defaults
+are the ops apart, and layers then call the ops apart directly, without the fused kind's op; the
+``skinny_`` plugins apply the first op as the skinny GEMM's prologue at up to ``MAX_ROWS`` rows.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
+from kiln.plugins.norms import rms_norm_reference
 from kiln.plugins.registry import Plugin, plugin
 
 
@@ -40,3 +47,72 @@ class SkinnyLinear(_Linear):
         if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_ROWS or weight.stride(1) != 1:
             return F.linear(x, weight)
         return skinny_gemm(x.contiguous(), weight)
+
+
+def _skinny_rows(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    from kiln.plugins.triton.skinny_gemm import MAX_ROWS
+
+    return x.dim() == 2 and 1 <= x.shape[0] <= MAX_ROWS and x.stride(1) == 1 and weight.stride(1) == 1
+
+
+@plugin("add_rms_norm_linear", kind="add_rms_norm_linear")
+class AddRmsNormLinear(Plugin):
+    """(rms_norm(x + residual) @ weight^T, x + residual): ``fused_add_rms_norm``, then cuBLAS."""
+
+    schema = "(Tensor x, Tensor residual, Tensor norm_weight, float eps, Tensor weight) -> (Tensor, Tensor)"
+
+    def shape_dtype_inference(self, x, residual, norm_weight, eps, weight):
+        return x.new_empty(*x.shape[:-1], weight.shape[0]), torch.empty_like(x)
+
+    def forward(self, x, residual, norm_weight, eps, weight):
+        from kiln.plugins.triton.norms import fused_add_rms_norm
+
+        normed, residual_out = fused_add_rms_norm(x, residual, norm_weight, eps)
+        return F.linear(normed, weight), residual_out
+
+    def reference(self, x, residual, norm_weight, eps, weight):
+        residual_out = x + residual
+        return F.linear(rms_norm_reference(residual_out, norm_weight, eps), weight), residual_out
+
+
+@plugin("skinny_add_rms_norm_linear", kind="add_rms_norm_linear")
+class SkinnyAddRmsNormLinear(AddRmsNormLinear):
+    """The norm as the skinny GEMM's prologue at up to ``MAX_ROWS`` rows; the ops apart beyond."""
+
+    def forward(self, x, residual, norm_weight, eps, weight):
+        if not _skinny_rows(x, weight) or residual.stride() != x.stride():
+            return super().forward(x, residual, norm_weight, eps, weight)
+        from kiln.plugins.triton.skinny_gemm import add_rms_norm_skinny_gemm
+
+        return add_rms_norm_skinny_gemm(x, residual, norm_weight, eps, weight)
+
+
+@plugin("silu_mul_linear", kind="silu_mul_linear")
+class SiluMulLinear(Plugin):
+    """gate_up [T, 2I] (gate | up) -> (silu(gate) * up) @ weight^T: ``silu_and_mul``, then cuBLAS."""
+
+    schema = "(Tensor gate_up, Tensor weight) -> Tensor"
+
+    def shape_dtype_inference(self, gate_up, weight):
+        return gate_up.new_empty(*gate_up.shape[:-1], weight.shape[0])
+
+    def forward(self, gate_up, weight):
+        from kiln.plugins.triton.activation import silu_and_mul
+
+        return F.linear(silu_and_mul(gate_up), weight)
+
+    def reference(self, gate_up, weight):
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, weight)
+
+
+@plugin("skinny_silu_mul_linear", kind="silu_mul_linear")
+class SkinnySiluMulLinear(SiluMulLinear):
+    """SiLU-and-mul as the skinny GEMM's prologue at up to ``MAX_ROWS`` rows; the ops apart beyond."""
+
+    def forward(self, gate_up, weight):
+        if not _skinny_rows(gate_up, weight):
+            return super().forward(gate_up, weight)
+        from kiln.plugins.triton.skinny_gemm import silu_mul_skinny_gemm
+
+        return silu_mul_skinny_gemm(gate_up, weight)

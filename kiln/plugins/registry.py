@@ -170,6 +170,8 @@ DEFAULT_PLUGINS = {
     "fused_add_rms_norm": "fused_add_rms_norm",
     "silu_and_mul": "silu_and_mul",
     "linear": "linear",
+    "add_rms_norm_linear": "add_rms_norm_linear",
+    "silu_mul_linear": "silu_mul_linear",
 }
 
 
@@ -203,6 +205,11 @@ class PluginSet:
             self.choice[kind] = (name, be)
             self._ops[kind] = reg.op(be)
             self._into[kind] = reg.into_impl if be == "forward" else None
+
+    def overridden(self, kind: str) -> bool:
+        """Whether ``kind`` runs another plugin than its default: layers call a default linear or
+        fused-projection kind's ops directly, without its custom op."""
+        return self.choice[kind][0] != DEFAULT_PLUGINS[kind]
 
     def writer(self, kind: str) -> Callable[..., None] | None:
         """``kind``'s ``forward_into`` (called outside any traced or compiled code), or None when the
