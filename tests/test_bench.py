@@ -437,6 +437,11 @@ def test_end_to_end_throughput_and_latency_on_cpu(tmp_path, capsys):
     assert r["roofline"]["bound"] > 0 and r["workload"]["output_tokens"] == 64
     assert "output tok/s" in capsys.readouterr().out
     assert (tmp_path / "R.md").read_text().count("preset:tiny-llama") == 1
+    # kiln bench simulate reads the report and remakes its steps
+    capsys.readouterr()
+    assert main(["bench", "simulate", "--from-report", str(out)]) == 0
+    measured, model = capsys.readouterr().out.splitlines()[1:3]
+    assert measured.split()[2:5] == model.split()[1:4]  # steps, decode-only steps, preemptions
     lat = tmp_path / "l.json"
     argv = [
         "bench",
