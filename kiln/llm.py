@@ -29,6 +29,14 @@ Sink = Callable[[RequestOutput | Exception], None]
 _SUBMIT_CHUNK = 256  # requests per message when generate() sends a large batch
 
 
+def _all_token_ints(values: list[Any]) -> bool:
+    """Every value an int and none a bool. The common case (plain ints) is one pass in C; only
+    a list holding something else is checked value by value (int subclasses other than bool pass)."""
+    if set(map(type, values)) <= {int}:
+        return True
+    return all(isinstance(t, int) and not isinstance(t, bool) for t in values)
+
+
 class LLM:
     """An engine over one model. ``model=None`` serves the embedded demo model.
 
@@ -297,7 +305,7 @@ class LLM:
             if prompt == "":
                 raise InvalidRequestError("prompt must not be empty", param="prompt")
             text, ids = prompt, self.tokenizer.encode(prompt)
-        elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        elif isinstance(prompt, list) and _all_token_ints(prompt):
             ids = list(prompt)
         else:
             raise InvalidRequestError(

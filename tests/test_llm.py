@@ -249,6 +249,9 @@ def test_bad_input_is_rejected_with_clear_errors(tiny_model):
             llm.generate("", SamplingParams(), use_tqdm=False)
         with pytest.raises(InvalidRequestError, match=r"token ids must be in \[0, 320\)"):
             llm.generate([[1, 2, 400]], SamplingParams(), use_tqdm=False)
+        for not_ids in ([1, True], [1, 2.0], [1, "2"]):  # bools are ints to Python, not token ids
+            with pytest.raises(InvalidRequestError, match="a list of token ids"):
+                llm.generate([not_ids], SamplingParams(), use_tqdm=False)
         with pytest.raises(ValueError, match="temperature must be >= 0, got -1"):
             SamplingParams(temperature=-1)
         # The engine is unharmed.
