@@ -8,10 +8,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, get_args
+from typing import TYPE_CHECKING, Any, get_args
 
 from kiln.bench.throughput import DEFAULT_HF_BATCH_SIZE, DEFAULT_HF_NUM_REQUESTS, DEFAULT_NUM_REQUESTS
 from kiln.config import SchedulerPolicy
+
+if TYPE_CHECKING:
+    from kiln.bench.simulate import StepCostModel
 
 # The sub-parsers built by add_arguments, so a run can write its command line back out.
 _PARSERS: dict[str, argparse.ArgumentParser] = {}
@@ -270,7 +273,7 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _simulate_reports(paths: list[str], tokens_per_block: int, cost: Any) -> int:
+def _simulate_reports(paths: list[str], tokens_per_block: int, cost: StepCostModel) -> int:
     """Each report's synthetic workload through the simulation, beside the report's own figures."""
     import json
 

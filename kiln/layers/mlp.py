@@ -26,5 +26,4 @@ class GatedMLP(nn.Module):
         """[T, 2I] (gate | up, bias included) -> [T, H]."""
         if self.silu_mul_linear_op is None:
             return self.down_proj(self.silu_and_mul_op(gate_up))  # [T, I] -> [T, H]
-        down = self.silu_mul_linear_op(gate_up, self.down_proj.weight)
-        return down if self.down_proj.bias is None else down + self.down_proj.bias
+        return self.down_proj.add_bias(self.silu_mul_linear_op(gate_up, self.down_proj.weight))

@@ -109,7 +109,7 @@ class DecoderLayer(nn.Module):
         if residual is not None and self.norm_linear_op is not None:
             norm = self.input_layernorm
             qkv, residual = self.norm_linear_op(hidden, residual, norm.weight, norm.eps, attn.qkv_proj.weight)
-            qkv = qkv if attn.qkv_proj.bias is None else qkv + attn.qkv_proj.bias
+            qkv = attn.qkv_proj.add_bias(qkv)
             return attn.project_qkv(qkv, positions, cos_sin_cache, kv_cache, slot_mapping), residual
         if residual is None:
             residual = hidden
@@ -126,8 +126,7 @@ class DecoderLayer(nn.Module):
         if self.norm_linear_op is not None:
             norm, gate_up_proj = self.post_attention_layernorm, self.mlp.gate_up_proj
             gate_up, residual = self.norm_linear_op(out, residual, norm.weight, norm.eps, gate_up_proj.weight)
-            gate_up = gate_up if gate_up_proj.bias is None else gate_up + gate_up_proj.bias
-            return self.mlp.from_gate_up(gate_up), residual
+            return self.mlp.from_gate_up(gate_up_proj.add_bias(gate_up)), residual
         hidden, residual = self.post_attention_layernorm(out, residual)
         return self.mlp(hidden), residual
 

@@ -42,17 +42,18 @@ class CublasLinear(_Linear):
 @plugin("skinny_linear", kind="linear")
 class SkinnyLinear(_Linear):
     def forward(self, x, weight):
-        from kiln.plugins.triton.skinny_gemm import MAX_ROWS, skinny_gemm
-
-        if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_ROWS or weight.stride(1) != 1:
+        if not _skinny_rows(x, weight):
             return F.linear(x, weight)
+        from kiln.plugins.triton.skinny_gemm import skinny_gemm
+
         return skinny_gemm(x.contiguous(), weight)
 
 
 def _skinny_rows(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the skinny GEMM serves this input (few rows; x is made contiguous by the caller)."""
     from kiln.plugins.triton.skinny_gemm import MAX_ROWS
 
-    return x.dim() == 2 and 1 <= x.shape[0] <= MAX_ROWS and x.stride(1) == 1 and weight.stride(1) == 1
+    return x.dim() == 2 and 1 <= x.shape[0] <= MAX_ROWS and weight.stride(1) == 1
 
 
 @plugin("add_rms_norm_linear", kind="add_rms_norm_linear")
@@ -80,11 +81,11 @@ class SkinnyAddRmsNormLinear(AddRmsNormLinear):
     """The norm as the skinny GEMM's prologue at up to ``MAX_ROWS`` rows; the ops apart beyond."""
 
     def forward(self, x, residual, norm_weight, eps, weight):
-        if not _skinny_rows(x, weight) or residual.stride() != x.stride():
+        if not _skinny_rows(x, weight):
             return super().forward(x, residual, norm_weight, eps, weight)
         from kiln.plugins.triton.skinny_gemm import add_rms_norm_skinny_gemm
 
-        return add_rms_norm_skinny_gemm(x, residual, norm_weight, eps, weight)
+        return add_rms_norm_skinny_gemm(x.contiguous(), residual.contiguous(), norm_weight, eps, weight)
 
 
 @plugin("silu_mul_linear", kind="silu_mul_linear")
@@ -115,4 +116,4 @@ class SkinnySiluMulLinear(SiluMulLinear):
             return super().forward(gate_up, weight)
         from kiln.plugins.triton.skinny_gemm import silu_mul_skinny_gemm
 
-        return silu_mul_skinny_gemm(gate_up, weight)
+        return silu_mul_skinny_gemm(gate_up.contiguous(), weight)

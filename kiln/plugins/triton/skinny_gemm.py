@@ -159,12 +159,7 @@ def add_rms_norm_skinny_gemm(
 def silu_mul_skinny_gemm(gate_up: torch.Tensor, w: torch.Tensor, **tuning: Any) -> torch.Tensor:
     """(silu(gate) * up) @ w.T for gate_up [M, 2K] (gate | up) and w [N, K]: ``silu_and_mul`` then the
     product in one launch, with the unfused ops' roundings."""
-    if gate_up.dim() != 2 or gate_up.shape[1] != 2 * w.shape[-1]:
-        raise ValueError(
-            f"silu_mul_skinny_gemm needs gate_up [M, 2K] and w [N, K], got {tuple(gate_up.shape)} and "
-            f"{tuple(w.shape)}"
-        )
-    _check(gate_up, w, 2 * w.shape[1], "gate_up [M, 2K]")
+    _check(gate_up, w, 2 * w.shape[-1], "gate_up [M, 2K]")
     return _launch(gate_up, w, _SILU_MUL, w.shape[1], **tuning)[0]
 
 
