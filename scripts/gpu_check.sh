@@ -78,7 +78,13 @@ run_tests() {
   # they cap their KV pools so several fit. A device-side assert fails its own test and a fresh worker
   # runs the rest, instead of every later test losing the CUDA context.
   local iso=() files=() f t_end=$(($(date +%s) + TEST_TIMEOUT)) worst=0 rc left
+  if ! "$PY" -c "import xdist" 2>/dev/null && ls .whl/pytest_xdist-*.whl >/dev/null 2>&1; then
+    note "installing pytest-xdist from .whl/"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/kiln-test-site \
+      .whl/pytest_xdist-*.whl .whl/execnet-*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/kiln-test-site"
+  fi
   "$PY" -c "import xdist" 2>/dev/null && iso=(-n "${TEST_WORKERS:-4}" --max-worker-restart 100)
+  [ ${#iso[@]} = 0 ] && note "pytest-xdist is missing: one process a file (carry .whl, see benchmarks/README.md)"
   # TEST_FILES picks files, TEST_K a pytest -k expression: the whole suite is close to one call's limit
   for f in ${TEST_FILES:-tests/test_triton_kernels.py $(grep -l "mark.gpu" tests/test_*.py | grep -v test_triton_kernels.py)}; do
     files+=("$f")
@@ -134,7 +140,7 @@ smoke() {
 
 latency() {
   # LATENCY_MODELS: presets to run (default: llama-3.2-1b llama-3.1-8b)
-  for m in ${LATENCY_MODELS:-llama-3.2-1b llama-3.1-8b}; do
+  for m in ${LATENCY_MODELS-llama-3.2-1b llama-3.1-8b}; do  # LATENCY_MODELS="" skips them
     bench "latency_${m}_bs1" latency --model "preset:$m" --isl 128 --osl 256 --batch-size 1 --backend "$PEER"
   done
 }
@@ -198,7 +204,7 @@ gemm() {
   done
   # end to end: the same bs-1 latency runs as `latency`, with the skinny GEMM for the projections,
   # then also with the norm and SiLU-and-mul as its prologues, then cuBLAS alone on the same machine
-  for m in ${LATENCY_MODELS:-llama-3.2-1b llama-3.1-8b}; do
+  for m in ${LATENCY_MODELS-llama-3.2-1b llama-3.1-8b}; do  # LATENCY_MODELS="" skips them
     bench "latency_${m}_bs1_skinny" latency --model "preset:$m" --isl 128 --osl 256 --batch-size 1 \
       --backend kiln --plugin linear=skinny_linear
     bench "latency_${m}_bs1_skinny_fused" latency --model "preset:$m" --isl 128 --osl 256 --batch-size 1 \

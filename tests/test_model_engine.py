@@ -113,7 +113,7 @@ def test_paged_chunked_mixed_run_matches_transformers(tiny_model, case, path_kin
     scored: dict[int, list[float]] = {0: [], 1: []}
     for i, chunks in enumerate(schedule()):
         out = engine.forward(builder.batch(chunks, slot_inits=inits if i == 0 else None))
-        assert out.logits.shape == (len(chunks), 320) and out.logits.dtype == torch.float32
+        assert out.logits.shape == (len(chunks), 320) and out.logits.dtype == engine.dtype
         for row, c in enumerate(chunks):  # every chunk samples: logits of its last position
             torch.testing.assert_close(out.logits[row], ref[c.seq_id][c.start + len(c.tokens) - 1], **TOL)
         for lp in out.prompt_logprobs:

@@ -48,7 +48,7 @@ class ForwardOutput:
     """``prompt_logprobs`` follow the chunk convention of kiln/engine/prompt_logprobs.py: one entry per
     requested context chunk; concatenated over a prompt's chunks they score tokens 1 .. P-1."""
 
-    logits: torch.Tensor  # [R, V] float32, row r = last token of sequence batch.sample_rows[r]
+    logits: torch.Tensor  # [R, V] model dtype, row r = last token of sequence batch.sample_rows[r]
     prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
 
 

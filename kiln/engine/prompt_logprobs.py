@@ -80,7 +80,7 @@ class PromptLogprobsComputer:
         tgt = torch.from_numpy(targets).to(hidden.device)
         for lo in range(0, num, self.rows_per_slice):
             hi = min(num, lo + self.rows_per_slice)
-            logprobs = torch.log_softmax(self.compute_logits(hidden[lo:hi]), dim=-1)  # [l, V] float32
+            logprobs = torch.log_softmax(self.compute_logits(hidden[lo:hi]).float(), dim=-1)  # [l, V] fp32
             token_lp[lo:hi] = logprobs.gather(1, tgt[lo:hi, None]).squeeze(1).cpu().numpy()
             if k > 0:
                 values, ids = logprobs.topk(k, dim=-1)  # [l, k], best first

@@ -97,9 +97,13 @@ class EngineCore:
             compile=cfg.compile,
             sampler_warm_up=build_sampler,
         )
-        # no warm-up ran on the CPU or with a fixed KV size: build it now
-        self.decoder = warmed[0] if warmed else Decoder(cfg.limits.max_batch_size, self.engine.vocab_size,
-                                                        self.engine.device)  # fmt: skip
+        # the KV-sizing warm-up did not run (CPU, or a fixed KV size): build the sampler now, and on the
+        # GPU warm it up all the same, or its kernels would compile at the first steps
+        if not warmed:
+            warmed.append(Decoder(cfg.limits.max_batch_size, self.engine.vocab_size, self.engine.device))
+            if self.engine.device.type == "cuda":
+                warmed[0].warm_up()
+        self.decoder = warmed[0]
         self.scheduler = Scheduler(
             cfg.scheduler_config,
             cfg.limits,

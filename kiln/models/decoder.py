@@ -189,7 +189,7 @@ class DecoderForCausalLM(nn.Module):
         return self.model(input_ids, positions, attn, kv_caches)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)  # [R, H] -> [R, V] float32
+        return self.lm_head(hidden)  # [R, H] -> [R, V], model dtype
 
     def materialize_rope(self, max_positions: int, device: torch.device | str) -> None:
         self.model.rotary.materialize(max_positions, device)
