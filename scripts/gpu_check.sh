@@ -12,7 +12,8 @@
 #   profile     scripts/profile_step.py: host phases vs GPU kernels of a decode step, 1B and 8B (~2-4 min)
 #   smoke       llama-3.2-1b: latency bs=1 and a small 128/128 throughput, kiln only  (~1-2 min)
 #   latency     bs=1 ISL 128 / 256 new: llama-3.2-1b and llama-3.1-8b, kiln + transformers peer (~5-8 min)
-#   throughput  llama-3.1-8b 128/128 x 512 requests, kiln + transformers peer on 256   (~4-7 min)
+#   throughput  llama-3.1-8b 128/128 x 10,000 requests, max batch 1024, kiln + transformers peer on 256
+#               (~4-6 min)
 #   workloads   llama-3.1-8b 128/2048 x 512, 2048/128 x 1024, 2048/2048 x 512, kiln only (WORKLOADS changes
 #               them: "ISL/OSLxREQUESTS ..."; ~8-10 min: split over two calls when they run slow)
 #   ttft        llama-3.1-8b TTFT of one 2,048-token prompt (~1-2 min)
@@ -146,9 +147,10 @@ latency() {
 }
 
 throughput() {
-  # MAX_BATCH: the engine's max batch size for this run (default 512, kiln bench's own default);
-  # NUM_REQUESTS: requests (default 512; TensorRT-LLM's published 128/128 runs queue 30,000)
-  local mb=${MAX_BATCH:-512} n=${NUM_REQUESTS:-512}
+  # MAX_BATCH: the engine's max batch size for this run (default 1024: 17,202 output tok/s against
+  # 16,771 at kiln bench's own default of 512 on an H100, benchmarks/RESULTS.md);
+  # NUM_REQUESTS: requests (default 10,000, ~75 s of run; TensorRT-LLM's published 128/128 runs queue 30,000)
+  local mb=${MAX_BATCH:-1024} n=${NUM_REQUESTS:-10000}
   bench "throughput_llama8b_128_128${MAX_BATCH:+_bs$mb}${NUM_REQUESTS:+_n$n}" throughput --model preset:llama-3.1-8b \
     --isl 128 --osl 128 --num-requests "$n" --max-batch-size "$mb" --backend "$PEER" --hf-num-requests 256 \
     --hf-batch-size 64

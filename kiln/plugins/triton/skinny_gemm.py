@@ -2,7 +2,7 @@
 
 At batch 1-8 a linear layer is a pass over its weight matrix. The first version multiplied every
 row in registers ([rows, BLOCK_N, BLOCK_K] products and a reduction per K tile) and lost to cuBLAS
-on every decode shape of an H100 (0.08-0.77x, docs/kernels.md). This one is a GEMM tile whose rows
+end to end on an H100 (docs/kernels.md). This one is a GEMM tile whose rows
 are x's few rows padded to ``BLOCK_M`` = 16 (masked loads, so the padding reads nothing): each program
 owns ``BLOCK_N`` output columns, streams ``[BLOCK_K, BLOCK_N]`` tiles of w^T (contiguous along K,
 16-byte loads) through ``tl.dot``, and Triton's software pipeline keeps ``num_stages`` tiles in flight
@@ -10,8 +10,8 @@ per program. Column tiles are as wide as still gives ~2 waves of programs; only 
 tiles do not fill one wave is K split, with fp32 partials summed by a second launch.
 
 The ``skinny_linear`` plugin (opt-in: ``LLM(..., plugins={"linear": "skinny_linear"})``) uses it;
-``scripts/bench_skinny_gemm.py`` times it against cuBLAS on a model's shapes, and it becomes the
-default only where it measurably wins.
+``scripts/bench_skinny_gemm.py`` times it against cuBLAS on a model's shapes. On an H100 it loses on
+every one at one row (0.23-0.85x, docs/kernels.md): it stays opt-in.
 """
 
 from __future__ import annotations
