@@ -1,4 +1,5 @@
-"""Paged attention's launch configurations swept: the prefill pass (torch's SDPA as a peer), or --decode.
+"""Paged attention's launch configurations swept: the prefill pass (torch's SDPA as a peer), --decode,
+or --split (paged_attention_sdpa's fresh prompts through cuDNN beside the Triton kernel).
 
     python3 scripts/bench_attention.py [--json FILE] [--reps 30] [--case NAME ...]
 
@@ -317,6 +318,11 @@ def main() -> None:
                     help="mixed case: also time every configuration on two streams")  # fmt: skip
     ap.add_argument("--json", default=None, help="write every row and the environment to this file")
     ap.add_argument("--decode", action="store_true", help="sweep the decode pass instead (DECODE_CASES)")
+    ap.add_argument(
+        "--split",
+        action="store_true",
+        help="time paged_attention_sdpa's fresh-prompt split against Triton alone (SPLIT_CASES)",
+    )
     ap.add_argument("--decode-case", nargs="+", choices=list(DECODE_CASES), default=list(DECODE_CASES))
     ap.add_argument("--decode-block-n", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--decode-warps", type=int, nargs="+", default=[4])
@@ -326,7 +332,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench_attention.py needs a CUDA device")
     with direct_launches():
-        run_decode(args) if args.decode else run(args)
+        run_decode(args) if args.decode else run_split(args) if args.split else run(args)
 
 
 def direct_launches() -> contextlib.AbstractContextManager:
@@ -524,6 +530,75 @@ def run_decode(args: argparse.Namespace) -> None:
             rows.append(
                 dict(case=title, config=label, us=us, gbps=kv_bytes / us / 1e3, default=label == "default")
             )
+    if args.json:
+        with open(args.json, "w") as f:
+            meta = dict(gpu=gpu, torch=torch.__version__, triton=triton.__version__)
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+        print(f"wrote {args.json}")
+
+
+# ------------------------------------------------------------------ fresh prompts to SDPA (--split)
+
+# name -> (title, [(new tokens, kv length after the step)] in packed order): decode rows first
+SPLIT_CASES: dict[str, tuple[str, list[tuple[int, int]]]] = {
+    "mixed2048x128": ("2048/128 mixed: 150 decode @2.1k + 3x2048 + 1x1500",
+                      [(1, 2100)] * 150 + [(2048, 2048)] * 3 + [(1500, 1500)]),
+    "mixed2048x2048": ("2048/2048 mixed: 100 decode @3k + 1x2048", [(1, 3000)] * 100 + [(2048, 2048)]),
+    "chunked": ("a chunk after its prefix + 2x2048", [(1000, 3048)] + [(2048, 2048)] * 2),
+}  # fmt: skip
+
+
+def run_split(args: argparse.Namespace) -> None:
+    """paged_attention_sdpa's forward_into with the step's FreshPrompts (the leading sequences to the
+    Triton kernel, the trailing fresh prompts to cuDNN) against the Triton kernel alone on the same
+    step; CUDA-graph replays of one call (the split's Python launches cost nothing in the figure,
+    as they do not in a step whose GPU work outlasts them)."""
+    import numpy as np
+    import triton
+
+    from kiln.engine.attention_metadata import FreshPrompts
+    from kiln.plugins import get_plugin
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    reference = get_plugin("paged_attention").plugin.reference
+    triton_into = get_plugin("paged_attention").into_impl
+    split_into = get_plugin("paged_attention_sdpa").into_impl
+    gpu = torch.cuda.get_device_name()
+    print(f"fresh-prompt split on {gpu}: torch {torch.__version__}, triton {triton.__version__}, bf16, "
+          f"Hq {NUM_Q_HEADS} Hkv {NUM_KV_HEADS} D {HEAD_DIM}, page {args.page_size}")  # fmt: skip
+    rows: list[dict] = []
+    for key, (title, seqs) in SPLIT_CASES.items():
+        batch = paged_batch(seqs, args.page_size, dev)
+        ref = reference(*(t.float() for t in batch[:3]), *batch[3:], 0)
+        computed = np.array([kv - q for q, kv in seqs])
+        new = np.array([q for q, _ in seqs])
+        num_decode = int(np.sum((new == 1) & (computed > 0)))
+        fresh = FreshPrompts.of_step(computed, new, num_decode)
+        out = torch.empty_like(batch[0])
+        times = {}
+
+        def alone(out=out, batch=batch):
+            triton_into(out, *batch, 0)
+
+        def split(out=out, batch=batch, fresh=fresh):
+            split_into(out, *batch, 0, fresh_prompts=fresh)
+
+        for name, fn in (("triton", alone), ("split", split)):
+            try:
+                fn()
+                torch.cuda.synchronize()
+                err = (out.float() - ref).abs().max().item()
+                if not err < MAX_ABS_ERR:
+                    print(f"  {title}: {name} WRONG (max abs error {err:.3g})")
+                    continue
+                times[name] = time_us(fn, args.reps, args.warmup, not args.eager)
+            except Exception as e:  # noqa: BLE001 - e.g. a backend that cannot be captured here
+                print(f"  {title}: {name} skip: {short_reason(e)}")
+        if len(times) == 2:
+            print(f"{title}: Triton {times['triton']:.1f} us, split {times['split']:.1f} us "
+                  f"({times['triton'] / times['split']:.2f}x)", flush=True)  # fmt: skip
+        rows.append(dict(case=key, title=title, **{f"{k}_us": v for k, v in times.items()}))
     if args.json:
         with open(args.json, "w") as f:
             meta = dict(gpu=gpu, torch=torch.__version__, triton=triton.__version__)

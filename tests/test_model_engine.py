@@ -273,13 +273,24 @@ def _linear_choice(linear: str) -> dict[str, str]:
         ("linear", "paged_attention_sdpa", "eager"),
         ("linear", "paged_attention", "piecewise"),
         ("linear", "paged_attention_sdpa", "piecewise"),
+        ("linear", "paged_attention_sdpa", "piecewise-split"),
     ],
 )
-def test_triton_backend_end_to_end(tiny_model, linear, attention, path_kind):
+def test_triton_backend_end_to_end(tiny_model, monkeypatch, linear, attention, path_kind):
     """The same paged schedule through the Triton plugins: compiled on a GPU, else Triton's interpreter.
     (The schedule starts with a lone fresh prompt: paged_attention_sdpa's SDPA path.) "piecewise": the
-    attention writes straight into the pieces' static output rows (its plugin's forward_into)."""
+    attention writes straight into the pieces' static output rows (its plugin's forward_into).
+    "piecewise-split": with no work floor on the fresh prompts SDPA takes, the second step's fresh
+    prompt B goes to SDPA while A's chunk (a cached prefix) goes to the Triton kernel, in one call."""
     pytest.importorskip("triton")
+    from kiln.plugins import sdpa_prefill
+
+    sdpa_calls: list[int] = []
+    real_sdpa = sdpa_prefill.fresh_prompt_attention
+    monkeypatch.setattr(sdpa_prefill, "fresh_prompt_attention",
+                        lambda q, *a: sdpa_calls.append(a[-2]) or real_sdpa(q, *a))  # fmt: skip
+    if path_kind == "piecewise-split":
+        monkeypatch.setattr(sdpa_prefill, "MIN_SPLIT_WORK", 1)
     if not ON_GPU and tuple(int(p) for p in np.__version__.split(".")[:2]) >= (2, 4):
         pytest.skip("Triton's interpreter needs numpy < 2.4")
     # two layers where the projections are fused: the second layer's input norm is the first to fuse
@@ -293,14 +304,16 @@ def test_triton_backend_end_to_end(tiny_model, linear, attention, path_kind):
         kv_config=KV,
         plugins=PluginSet("forward", _linear_choice(linear) | {"attention": attention}),
     )
-    runs = use_piecewise(engine, [16]) if path_kind == "piecewise" else []
+    runs = use_piecewise(engine, [16]) if path_kind.startswith("piecewise") else []
     builder = StepBuilder(BLOCK)
     for chunks in schedule()[:6]:
         out = engine.forward(builder.batch(chunks))
         for row, c in enumerate(chunks):
             expect = ref[c.seq_id][c.start + len(c.tokens) - 1]
             torch.testing.assert_close(out.logits[row].cpu(), expect, atol=2e-4, rtol=2e-4)
-    assert len(runs) == (6 if path_kind == "piecewise" else 0)
+    assert len(runs) == (6 if path_kind.startswith("piecewise") else 0)
+    if attention == "paged_attention_sdpa":  # prompt lengths SDPA took: A's first chunk, then B's
+        assert sdpa_calls == ([5, 7] if path_kind == "piecewise-split" else [5])
 
 
 @settings(max_examples=200, deadline=None)
@@ -320,12 +333,14 @@ def test_warm_up_shapes_stay_within_the_limits(max_batch, extra_tokens, max_len)
 def _attention_variants_8b(monkeypatch, plugin="paged_attention"):
     """Llama-3.1-8B's attention geometry in bf16 on a 132-SM card: step shape -> Triton variants
     (with ``paged_attention_sdpa``, a lone fresh prompt launches none: SDPA takes it)."""
-    from kiln.plugins.sdpa_prefill import without_lone_prompts
+    from kiln.plugins.sdpa_prefill import without_fresh_prompts
     from kiln.plugins.triton import attention_plan
 
     monkeypatch.setattr(attention_plan, "num_sms", lambda device: 132)
     variants_of = attention_plan.step_variants(8, 4, 128, torch.bfloat16, torch.device("cpu"))
-    return without_lone_prompts(variants_of) if plugin == "paged_attention_sdpa" else variants_of
+    if plugin == "paged_attention_sdpa":
+        return without_fresh_prompts(variants_of, 32 * 128, 8192)
+    return variants_of
 
 
 def _random_step(rng: np.random.Generator, limits: EngineLimits) -> tuple[list[int], list[int]]:

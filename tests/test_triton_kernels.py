@@ -684,6 +684,100 @@ def test_sdpa_plugin_other_steps_take_the_paged_kernel(monkeypatch, seqs, window
     assert _check_sdpa_plugin(monkeypatch, seqs, 4, 2, 64, 16, torch.float32, window=window) == 0
 
 
+def _split_step(monkeypatch, seqs, min_work=1, extra=0, shape=(4, 2, 64, 16), dtype=torch.float32):
+    """forward_into of paged_attention_sdpa with the step's FreshPrompts, against the reference;
+    -> the prompt lengths SDPA took and the sequence counts the Triton kernel saw."""
+    from kiln.engine.attention_metadata import FreshPrompts
+    from kiln.plugins import sdpa_prefill
+    from kiln.plugins.attention import PagedAttention
+
+    monkeypatch.setattr(sdpa_prefill, "MIN_SPLIT_WORK", min_work)
+    taken, paged = [], []
+    real = sdpa_prefill.fresh_prompt_attention
+    monkeypatch.setattr(
+        sdpa_prefill, "fresh_prompt_attention", lambda q, *a: taken.append(a[-2]) or real(q, *a)
+    )
+    real_into = PagedAttention.forward_into
+
+    def counted_into(self, out, q, k_cache, v_cache, block_tables, seq_lens, *rest):
+        paged.append(seq_lens.shape[0])
+        real_into(self, out, q, k_cache, v_cache, block_tables, seq_lens, *rest)
+
+    monkeypatch.setattr(PagedAttention, "forward_into", counted_into)
+    args = _paged_batch(seqs, *shape, dtype, extra_tokens=extra)
+    computed = np.array([kv - q for q, kv in seqs])
+    new = np.array([q for q, _ in seqs])
+    num_decode = next((i for i, (q, kv) in enumerate(seqs) if q != 1 or kv == 1), len(seqs))
+    fresh = FreshPrompts.of_step(computed, new, num_decode)
+    out = torch.full_like(args[0], float("nan"))
+    get_plugin("paged_attention_sdpa").into_impl(out, *args, 0, fresh_prompts=fresh)
+    n = int(new.sum())
+    torch.testing.assert_close(out[:n], _ref("paged_attention")(*args, 0)[:n], **TOL[dtype])
+    return taken, paged
+
+
+def test_fresh_prompts_of_a_step():
+    from kiln.engine.attention_metadata import FreshPrompts
+
+    # decodes, a chunk with a cached prefix, then two fresh prompts: the trailing run is the last two
+    f = FreshPrompts.of_step(np.array([16, 7, 30, 0, 0]), np.array([1, 1, 12, 40, 9]), 2)
+    assert f == FreshPrompts(first_seq=3, starts=(14, 54), lengths=(40, 9), rest_max_query_len=12,
+                             rest_max_seq_len=42)  # fmt: skip
+    # a fresh prompt before a chunk with a prefix is not trailing; decode rows never count
+    assert FreshPrompts.of_step(np.array([0, 5]), np.array([8, 3]), 0) is None
+    assert FreshPrompts.of_step(np.array([0, 0]), np.array([1, 1]), 2) is None
+    every = FreshPrompts.of_step(np.array([0, 0]), np.array([5, 6]), 0)
+    assert every == FreshPrompts(0, (0, 5), (5, 6), 0, 0)
+
+
+def test_sdpa_plugin_splits_off_trailing_fresh_prompts(monkeypatch):
+    # decode rows and a chunk after its prefix to the Triton kernel (3 sequences), the two fresh prompts
+    # to SDPA, all in one call; the last prompt's padding rows are copied (q ends with it)
+    seqs = [(1, 17), (1, 33), (12, 40), (37, 37), (20, 20)]
+    taken, paged = _split_step(monkeypatch, seqs)
+    assert taken == [37, 20] and paged == [3]
+    # only fresh prompts: no Triton launch at all; q rows to spare stand in as the last one's padding
+    taken, paged = _split_step(monkeypatch, [(30, 30), (130, 130)], extra=200)
+    assert taken == [30, 130] and paged == []
+
+
+def test_sdpa_plugin_leaves_many_or_short_fresh_prompts_to_the_paged_kernel(monkeypatch):
+    # the default work floor (here 4 heads x 64 wide: 8,192 tokens a prompt on average) and the count
+    # cap (8): one Triton call for all
+    taken, paged = _split_step(monkeypatch, [(1, 9), (40, 40), (30, 30)], min_work=1 << 21)
+    assert taken == [] and paged == [3]
+    many = [(1, 9)] + [(5, 5)] * 9
+    taken, paged = _split_step(monkeypatch, many)
+    assert taken == [] and paged == [10]
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_sdpa_split_bf16(monkeypatch):
+    # a 2048/128-like mixed step at Llama-3.1-8B's shapes: decodes at ~2k, a chunk after its prefix,
+    # two whole prompts and a partial one, with the default work floor
+    seqs = [(1, 2100)] * 6 + [(700, 1500), (2048, 2048), (2048, 2048), (900, 900)]
+    taken, paged = _split_step(
+        monkeypatch, seqs, min_work=1 << 21, shape=(32, 8, 128, 32), dtype=torch.bfloat16
+    )
+    assert taken == [2048, 2048, 900] and paged == [7]
+
+
+def test_sdpa_variants_follow_the_split(monkeypatch):
+    from kiln.plugins import sdpa_prefill
+    from kiln.plugins.triton.attention_plan import step_variants
+
+    variants_of = step_variants(2, 2, 64, torch.float32, DEVICE)
+    split = sdpa_prefill.without_fresh_prompts(variants_of, 4 * 64, split_up_to=32768)
+    computed, new = [16, 30, 0, 0], [1, 12, 9000, 8500]  # decode, chunk, two long fresh prompts
+    assert split(computed, new) == variants_of(computed[:2], new[:2]) != variants_of(computed, new)
+    assert split([0, 0], [9000, 8500]) == set() and split([0], [3000]) == set()
+    assert split([16, 0, 0], [1, 900, 800]) == variants_of([16, 0, 0], [1, 900, 800])  # too little work
+    # past split_up_to (a step that runs outside the piecewise graphs): only a lone prompt is taken
+    eager_only = sdpa_prefill.without_fresh_prompts(variants_of, 4 * 64, split_up_to=0)
+    assert eager_only(computed, new) == variants_of(computed, new) and eager_only([0], [3000]) == set()
+
+
 def test_sdpa_plugin_warm_up_runs_every_padded_length(monkeypatch):
     from kiln.plugins import sdpa_prefill
 

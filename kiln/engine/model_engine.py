@@ -20,7 +20,7 @@ import torch
 from kiln.builder.loader import load_model
 from kiln.builder.model_config import ModelInfo
 from kiln.config import EngineLimits, KvCacheConfig
-from kiln.engine.attention_metadata import AttentionMetadata
+from kiln.engine.attention_metadata import AttentionMetadata, FreshPrompts
 from kiln.engine.compile import CompiledLayers, compile_decoder_layers
 from kiln.engine.cuda_graphs import DecodeGraphRunner, default_graph_batch_sizes
 from kiln.engine.kv_cache import (
@@ -213,9 +213,12 @@ class ModelEngine:
         variants_of = step_variants(cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim,
                                     self.dtype, self.device)  # fmt: skip
         if name == _SDPA_ATTENTION and not any(cfg.sliding_windows):
-            from kiln.plugins.sdpa_prefill import without_lone_prompts
+            from kiln.plugins.sdpa_prefill import without_fresh_prompts
 
-            return without_lone_prompts(variants_of)
+            # steps that run through the piecewise graphs launch their attention eagerly, where the
+            # plugin can hand several fresh prompts to SDPA; others only a lone one
+            split_up_to = self.pieces.max_tokens if self.pieces is not None else 0
+            return without_fresh_prompts(variants_of, cfg.num_heads * cfg.head_dim, split_up_to)
         return variants_of
 
     def warm_up_steps(self) -> None:
@@ -403,6 +406,7 @@ class ModelEngine:
                 max_seq_len=int(seq_lens.max()) if num_seqs else 0,
                 num_decode_seqs=int(batch.num_decode),
                 num_decode_tokens=int(batch.num_decode),
+                fresh_prompts=FreshPrompts.of_step(num_computed, num_new, int(batch.num_decode)),
             )
         copy_src = copy_dst = None
         if copies.shape[0]:

@@ -8,6 +8,8 @@ with the projections before it and launch the attention on its own.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -34,6 +36,10 @@ class PagedAttention(nn.Module):
         self.rope_kv_write_op = plugins.rope_kv_write
         self.attention_op = plugins.attention
         self.attention_into = plugins.writer("attention")
+        # a writer that can use the step's host-side facts about its fresh prompts gets them
+        self._into_takes_fresh = self.attention_into is not None and (
+            "fresh_prompts" in inspect.signature(self.attention_into).parameters
+        )
 
     def write_kv(
         self,
@@ -77,7 +83,9 @@ class PagedAttention(nn.Module):
             out.copy_(self.attend(q, kv_cache, attn))
             return
         k_cache, v_cache = kv_cache
-        self.attention_into(
-            out, q, k_cache, v_cache, attn.block_tables, attn.seq_lens, attn.query_start_loc,
-            attn.max_query_len, attn.max_seq_len, self.scale, self.sliding_window,
-        )  # fmt: skip
+        args = (out, q, k_cache, v_cache, attn.block_tables, attn.seq_lens, attn.query_start_loc,
+                attn.max_query_len, attn.max_seq_len, self.scale, self.sliding_window)  # fmt: skip
+        if self._into_takes_fresh:
+            self.attention_into(*args, fresh_prompts=attn.fresh_prompts)
+        else:
+            self.attention_into(*args)

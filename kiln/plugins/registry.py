@@ -85,9 +85,9 @@ def _launch_triton_directly(fn: Callable[..., Any]) -> Callable[..., Any]:
         return fn
 
     @functools.wraps(fn)
-    def run(*args: Any) -> Any:
+    def run(*args: Any, **kwargs: Any) -> Any:
         with set_wrap_triton_enabled(False):
-            return fn(*args)
+            return fn(*args, **kwargs)
 
     return run
 
