@@ -497,6 +497,33 @@ def test_warm_up_builds_sdpa_plans_only_for_the_sdpa_attention(tiny_model, monke
     assert calls == []
 
 
+def test_sdpa_variant_cover_follows_the_window_layout(tiny_model):
+    # the step a piecewise graph runs: a decode row, then two fresh prompts SDPA takes (no work floor)
+    from kiln.plugins import sdpa_prefill
+
+    step = ([9, 0, 0], [1, 30, 20])
+    triton = PluginSet("forward", {"attention": "paged_attention"})
+    sdpa = PluginSet("forward")
+
+    def variants(path, plugins):
+        engine = make_engine(path, plugins=plugins)
+        use_piecewise(engine, [64])
+        fn = engine.attention_variants()
+        assert fn is not None
+        return fn(*step)
+
+    plain = tiny_model("Qwen3ForCausalLM")
+    mixed = tiny_model("Qwen3ForCausalLM", num_hidden_layers=2, use_sliding_window=True, sliding_window=5,
+                       max_window_layers=1)  # fmt: skip
+    windowed = tiny_model("MistralForCausalLM", sliding_window=6)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sdpa_prefill, "MIN_SPLIT_WORK", 1)
+        full, split = variants(plain, triton), variants(plain, sdpa)
+        assert split and split < full  # only the decode row reaches the Triton kernel
+        assert variants(mixed, sdpa) == full  # the windowed layer runs the whole step on it
+        assert variants(windowed, sdpa) == variants(windowed, triton)
+
+
 def test_warm_up_steps_leave_the_engine_clean(tiny_model):
     path = tiny_model("LlamaForCausalLM")
     engine = make_engine(path)

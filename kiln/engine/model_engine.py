@@ -212,14 +212,18 @@ class ModelEngine:
         assert cfg is not None
         variants_of = step_variants(cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim,
                                     self.dtype, self.device)  # fmt: skip
-        if name == _SDPA_ATTENTION and not any(cfg.sliding_windows):
-            from kiln.plugins.sdpa_prefill import without_fresh_prompts
+        if name != _SDPA_ATTENTION or all(cfg.sliding_windows):  # SDPA never takes a windowed layer's
+            return variants_of
+        from kiln.plugins.sdpa_prefill import without_fresh_prompts
 
-            # steps that run through the piecewise graphs launch their attention eagerly, where the
-            # plugin can hand several fresh prompts to SDPA; others only a lone one
-            split_up_to = self.pieces.max_tokens if self.pieces is not None else 0
-            return without_fresh_prompts(variants_of, cfg.num_heads * cfg.head_dim, split_up_to)
-        return variants_of
+        # steps that run through the piecewise graphs launch their attention eagerly, where the plugin
+        # can hand several fresh prompts to SDPA; others only a lone one
+        split_up_to = self.pieces.max_tokens if self.pieces is not None else 0
+        split = without_fresh_prompts(variants_of, cfg.num_heads * cfg.head_dim, split_up_to)
+        if not any(cfg.sliding_windows):
+            return split
+        # some layers windowed: they launch the whole step on the Triton kernel, the others the split
+        return lambda computed, new: split(computed, new) | variants_of(computed, new)
 
     def warm_up_steps(self) -> None:
         """Run the steps of ``warm_up_shapes`` on the (still empty) KV pool, so their first-use work
