@@ -161,7 +161,8 @@ def without_fresh_prompts(
 
 @plugin("paged_attention_sdpa", kind="attention")
 class PagedAttentionSdpa(PagedAttention):
-    """``paged_attention`` (same contract, fake and reference), with a lone fresh prompt through SDPA."""
+    """``paged_attention`` (same contract, fake and reference), with fresh prompts through SDPA: a lone
+    one in ``forward``, a step's trailing ones in ``forward_into`` (see the module docstring)."""
 
     def forward(self, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                 max_query_len, max_seq_len, scale, sliding_window):  # fmt: skip
