@@ -20,6 +20,7 @@
 #   nano        qwen3-0.6b nano-vllm workload (256 requests), kiln + peer on 64        (~2-4 min)
 #   gemm        scripts/bench_skinny_gemm.py: decode-sized linears, cuBLAS vs the skinny GEMM, 1B and 8B,
 #               then bs-1 latency with the skinny GEMM, with its prologues too, and with cuBLAS (~6-8 min)
+#   mlp         scripts/bench_mlp_chunks.py: an 8,192-token step's gated MLP whole vs in token chunks (~1 min)
 #   attn        scripts/bench_attention.py: paged attention's prefill launch configurations swept on 8B heads
 #               (prefill, chunk and mixed steps), torch SDPA backends as peers (~2-3 min)
 #   serve       `kiln serve` llama-3.1-8b + `kiln bench serve` ISL/OSL 1024, Poisson rates 2 4 6 (~5-7 min;
@@ -216,6 +217,15 @@ gemm() {
   done
 }
 
+mlp() {
+  note "gated MLP whole vs chunked: scripts/bench_mlp_chunks.py"
+  # MLP_ARGS: extra options, e.g. "--preset llama-3.2-1b --chunks 512"
+  # shellcheck disable=SC2086
+  timeout --kill-after=30 "$BENCH_TIMEOUT" "$PY" scripts/bench_mlp_chunks.py ${MLP_ARGS:-} --json "$OUT/mlp_chunks.json" 2>&1 \
+    | tee "$OUT/mlp_chunks.log"
+  printf 'mlp_chunks\t%s\tsee mlp_chunks.log\n' "${PIPESTATUS[0]}" >>"$STATUS_FILE"
+}
+
 attn() {
   note "paged attention prefill sweep: scripts/bench_attention.py (timeout ${BENCH_TIMEOUT} s)"
   local t0=$(date +%s)
@@ -308,8 +318,8 @@ groups=("$@")
 [ ${#groups[@]} -eq 0 ] && groups=(tests)
 for g in "${groups[@]}"; do
   case "$g" in
-    env | tiny | tests | smoke | profile | latency | throughput | workloads | ttft | nano | gemm | attn | serve | all) ;;
-    *) echo "unknown group '$g'; use env, tiny, tests, smoke, profile, latency, throughput, workloads, ttft, nano, gemm, attn, serve or all" >&2
+    env | tiny | tests | smoke | profile | latency | throughput | workloads | ttft | nano | gemm | mlp | attn | serve | all) ;;
+    *) echo "unknown group '$g'; use env, tiny, tests, smoke, profile, latency, throughput, workloads, ttft, nano, gemm, mlp, attn, serve or all" >&2
        exit 2 ;;
   esac
 done
@@ -327,6 +337,7 @@ for g in "${groups[@]}"; do
     ttft) ttft ;;
     nano) nano ;;
     gemm) gemm ;;
+    mlp) mlp ;;
     attn) attn ;;
     serve) serve_bench ;;
     all) run_tests; smoke; latency; throughput; nano; attn ;;
