@@ -41,7 +41,7 @@ def main() -> None:
     h, i = c["hidden_size"], c["intermediate_size"]
     t = args.tokens
     layer_bytes = 3 * h * i * 2
-    copies = max(2, _L2_BYTES // layer_bytes + 1)
+    copies = max(2, min(64, _L2_BYTES // layer_bytes + 1))
     gate_up = [(torch.randn(2 * i, h, device=dev) / h**0.5).to(torch.bfloat16) for _ in range(copies)]
     down = [(torch.randn(h, i, device=dev) / i**0.5).to(torch.bfloat16) for _ in range(copies)]
     x = torch.randn(t, h, device=dev).to(torch.bfloat16)
