@@ -57,7 +57,8 @@ class AttentionMetadata:
     max_seq_len: int
     num_decode_seqs: int  # the first num_decode_seqs sequences have one new token each
     num_decode_tokens: int
-    # host-side, for plugins called eagerly (``forward_into``); None in captured or traced code
+    # host-side, for an attention plugin called eagerly (``forward_into``); None when the step does not
+    # end with fresh prompts (and for decode steps replayed from a graph, which carry no metadata)
     fresh_prompts: FreshPrompts | None = None
 
     @property
