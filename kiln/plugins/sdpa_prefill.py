@@ -181,12 +181,9 @@ class PagedAttentionSdpa(PagedAttention):
                      fresh_prompts: FreshPrompts | None = None):  # fmt: skip
         """``forward`` into ``out``; ``fresh_prompts`` (the step's host-side facts, when the caller has
         them) lets a step's trailing fresh prompts go to SDPA beside the paged kernel."""
-        if is_lone_fresh_prompt(q, seq_lens, max_query_len, max_seq_len, sliding_window):
-            out[:max_query_len].copy_(
-                fresh_prompt_attention(q, k_cache, v_cache, block_tables[0], max_query_len, scale)
-            )
-            return
         fresh = fresh_prompts
+        if fresh is None and is_lone_fresh_prompt(q, seq_lens, max_query_len, max_seq_len, sliding_window):
+            fresh = FreshPrompts(0, (0,), (max_query_len,), 0, 0)  # a caller without the step's facts
         if fresh is None or sliding_window > 0 or not sdpa_takes(fresh, q.shape[1] * q.shape[2]):
             super().forward_into(out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                                  max_query_len, max_seq_len, scale, sliding_window)  # fmt: skip
