@@ -18,8 +18,10 @@
 #               them: "ISL/OSLxREQUESTS ..."; ~8-10 min: split over two calls when they run slow)
 #   ttft        llama-3.1-8b TTFT of one 2,048-token prompt (~1-2 min)
 #   nano        qwen3-0.6b nano-vllm workload (256 requests), kiln + peer on 64        (~2-4 min)
-#   gemm        scripts/bench_skinny_gemm.py: decode-sized linears, cuBLAS vs the skinny GEMM, 1B and 8B,
-#               then bs-1 latency with the skinny GEMM, with its prologues too, and with cuBLAS (~6-8 min)
+#   gemm        scripts/bench_skinny_gemm.py: decode-sized linears, cuBLAS vs the skinny GEMM and the GEMV,
+#               1B and 8B (GEMM_ARGS, e.g. "--rows 1 --sweep"), then bs-1 latency with the GEMV plugins
+#               (GEMM_E2E="gemv skinny": with the plain kernel, then with its prologues too; "" skips), and
+#               with cuBLAS (~6-8 min)
 #   mlp         scripts/bench_mlp_chunks.py: an 8,192-token step's gated MLP whole vs in token chunks (~1 min)
 #   attn        scripts/bench_attention.py: paged attention's prefill launch configurations swept on 8B heads
 #               (prefill, chunk and mixed steps), torch SDPA backends as peers (~2-3 min)
@@ -199,20 +201,22 @@ profile() {
 
 gemm() {
   for m in llama-3.2-1b llama-3.1-8b; do
-    note "skinny GEMM vs cuBLAS, $m shapes"
+    note "skinny GEMM and GEMV vs cuBLAS, $m shapes"
     # GEMM_ARGS: extra options, e.g. "--rows 1 --sweep"
     timeout --kill-after=30 "$BENCH_TIMEOUT" "$PY" scripts/bench_skinny_gemm.py --preset "$m" ${GEMM_ARGS:-} \
       --json "$OUT/gemm_$m.json" 2>&1 | tee "$OUT/gemm_$m.log"
     printf 'gemm_%s\t%s\tsee gemm_%s.log\n' "$m" "${PIPESTATUS[0]}" "$m" >>"$STATUS_FILE"
   done
-  # end to end: the same bs-1 latency runs as `latency`, with the skinny GEMM for the projections,
+  # end to end: the same bs-1 latency runs as `latency`, with each kernel of GEMM_E2E for the projections,
   # then also with the norm and SiLU-and-mul as its prologues, then cuBLAS alone on the same machine
   for m in ${LATENCY_MODELS-llama-3.2-1b llama-3.1-8b}; do  # LATENCY_MODELS="" skips them
-    bench "latency_${m}_bs1_skinny" latency --model "preset:$m" --isl 128 --osl 256 --batch-size 1 \
-      --backend kiln --plugin linear=skinny_linear
-    bench "latency_${m}_bs1_skinny_fused" latency --model "preset:$m" --isl 128 --osl 256 --batch-size 1 \
-      --backend kiln --plugin linear=skinny_linear --plugin add_rms_norm_linear=skinny_add_rms_norm_linear \
-      --plugin silu_mul_linear=skinny_silu_mul_linear
+    for kern in ${GEMM_E2E-gemv}; do
+      bench "latency_${m}_bs1_$kern" latency --model "preset:$m" --isl 128 --osl 256 --batch-size 1 \
+        --backend kiln --plugin "linear=${kern}_linear"
+      bench "latency_${m}_bs1_${kern}_fused" latency --model "preset:$m" --isl 128 --osl 256 --batch-size 1 \
+        --backend kiln --plugin "linear=${kern}_linear" --plugin "add_rms_norm_linear=${kern}_add_rms_norm_linear" \
+        --plugin "silu_mul_linear=${kern}_silu_mul_linear"
+    done
     bench "latency_${m}_bs1" latency --model "preset:$m" --isl 128 --osl 256 --batch-size 1 --backend kiln
   done
 }
@@ -289,7 +293,7 @@ head = ("run", "kind", "model", "kiln", "transformers", "bound", "kiln/bound", "
 table = [head]
 for name, rc, why in rows:
     path = os.path.join(out, f"{name}.json")
-    if name == "pytest-gpu" or name.startswith(("serve", "gemm", "attention")) or not os.path.isfile(path):
+    if name == "pytest-gpu" or name.startswith(("serve", "gemm", "attention", "mlp")) or not os.path.isfile(path):
         table.append((name, "-", "-", f"rc={rc}", "-", "-", "-", why[:60]))
         continue
     r = json.load(open(path))

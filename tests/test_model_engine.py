@@ -257,10 +257,11 @@ def test_kv_cache_sizing(tiny_model):
 
 
 def _linear_choice(linear: str) -> dict[str, str]:
-    if linear != "skinny_fused":
+    if not linear.endswith("_fused"):
         return {"linear": linear}
-    return {"linear": "skinny_linear", "add_rms_norm_linear": "skinny_add_rms_norm_linear",
-            "silu_mul_linear": "skinny_silu_mul_linear"}  # fmt: skip
+    kernel = linear.removesuffix("_fused")  # skinny or gemv, with the norm and SiLU-and-mul as prologues
+    return {"linear": f"{kernel}_linear", "add_rms_norm_linear": f"{kernel}_add_rms_norm_linear",
+            "silu_mul_linear": f"{kernel}_silu_mul_linear"}  # fmt: skip
 
 
 @pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
@@ -270,6 +271,7 @@ def _linear_choice(linear: str) -> dict[str, str]:
         ("linear", "paged_attention", "eager"),
         ("skinny_linear", "paged_attention", "eager"),
         ("skinny_fused", "paged_attention", "eager"),  # + the norm and SiLU-and-mul as GEMM prologues
+        ("gemv_fused", "paged_attention", "eager"),  # all 14 steps: the last five decode one row
         ("linear", "paged_attention_sdpa", "eager"),
         ("linear", "paged_attention", "piecewise"),
         ("linear", "paged_attention_sdpa", "piecewise"),
@@ -294,7 +296,14 @@ def test_triton_backend_end_to_end(tiny_model, monkeypatch, linear, attention, p
     if not ON_GPU and tuple(int(p) for p in np.__version__.split(".")[:2]) >= (2, 4):
         pytest.skip("Triton's interpreter needs numpy < 2.4")
     # two layers where the projections are fused: the second layer's input norm is the first to fuse
-    path = tiny_model("Qwen3ForCausalLM", head_dim=32, num_hidden_layers=2 if linear == "skinny_fused" else 1)
+    from kiln.plugins.triton import gemv
+
+    gemv_prologues: list[int] = []
+    real_launch = gemv._launch
+    monkeypatch.setattr(gemv, "_launch", lambda x, w, prologue, **kw: gemv_prologues.append(prologue)
+                        or real_launch(x, w, prologue, **kw))  # fmt: skip
+    layers = 2 if linear.endswith("_fused") else 1
+    path = tiny_model("Qwen3ForCausalLM", head_dim=32, num_hidden_layers=layers)
     ref = {0: reference(path, tuple(SEQ_A)), 1: reference(path, tuple(SEQ_B))}
     engine = ModelEngine(
         path,
@@ -306,12 +315,17 @@ def test_triton_backend_end_to_end(tiny_model, monkeypatch, linear, attention, p
     )
     runs = use_piecewise(engine, [16]) if path_kind.startswith("piecewise") else []
     builder = StepBuilder(BLOCK)
-    for chunks in schedule()[:6]:
+    steps = schedule() if linear == "gemv_fused" else schedule()[:6]
+    for chunks in steps:
         out = engine.forward(builder.batch(chunks))
         for row, c in enumerate(chunks):
             expect = ref[c.seq_id][c.start + len(c.tokens) - 1]
             torch.testing.assert_close(out.logits[row].cpu(), expect, atol=2e-4, rtol=2e-4)
     assert len(runs) == (6 if path_kind.startswith("piecewise") else 0)
+    # per one-row step and layer: q|k|v (the first layer's input norm has no residual to add: plain),
+    # o, gate|up after the residual add and norm, down after SiLU-and-mul; the LM head stays cuBLAS
+    expected_gemv = ([0, 0, 1, 2] + [1, 0, 1, 2]) * 5 if linear == "gemv_fused" else []
+    assert gemv_prologues == expected_gemv
     if attention == "paged_attention_sdpa":  # prompt lengths SDPA took: A's first chunk, then B's
         assert sdpa_calls == ([5, 7] if path_kind == "piecewise-split" else [5])
 

@@ -29,6 +29,7 @@ from kiln.plugins import get_plugin  # noqa: E402
 from kiln.plugins.triton import attention_plan  # noqa: E402
 from kiln.plugins.triton.activation import silu_and_mul  # noqa: E402
 from kiln.plugins.triton.attention_plan import plan_passes  # noqa: E402
+from kiln.plugins.triton.gemv import add_rms_norm_gemv, gemv, silu_mul_gemv  # noqa: E402
 from kiln.plugins.triton.greedy_sample import greedy_sample  # noqa: E402
 from kiln.plugins.triton.norms import fused_add_rms_norm, rms_norm  # noqa: E402
 from kiln.plugins.triton.paged_attention import paged_attention  # noqa: E402
@@ -220,6 +221,74 @@ def test_skinny_gemm_rejects_bad_shapes():
         skinny_gemm(torch.randn(9, 16, device=DEVICE), torch.randn(4, 16, device=DEVICE))
     with pytest.raises(ValueError, match=r"x \[M, K\] and w \[N, K\]"):
         skinny_gemm(torch.randn(2, 16, device=DEVICE), torch.randn(4, 8, device=DEVICE))
+
+
+# ----------------------------------------------------------------------------- GEMV (one row)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n,k,tiles", [(96, 200, {}), (70, 1100, {}), (33, 64, dict(block_n=8, block_k=32)),
+                                       (130, 700, dict(block_n=16, block_k=128, num_warps=2))])  # fmt: skip
+def test_gemv(dtype, n, k, tiles):
+    # ragged N and K (masked K tiles, the last column tile clamped), planned and overridden tiles
+    x = torch.randn(1, k, device=DEVICE).to(dtype)
+    w = (torch.randn(n, k, device=DEVICE) / k**0.5).to(dtype)
+    out = gemv(x, w, **tiles)
+    assert out.shape == (1, n) and out.dtype == dtype
+    torch.testing.assert_close(out, (x.float() @ w.float().T).to(dtype), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n,k,tiles", [(40, 300, {}), (17, 128, dict(block_n=4, block_k=64))])
+def test_gemv_prologues_match_the_unfused_ops(dtype, n, k, tiles):
+    # fused_add_rms_norm or silu_and_mul, then the product; the norm is applied to the finished dot
+    # products in fp32 (not rounded between), so fp16 agrees to the dtype's tolerance
+    x, residual = (torch.randn(1, k, device=DEVICE).to(dtype) for _ in range(2))
+    norm_w = (1 + 0.1 * torch.randn(k, device=DEVICE)).to(dtype)
+    w = (torch.randn(n, k, device=DEVICE) / k**0.5).to(dtype)
+    normed, res_ref = _ref("fused_add_rms_norm")(x, residual, norm_w, 1e-5)
+    out, res_out = add_rms_norm_gemv(x, residual, norm_w, 1e-5, w, **tiles)
+    assert torch.equal(res_out, res_ref)
+    torch.testing.assert_close(out, (normed.float() @ w.float().T).to(dtype), **TOL[dtype])
+    gate_up = torch.randn(1, 2 * k, device=DEVICE).to(dtype)
+    out = silu_mul_gemv(gate_up, w, **tiles)
+    act = _ref("silu_and_mul")(gate_up)
+    torch.testing.assert_close(out, (act.float() @ w.float().T).to(dtype), **TOL[dtype])
+
+
+def test_gemv_plan_narrows_column_tiles_until_each_sm_has_programs():
+    from kiln.plugins.triton.gemv import plan
+
+    assert plan(28672, 4096, 132) == (16, 512, 4)  # 8B gate|up: 1,792 programs
+    assert plan(2048, 8192, 132) == (2, 512, 4)  # 1B down: 1,024 programs of two rows
+    assert plan(128256, 2048, 132)[0] == 16  # an LM head
+    assert plan(100, 200, 132) == (1, 256, 4)  # tiny: one row a program, K in one tile
+
+
+def test_gemv_rejects_bad_inputs():
+    w = torch.randn(4, 16, device=DEVICE)
+    with pytest.raises(ValueError, match=r"x \[1, K\] and w \[N, K\]"):
+        gemv(torch.randn(2, 16, device=DEVICE), w)
+    with pytest.raises(ValueError, match="one dtype"):
+        gemv(torch.randn(1, 16, device=DEVICE).half(), w)
+    with pytest.raises(ValueError, match="residual shaped like x"):
+        add_rms_norm_gemv(torch.randn(1, 16, device=DEVICE), torch.randn(1, 8, device=DEVICE),
+                          torch.ones(16, device=DEVICE), 1e-5, w)  # fmt: skip
+    with pytest.raises(ValueError, match=r"gate_up \[1, 2K\]"):
+        silu_mul_gemv(torch.randn(1, 16, device=DEVICE), w)
+
+
+@gpu
+@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (128256, 2048)])
+def test_gpu_gemv_bf16_at_model_shapes(n, k):
+    x = torch.randn(1, k, device=DEVICE).to(torch.bfloat16)
+    w = (torch.randn(n, k, device=DEVICE) / k**0.5).to(torch.bfloat16)
+    ref = (x.float() @ w.float().T).to(torch.bfloat16)
+    torch.testing.assert_close(gemv(x, w), ref, **TOL[torch.bfloat16])
+    residual, norm_w = torch.randn_like(x), torch.ones(k, device=DEVICE, dtype=torch.bfloat16)
+    normed, _ = _ref("fused_add_rms_norm")(x, residual, norm_w, 1e-5)
+    out, _ = add_rms_norm_gemv(x, residual, norm_w, 1e-5, w)
+    torch.testing.assert_close(out, (normed.float() @ w.float().T).to(torch.bfloat16), atol=3e-2, rtol=3e-2)
 
 
 # ----------------------------------------------------------------------------- rope + kv write

@@ -3,13 +3,15 @@
 ``linear`` (the default) is cuBLAS through ``torch.nn.functional.linear``; layers call it directly,
 not through its op, so torch.compile and CUDA graphs see a plain matmul. ``skinny_linear`` runs
 inputs of at most ``skinny_gemm.MAX_ROWS`` rows (decode at small batch) through the skinny GEMM
-(``plugins/triton/skinny_gemm.py``) and everything else through cuBLAS. Biases are added by the
+(``plugins/triton/skinny_gemm.py``) and everything else through cuBLAS; ``gemv_linear`` does the same
+for exactly one row with a matrix-vector kernel (``plugins/triton/gemv.py``). Biases are added by the
 layer, outside the op.
 
 Two kinds fuse the op before a projection into it: ``add_rms_norm_linear`` (the residual add and
 RMSNorm before q|k|v and gate|up) and ``silu_mul_linear`` (SiLU-and-mul before down). Their defaults
 are the ops apart, and layers then call the ops apart directly, without the fused kind's op; the
-``skinny_`` plugins apply the first op as the skinny GEMM's prologue at up to ``MAX_ROWS`` rows.
+``skinny_`` plugins apply the first op as the skinny GEMM's prologue at up to ``MAX_ROWS`` rows, the
+``gemv_`` ones as the GEMV's prologue at one row.
 """
 
 from __future__ import annotations
@@ -47,6 +49,21 @@ class SkinnyLinear(_Linear):
         from kiln.plugins.triton.skinny_gemm import skinny_gemm
 
         return skinny_gemm(x.contiguous(), weight)
+
+
+@plugin("gemv_linear", kind="linear")
+class GemvLinear(_Linear):
+    def forward(self, x, weight):
+        if not _one_row(x, weight):
+            return F.linear(x, weight)
+        from kiln.plugins.triton.gemv import gemv
+
+        return gemv(x.contiguous(), weight)
+
+
+def _one_row(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the GEMV serves this input: one row, of the weight's dtype (the caller makes x contiguous)."""
+    return x.dim() == 2 and x.shape[0] == 1 and weight.stride(1) == 1 and x.dtype == weight.dtype
 
 
 def _skinny_rows(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -88,6 +105,18 @@ class SkinnyAddRmsNormLinear(AddRmsNormLinear):
         return add_rms_norm_skinny_gemm(x.contiguous(), residual.contiguous(), norm_weight, eps, weight)
 
 
+@plugin("gemv_add_rms_norm_linear", kind="add_rms_norm_linear")
+class GemvAddRmsNormLinear(AddRmsNormLinear):
+    """The residual add and norm as the GEMV's prologue at one row; the ops apart beyond."""
+
+    def forward(self, x, residual, norm_weight, eps, weight):
+        if not _one_row(x, weight):
+            return super().forward(x, residual, norm_weight, eps, weight)
+        from kiln.plugins.triton.gemv import add_rms_norm_gemv
+
+        return add_rms_norm_gemv(x.contiguous(), residual.contiguous(), norm_weight, eps, weight)
+
+
 @plugin("silu_mul_linear", kind="silu_mul_linear")
 class SiluMulLinear(Plugin):
     """gate_up [T, 2I] (gate | up) -> (silu(gate) * up) @ weight^T: ``silu_and_mul``, then cuBLAS."""
@@ -117,3 +146,15 @@ class SkinnySiluMulLinear(SiluMulLinear):
         from kiln.plugins.triton.skinny_gemm import silu_mul_skinny_gemm
 
         return silu_mul_skinny_gemm(gate_up.contiguous(), weight)
+
+
+@plugin("gemv_silu_mul_linear", kind="silu_mul_linear")
+class GemvSiluMulLinear(SiluMulLinear):
+    """SiLU-and-mul as the GEMV's prologue at one row; the ops apart beyond."""
+
+    def forward(self, gate_up, weight):
+        if not _one_row(gate_up, weight):
+            return super().forward(gate_up, weight)
+        from kiln.plugins.triton.gemv import silu_mul_gemv
+
+        return silu_mul_gemv(gate_up.contiguous(), weight)

@@ -1,0 +1,169 @@
+"""y = x @ w.T for one row of x (decode at batch 1): a matrix-vector product streaming w once.
+
+At batch 1 a linear layer is a pass over its weight: the bound is its bytes over the memory bandwidth.
+No MMA: each program owns ``BLOCK_N`` rows of w (output columns), walks K in ``BLOCK_K`` tiles with
+16-byte loads, multiplies by x in fp32 and keeps a [BLOCK_N, BLOCK_K] partial that is reduced once,
+after the loop. Weight tiles are loaded "evict first": they are read once, while x (and the residual
+and norm weight) stay in L2 for every program.
+
+Two prologues fold the op before a projection into its GEMV, removing that launch and its round trip
+through memory:
+- ``add_rms_norm``: h = x + residual (program 0 writes it out as the new residual), and the product
+  with rms_norm(h) * norm_weight. rms(h) is a scalar of the whole row, so it is accumulated in the same
+  pass and applied to the finished dot products: y = (sum_k w[n, k] * h[k] * nw[k]) / rms(h).
+- ``silu_mul``: x is gate | up ([2K]); silu(gate) * up is made tile by tile, with the unfused op's
+  roundings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from kiln.plugins.triton._common import num_sms
+
+_PLAIN, _ADD_RMS_NORM, _SILU_MUL = 0, 1, 2
+_MIN_PROGRAMS_PER_SM = 4  # column tiles narrow until this many programs: enough loads in flight per SM
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, out_ptr, res_ptr, norm_w_ptr, res_out_ptr, N, K, stride_wn, eps,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+    PROLOGUE: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    n_ok = rn < N
+    if not EVEN_N:  # the last tile re-reads valid rows instead of masking every load
+        rn = tl.minimum(rn, N - 1)
+    w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    sq = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + rk
+        k_ok = ks < K
+        if PROLOGUE == 2:  # x is gate | up, each K wide: silu in fp32 rounded, the product in x's dtype
+            if EVEN_K:
+                g = tl.load(x_ptr + ks)
+                u = tl.load(x_ptr + K + ks)
+            else:
+                g = tl.load(x_ptr + ks, mask=k_ok, other=0.0)
+                u = tl.load(x_ptr + K + ks, mask=k_ok, other=0.0)
+            gf = g.to(tl.float32)
+            x = ((gf / (1.0 + tl.exp(-gf))).to(g.dtype) * u).to(tl.float32)
+        else:
+            if EVEN_K:
+                x = tl.load(x_ptr + ks)
+            else:
+                x = tl.load(x_ptr + ks, mask=k_ok, other=0.0)
+            if PROLOGUE == 1:
+                if EVEN_K:
+                    h = x + tl.load(res_ptr + ks)
+                    nw = tl.load(norm_w_ptr + ks)
+                else:
+                    h = x + tl.load(res_ptr + ks, mask=k_ok, other=0.0)
+                    nw = tl.load(norm_w_ptr + ks, mask=k_ok, other=0.0)
+                if pid == 0:  # one program writes the new residual
+                    tl.store(res_out_ptr + ks, h, mask=k_ok)
+                hf = h.to(tl.float32)
+                sq += hf * hf
+                x = hf * nw.to(tl.float32)
+            else:
+                x = x.to(tl.float32)
+        if EVEN_K:
+            w = tl.load(w_ptrs, eviction_policy="evict_first")
+        else:
+            w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
+        acc += w.to(tl.float32) * x[None, :]
+        w_ptrs += BLOCK_K
+    y = tl.sum(acc, axis=1)
+    if PROLOGUE == 1:
+        y = y / tl.sqrt(tl.sum(sq, axis=0) / K + eps)
+    tl.store(out_ptr + rn, y.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+def plan(n: int, k: int, sms: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps) for an [N, K] weight: the widest column tile that still gives
+    ``_MIN_PROGRAMS_PER_SM`` programs an SM, and K tiles of up to 512 (8 KB of w a 8-row tile)."""
+    block_n = 1
+    for candidate in (16, 8, 4, 2):
+        if triton.cdiv(n, candidate) >= _MIN_PROGRAMS_PER_SM * sms:
+            block_n = candidate
+            break
+    block_k = min(512, triton.next_power_of_2(k))
+    return block_n, block_k, 4
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, **tuning: Any) -> torch.Tensor:
+    """x [1, K], w [N, K], both contiguous along K -> x @ w.T, [1, N] in x's dtype.
+    ``tuning`` (block_n, block_k, num_warps, num_stages) overrides the plan, for tests and sweeps."""
+    _check(x, w, w.shape[1], "x [1, K]")
+    return _launch(x, w, _PLAIN, **tuning)[0]
+
+
+def add_rms_norm_gemv(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    w: torch.Tensor,
+    **tuning: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual) * norm_weight @ w.T, x + residual) in one launch. x, residual [1, K];
+    norm_weight [K]; w [N, K]."""
+    _check(x, w, w.shape[1], "x [1, K]")
+    if residual.shape != x.shape or residual.stride(1) != 1 or norm_weight.shape != (x.shape[1],):
+        raise ValueError(
+            f"need residual shaped like x {tuple(x.shape)} (contiguous) and norm_weight [{x.shape[1]}], got "
+            f"{tuple(residual.shape)} and {tuple(norm_weight.shape)}"
+        )
+    out, res_out = _launch(x, w, _ADD_RMS_NORM, residual=residual, norm_weight=norm_weight, eps=eps, **tuning)
+    assert res_out is not None
+    return out, res_out
+
+
+def silu_mul_gemv(gate_up: torch.Tensor, w: torch.Tensor, **tuning: Any) -> torch.Tensor:
+    """(silu(gate) * up) @ w.T for gate_up [1, 2K] (gate | up) and w [N, K], in one launch."""
+    _check(gate_up, w, 2 * w.shape[1], "gate_up [1, 2K]")
+    return _launch(gate_up, w, _SILU_MUL, **tuning)[0]
+
+
+def _check(x: torch.Tensor, w: torch.Tensor, x_width: int, x_name: str) -> None:
+    if x.dim() != 2 or w.dim() != 2 or x.shape != (1, x_width):
+        raise ValueError(f"gemv needs {x_name} and w [N, K], got {tuple(x.shape)} and {tuple(w.shape)}")
+    if x.stride(1) != 1 or w.stride(1) != 1:
+        raise ValueError("gemv needs x and w contiguous along K")
+    if x.dtype != w.dtype:
+        raise ValueError(f"gemv needs x and w of one dtype, got {x.dtype} and {w.dtype}")
+
+
+def _launch(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    prologue: int,
+    *,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int = 1,
+    residual: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    n, k = w.shape
+    planned = plan(n, k, num_sms(x.device))
+    block_n, block_k, num_warps = block_n or planned[0], block_k or planned[1], num_warps or planned[2]
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    res_out = torch.empty_like(residual) if residual is not None else None
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, w, out, residual if residual is not None else x, norm_weight if norm_weight is not None else x,
+        res_out if res_out is not None else x, n, k, w.stride(0), eps,
+        BLOCK_N=block_n, BLOCK_K=block_k, EVEN_N=n % block_n == 0, EVEN_K=k % block_k == 0,
+        PROLOGUE=prologue, num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    return out, res_out
