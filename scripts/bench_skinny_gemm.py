@@ -89,8 +89,8 @@ def fused_rows(
             def fused(x_, w_, g=other):
                 return silu_mul_skinny_gemm(g, w_)
 
-            def fused_gemv(x_, w_, g=other):
-                return silu_mul_gemv(g, w_)
+            def fused_gemv(x_, w_, g=other, **tiles):
+                return silu_mul_gemv(g, w_, **tiles)
 
         else:  # `other` is the residual
 
@@ -100,19 +100,33 @@ def fused_rows(
             def fused(x_, w_, r=other, nw=nw):
                 return add_rms_norm_skinny_gemm(x_, r, nw, 1e-5, w_)[0]
 
-            def fused_gemv(x_, w_, r=other, nw=nw):
-                return add_rms_norm_gemv(x_, r, nw, 1e-5, w_)[0]
+            def fused_gemv(x_, w_, r=other, nw=nw, **tiles):
+                return add_rms_norm_gemv(x_, r, nw, 1e-5, w_, **tiles)[0]
 
         what = "silu_and_mul" if layer == "down" else "fused_add_rms_norm"
         x = torch.randn(m, k, device=dev).to(torch.bfloat16)
         t_apart = time_fn(apart, weights, x, args.iters)
         t_fused = time_fn(fused, weights, x, args.iters)
         t_gemv = time_fn(fused_gemv, weights, x, args.iters) if m == 1 else float("nan")
+        best = {}
+        if args.sweep and m == 1:  # the GEMV prologue's column tiles (x's row is re-read per program)
+            swept = {}
+            for cfg in itertools.product((1, 2, 4, 8, 16, 32), (512, 1024), (4, 8)):
+
+                def fn(x_, w_, cfg=cfg, fused_gemv=fused_gemv):
+                    return fused_gemv(x_, w_, block_n=cfg[0], block_k=cfg[1], num_warps=cfg[2])
+
+                swept[cfg] = time_fn(fn, weights, x, args.iters // 4)
+            ranked = sorted(swept.items(), key=lambda kv: kv[1])
+            cfg, t_best = ranked[0]
+            sweep = [[*c, t] for c, t in ranked]
+            best = dict(gemv_fused_best_us=t_best, gemv_fused_best=cfg, gemv_fused_sweep=sweep)
+            print(f"  best GEMV prologue: block_n {cfg[0]} block_k {cfg[1]} warps {cfg[2]} {t_best:.1f} us")
         print(f"{layer:<8} {f'{n} x {k}':>14} {m:>2}   {what} + cuBLAS {t_apart:7.1f} us, skinny prologue "
               f"{t_fused:7.1f} us ({t_apart / t_fused:.2f}x), GEMV prologue {t_gemv:7.1f} us "
               f"({t_apart / t_gemv:.2f}x)")  # fmt: skip
         rows.append(dict(layer=layer, n=n, k=k, m=m, prologue=what, apart_us=t_apart, fused_us=t_fused,
-                         gemv_fused_us=t_gemv))  # fmt: skip
+                         gemv_fused_us=t_gemv, **best))  # fmt: skip
     return rows
 
 

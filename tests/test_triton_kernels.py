@@ -256,13 +256,14 @@ def test_gemv_prologues_match_the_unfused_ops(dtype, n, k, tiles):
     torch.testing.assert_close(out, (act.float() @ w.float().T).to(dtype), **TOL[dtype])
 
 
-def test_gemv_plan_narrows_column_tiles_until_each_sm_has_programs():
-    from kiln.plugins.triton.gemv import plan
+def test_gemv_plan_groups_columns_only_for_a_prologue():
+    from kiln.plugins.triton.gemv import _ADD_RMS_NORM, _SILU_MUL, plan
 
-    assert plan(28672, 4096, 132) == (16, 512, 4)  # 8B gate|up: 1,792 programs
-    assert plan(2048, 8192, 132) == (2, 512, 4)  # 1B down: 1,024 programs of two rows
-    assert plan(128256, 2048, 132)[0] == 16  # an LM head
-    assert plan(100, 200, 132) == (1, 256, 4)  # tiny: one row a program, K in one tile
+    assert plan(28672, 4096, 132) == (1, 512, 4)  # plain: one column a program
+    assert plan(100, 200, 132) == (1, 256, 4)  # K in one tile
+    assert plan(28672, 4096, 132, _ADD_RMS_NORM) == (16, 512, 4)  # 8B gate|up: 1,792 programs
+    assert plan(2048, 8192, 132, _SILU_MUL) == (2, 512, 4)  # 1B down: 1,024 programs of two rows
+    assert plan(100, 200, 132, _SILU_MUL) == (1, 256, 4)  # too few columns to group
 
 
 def test_gemv_rejects_bad_inputs():

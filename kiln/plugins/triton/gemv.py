@@ -87,15 +87,21 @@ def _gemv_kernel(
     tl.store(out_ptr + rn, y.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
-def plan(n: int, k: int, sms: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps) for an [N, K] weight: the widest column tile that still gives
-    ``_MIN_PROGRAMS_PER_SM`` programs an SM, and K tiles of up to 512 (8 KB of w a 8-row tile)."""
+def plan(n: int, k: int, sms: int, prologue: int = _PLAIN) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps) for an [N, K] weight, K tiles of up to 512 and four warps.
+
+    Plain: one output column a program, the fastest or within 2% of it on every Llama-1B/8B shape
+    in a sweep on an H100 (benchmarks/RESULTS.md). With a prologue every program also reads x's
+    whole row (and the residual and norm weight) from L2, so columns are grouped: the widest tile
+    that still gives ``_MIN_PROGRAMS_PER_SM`` programs an SM."""
+    block_k = min(512, triton.next_power_of_2(k))
+    if prologue == _PLAIN:
+        return 1, block_k, 4
     block_n = 1
     for candidate in (16, 8, 4, 2):
         if triton.cdiv(n, candidate) >= _MIN_PROGRAMS_PER_SM * sms:
             block_n = candidate
             break
-    block_k = min(512, triton.next_power_of_2(k))
     return block_n, block_k, 4
 
 
@@ -156,7 +162,7 @@ def _launch(
     eps: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     n, k = w.shape
-    planned = plan(n, k, num_sms(x.device))
+    planned = plan(n, k, num_sms(x.device), prologue)
     block_n, block_k, num_warps = block_n or planned[0], block_k or planned[1], num_warps or planned[2]
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     res_out = torch.empty_like(residual) if residual is not None else None
