@@ -19,9 +19,9 @@
 #   ttft        llama-3.1-8b TTFT of one 2,048-token prompt (~1-2 min)
 #   nano        qwen3-0.6b nano-vllm workload (256 requests), kiln + peer on 64        (~2-4 min)
 #   gemm        scripts/bench_skinny_gemm.py: decode-sized linears, cuBLAS vs the skinny GEMM and the GEMV,
-#               1B and 8B (GEMM_ARGS, e.g. "--rows 1 --sweep"), then bs-1 latency with the GEMV plugins
-#               (GEMM_E2E="gemv skinny": with the plain kernel, then with its prologues too; "" skips), and
-#               with cuBLAS (~6-8 min)
+#               on GEMM_PRESETS (default 1B and 8B; GEMM_ARGS, e.g. "--rows 1 --sweep"), then bs-1 latency of
+#               each of GEMM_E2E (default "default fused cublas": the default linear, GEMV at one row; plus the
+#               GEMV's norm and SiLU-and-mul prologues; cuBLAS for every projection) (~6-8 min)
 #   mlp         scripts/bench_mlp_chunks.py: an 8,192-token step's gated MLP whole vs in token chunks (~1 min)
 #   attn        scripts/bench_attention.py: paged attention's prefill launch configurations swept on 8B heads
 #               (prefill, chunk and mixed steps), torch SDPA backends as peers (~2-3 min)
@@ -200,24 +200,24 @@ profile() {
 }
 
 gemm() {
-  for m in llama-3.2-1b llama-3.1-8b; do
+  for m in ${GEMM_PRESETS-llama-3.2-1b llama-3.1-8b}; do
     note "skinny GEMM and GEMV vs cuBLAS, $m shapes"
-    # GEMM_ARGS: extra options, e.g. "--rows 1 --sweep"
     timeout --kill-after=30 "$BENCH_TIMEOUT" "$PY" scripts/bench_skinny_gemm.py --preset "$m" ${GEMM_ARGS:-} \
       --json "$OUT/gemm_$m.json" 2>&1 | tee "$OUT/gemm_$m.log"
     printf 'gemm_%s\t%s\tsee gemm_%s.log\n' "$m" "${PIPESTATUS[0]}" "$m" >>"$STATUS_FILE"
   done
-  # end to end: the same bs-1 latency runs as `latency`, with each kernel of GEMM_E2E for the projections,
-  # then also with the norm and SiLU-and-mul as its prologues, then cuBLAS alone on the same machine
+  # end to end: the same bs-1 latency runs as `latency`, one per linear choice, on the same machine
+  local fused=(--plugin add_rms_norm_linear=gemv_add_rms_norm_linear --plugin silu_mul_linear=gemv_silu_mul_linear)
   for m in ${LATENCY_MODELS-llama-3.2-1b llama-3.1-8b}; do  # LATENCY_MODELS="" skips them
-    for kern in ${GEMM_E2E-gemv}; do
-      bench "latency_${m}_bs1_$kern" latency --model "preset:$m" --isl 128 --osl 256 --batch-size 1 \
-        --backend kiln --plugin "linear=${kern}_linear"
-      bench "latency_${m}_bs1_${kern}_fused" latency --model "preset:$m" --isl 128 --osl 256 --batch-size 1 \
-        --backend kiln --plugin "linear=${kern}_linear" --plugin "add_rms_norm_linear=${kern}_add_rms_norm_linear" \
-        --plugin "silu_mul_linear=${kern}_silu_mul_linear"
+    for choice in ${GEMM_E2E-default fused cublas}; do
+      case "$choice" in
+        default) bench "latency_${m}_bs1" latency --model "preset:$m" --isl 128 --osl 256 --batch-size 1 --backend kiln ;;
+        fused) bench "latency_${m}_bs1_gemv_fused" latency --model "preset:$m" --isl 128 --osl 256 --batch-size 1 \
+                 --backend kiln "${fused[@]}" ;;
+        cublas) bench "latency_${m}_bs1_cublas" latency --model "preset:$m" --isl 128 --osl 256 --batch-size 1 \
+                  --backend kiln --plugin linear=cublas_linear ;;
+      esac
     done
-    bench "latency_${m}_bs1" latency --model "preset:$m" --isl 128 --osl 256 --batch-size 1 --backend kiln
   done
 }
 

@@ -261,8 +261,8 @@ def test_gemv_plan_groups_columns_only_for_a_prologue():
 
     assert plan(28672, 4096, 132) == (1, 512, 4)  # plain: one column a program
     assert plan(100, 200, 132) == (1, 256, 4)  # K in one tile
-    assert plan(28672, 4096, 132, _ADD_RMS_NORM) == (16, 512, 4)  # 8B gate|up: 1,792 programs
-    assert plan(2048, 8192, 132, _SILU_MUL) == (2, 512, 4)  # 1B down: 1,024 programs of two rows
+    assert plan(28672, 4096, 132, _ADD_RMS_NORM) == (8, 1024, 4)  # 8B gate|up: 3,584 programs
+    assert plan(2048, 8192, 132, _SILU_MUL) == (2, 1024, 4)  # 1B down: 1,024 programs of two rows
     assert plan(100, 200, 132, _SILU_MUL) == (1, 256, 4)  # too few columns to group
 
 

@@ -7,6 +7,8 @@ tensor goes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,11 +16,22 @@ from torch import nn
 from kiln.plugins import PluginSet
 
 
+def linear_ops(plugins: PluginSet | None) -> tuple[Callable | None, Callable | None]:
+    """(op for every input, op for one-row inputs): the chosen ``linear`` plugin's op for every input
+    when it is not the default; else the default's op for one row on the Triton backend only."""
+    if plugins is None:
+        return None, None
+    if plugins.overridden("linear"):
+        return plugins.linear, None
+    return None, plugins.linear if plugins.choice["linear"][1] == "forward" else None
+
+
 class Linear(nn.Module):
     """y = x @ W^T (+ b). weight [out, in], bias [out].
 
     With ``plugins`` choosing a ``linear`` plugin other than the default, the product goes through
-    that plugin's op; the default (cuBLAS) is called directly, without a custom-op dispatch.
+    that plugin's op. The default is cuBLAS, called directly without a custom-op dispatch, except for
+    one row on the Triton backend, which goes through the default's op (its GEMV).
     """
 
     def __init__(
@@ -28,14 +41,14 @@ class Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
-        self.linear_op = None
-        if plugins is not None and plugins.overridden("linear"):
-            self.linear_op = plugins.linear
+        self.linear_op, self.one_row_op = linear_ops(plugins)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.linear_op is None:
-            return F.linear(x, self.weight, self.bias)  # [T, in] -> [T, out]
-        return self.add_bias(self.linear_op(x, self.weight))
+        if self.linear_op is not None:
+            return self.add_bias(self.linear_op(x, self.weight))
+        if self.one_row_op is not None and x.shape[0] == 1:
+            return self.add_bias(self.one_row_op(x, self.weight))
+        return F.linear(x, self.weight, self.bias)  # [T, in] -> [T, out]
 
     def add_bias(self, y: torch.Tensor) -> torch.Tensor:
         """y + b when the layer has a bias (a fused op that did the product leaves the bias to the layer)."""

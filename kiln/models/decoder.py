@@ -176,7 +176,7 @@ class DecoderForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = DecoderModel(cfg, plugins)
-        self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size, tied=cfg.tie_word_embeddings)
+        self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size, tied=cfg.tie_word_embeddings, plugins=plugins)
         self.lm_head.tie(self.model.embed_tokens)
 
     def forward(

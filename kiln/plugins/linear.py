@@ -1,10 +1,12 @@
 """Linear projections (y = x @ W^T) as a plugin kind, so a GEMM kernel can replace cuBLAS where it wins.
 
-``linear`` (the default) is cuBLAS through ``torch.nn.functional.linear``; layers call it directly,
-not through its op, so torch.compile and CUDA graphs see a plain matmul. ``skinny_linear`` runs
-inputs of at most ``skinny_gemm.MAX_ROWS`` rows (decode at small batch) through the skinny GEMM
-(``plugins/triton/skinny_gemm.py``) and everything else through cuBLAS; ``gemv_linear`` does the same
-for exactly one row with a matrix-vector kernel (``plugins/triton/gemv.py``). Biases are added by the
+``linear`` (the default) is cuBLAS through ``torch.nn.functional.linear``, except for a single row
+(decode at batch 1), which goes to a matrix-vector kernel (``plugins/triton/gemv.py``: 1.02-1.35x
+cuBLAS on every Llama-1B/8B projection on an H100, benchmarks/RESULTS.md). Layers call cuBLAS
+directly, not through the op, so torch.compile and CUDA graphs see a plain matmul; only one-row
+inputs go through the op, on the Triton backend. ``cublas_linear`` is cuBLAS for every input.
+``skinny_linear`` runs inputs of at most ``skinny_gemm.MAX_ROWS`` rows through the skinny GEMM
+(``plugins/triton/skinny_gemm.py``) and everything else through cuBLAS. Biases are added by the
 layer, outside the op.
 
 Two kinds fuse the op before a projection into it: ``add_rms_norm_linear`` (the residual add and
@@ -36,6 +38,18 @@ class _Linear(Plugin):
 
 
 @plugin("linear", kind="linear")
+class Linear(_Linear):
+    """cuBLAS, and the GEMV for one row."""
+
+    def forward(self, x, weight):
+        if not _one_row(x, weight):
+            return F.linear(x, weight)
+        from kiln.plugins.triton.gemv import gemv
+
+        return gemv(x.contiguous(), weight)
+
+
+@plugin("cublas_linear", kind="linear")
 class CublasLinear(_Linear):
     def forward(self, x, weight):
         return F.linear(x, weight)
@@ -49,16 +63,6 @@ class SkinnyLinear(_Linear):
         from kiln.plugins.triton.skinny_gemm import skinny_gemm
 
         return skinny_gemm(x.contiguous(), weight)
-
-
-@plugin("gemv_linear", kind="linear")
-class GemvLinear(_Linear):
-    def forward(self, x, weight):
-        if not _one_row(x, weight):
-            return F.linear(x, weight)
-        from kiln.plugins.triton.gemv import gemv
-
-        return gemv(x.contiguous(), weight)
 
 
 def _one_row(x: torch.Tensor, weight: torch.Tensor) -> bool:

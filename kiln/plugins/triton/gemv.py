@@ -92,17 +92,17 @@ def plan(n: int, k: int, sms: int, prologue: int = _PLAIN) -> tuple[int, int, in
 
     Plain: one output column a program, the fastest or within 2% of it on every Llama-1B/8B shape
     in a sweep on an H100 (benchmarks/RESULTS.md). With a prologue every program also reads x's
-    whole row (and the residual and norm weight) from L2, so columns are grouped: the widest tile
-    that still gives ``_MIN_PROGRAMS_PER_SM`` programs an SM."""
-    block_k = min(512, triton.next_power_of_2(k))
+    whole row (and the residual and norm weight) from L2, so columns are grouped, 8 a program with
+    K tiles of 1,024 (the sweep's best on four of six shapes, within 4% on the others), fewer where
+    that leaves under ``_MIN_PROGRAMS_PER_SM`` programs an SM."""
     if prologue == _PLAIN:
-        return 1, block_k, 4
+        return 1, min(512, triton.next_power_of_2(k)), 4
     block_n = 1
-    for candidate in (16, 8, 4, 2):
+    for candidate in (8, 4, 2):
         if triton.cdiv(n, candidate) >= _MIN_PROGRAMS_PER_SM * sms:
             block_n = candidate
             break
-    return block_n, block_k, 4
+    return block_n, min(1024, triton.next_power_of_2(k)), 4
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, **tuning: Any) -> torch.Tensor:
