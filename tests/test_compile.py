@@ -97,6 +97,36 @@ def test_one_compile_for_all_layers_and_step_shapes(tiny_model, num_layers):
     assert not kiln_compile._KV_BY_HANDLE  # KV views are held only during a layer's call
 
 
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+def test_compiled_layers_with_the_triton_plugins_take_one_row_and_many(tiny_model, monkeypatch):
+    # The default linear's GEMV for one row: the compiled graph (token dimension unbacked) cannot branch
+    # on the row count, so every projection goes through the op, which picks the GEMV or cuBLAS at run
+    # time. Triton plugins: compiled on a GPU, else Triton's interpreter.
+    pytest.importorskip("triton")
+    from kiln.plugins import PluginSet
+    from kiln.plugins.triton import gemv
+
+    gemv_rows: list[int] = []
+    real_launch = gemv._launch
+    monkeypatch.setattr(gemv, "_launch", lambda x, w, *a, **kw: gemv_rows.append(x.shape[0])
+                        or real_launch(x, w, *a, **kw))  # fmt: skip
+    path = tiny_model("LlamaForCausalLM", num_hidden_layers=2, hidden_size=128, intermediate_size=256)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    eager, compiled = (ModelEngine(path, dtype="float32", device=device, limits=LIMITS, kv_config=KV,
+                                   compile=c, cuda_graphs=False, plugins=PluginSet("forward"))
+                       for c in (False, True))  # fmt: skip
+    assert compiled.compiled is not None and compiled.compiled.num_graphs == 2
+    builders = StepBuilder(BLOCK), StepBuilder(BLOCK)
+    for chunks in _steps():
+        gemv_rows.clear()
+        want = eager.forward(builders[0].batch(chunks)).logits
+        got = compiled.forward(builders[1].batch(chunks)).logits
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        one_token = sum(len(c.tokens) for c in chunks) == 1  # 4 projections a layer, twice, + LM heads
+        assert gemv_rows == [1] * (2 * (4 * 2 + 1) if one_token else len(gemv_rows))
+    assert compiled.compiled.num_graphs == 2
+
+
 def test_piecewise_pieces_of_compiled_layers_run_their_plugins(tiny_model):
     # The pieces between attentions call a compiled model's layers outside their compiled forward:
     # the routed KV-cache ops then get the KV views and run the plugins themselves.

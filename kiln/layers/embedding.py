@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kiln.layers.linear import linear_ops
+from kiln.layers.linear import linear_ops, one_row
 from kiln.plugins import PluginSet
 
 
@@ -53,6 +53,6 @@ class LMHead(nn.Module):
         # and read again in the sampler's hot greedy path (0.2 ms a step at 512 rows of Llama-3's vocab).
         if self.linear_op is not None:
             return self.linear_op(hidden, self.head_weight())
-        if self.one_row_op is not None and hidden.shape[0] == 1:
+        if self.one_row_op is not None and one_row(hidden):
             return self.one_row_op(hidden, self.head_weight())
         return F.linear(hidden, self.head_weight())

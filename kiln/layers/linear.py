@@ -26,12 +26,20 @@ def linear_ops(plugins: PluginSet | None) -> tuple[Callable | None, Callable | N
     return None, plugins.linear if plugins.choice["linear"][1] == "forward" else None
 
 
+def one_row(x: torch.Tensor) -> bool:
+    """Whether x [T, in] goes to the default linear's op, which itself picks the GEMV for one row and
+    cuBLAS otherwise. Eagerly that is decided here, so several rows call cuBLAS without the op. In a
+    compiled graph every input goes to the op: the token dimension is unbacked there (one graph for
+    every step size), so the graph cannot branch on it, and the op decides at run time."""
+    return torch.compiler.is_compiling() or x.shape[0] == 1
+
+
 class Linear(nn.Module):
     """y = x @ W^T (+ b). weight [out, in], bias [out].
 
     With ``plugins`` choosing a ``linear`` plugin other than the default, the product goes through
     that plugin's op. The default is cuBLAS, called directly without a custom-op dispatch, except for
-    one row on the Triton backend, which goes through the default's op (its GEMV).
+    one row on the Triton backend, which goes through the default's op (its GEMV); see ``one_row``.
     """
 
     def __init__(
@@ -46,7 +54,7 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.linear_op is not None:
             return self.add_bias(self.linear_op(x, self.weight))
-        if self.one_row_op is not None and x.shape[0] == 1:
+        if self.one_row_op is not None and one_row(x):
             return self.add_bias(self.one_row_op(x, self.weight))
         return F.linear(x, self.weight, self.bias)  # [T, in] -> [T, out]
 
