@@ -97,6 +97,7 @@ def test_one_compile_for_all_layers_and_step_shapes(tiny_model, num_layers):
     assert not kiln_compile._KV_BY_HANDLE  # KV views are held only during a layer's call
 
 
+@pytest.mark.gpu  # and on the CPU through Triton's interpreter
 @pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 def test_compiled_layers_with_the_triton_plugins_take_one_row_and_many(tiny_model, monkeypatch):
     # The default linear's GEMV for one row: the compiled graph (token dimension unbacked) cannot branch

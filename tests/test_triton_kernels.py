@@ -280,6 +280,7 @@ def test_gemv_rejects_bad_inputs():
 
 
 @gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (128256, 2048)])
 def test_gpu_gemv_bf16_at_model_shapes(n, k):
     x = torch.randn(1, k, device=DEVICE).to(torch.bfloat16)
@@ -290,6 +291,10 @@ def test_gpu_gemv_bf16_at_model_shapes(n, k):
     normed, _ = _ref("fused_add_rms_norm")(x, residual, norm_w, 1e-5)
     out, _ = add_rms_norm_gemv(x, residual, norm_w, 1e-5, w)
     torch.testing.assert_close(out, (normed.float() @ w.float().T).to(torch.bfloat16), atol=3e-2, rtol=3e-2)
+    gate_up = torch.randn(1, 2 * k, device=DEVICE).to(torch.bfloat16)
+    act = _ref("silu_and_mul")(gate_up)
+    ref = (act.float() @ w.float().T).to(torch.bfloat16)
+    torch.testing.assert_close(silu_mul_gemv(gate_up, w), ref, **TOL[torch.bfloat16])
 
 
 # ----------------------------------------------------------------------------- rope + kv write
