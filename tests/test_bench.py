@@ -358,6 +358,8 @@ def test_cli_defaults_and_dispatch():
     assert ("serve" in choices) == has_serve and {"throughput", "latency", "presets"} <= set(choices)
     with pytest.raises(SystemExit):
         _bench_parser().parse_args(["throughput", "--model", "m", "--backend", "vllm"])
+    args = _bench_parser().parse_args(["latency", "--model", "m", "--no-compile"])
+    assert args.no_compile and "--no-compile" in cli.command_line(args)
     args = _bench_parser().parse_args(["latency", "--model", "m", "--plugin", "linear=skinny_linear"])
     assert cli._plugin_overrides(args.plugin) == (("linear", "skinny_linear"),)
     with pytest.raises(ValueError, match="KIND=NAME"):
@@ -380,6 +382,20 @@ def test_json_keeps_kiln_figures_when_the_peer_never_finishes(tmp_path, monkeypa
         main(argv)
     r = json.loads(out.read_text())
     assert set(r["results"]) == {"kiln"} and r["results"]["kiln"]["decode_tok_s"] > 0
+
+
+def test_engine_settings_reach_the_llm(monkeypatch):
+    import kiln.llm
+    from kiln.bench.kiln_backend import EngineSettings, open_llm
+
+    seen: list[dict] = []
+    monkeypatch.setattr(kiln.llm, "LLM", lambda **kw: seen.append(kw))
+    cublas = (("linear", "cublas_linear"),)
+    open_llm("m", EngineSettings(compile=False, piecewise_graphs=False, plugins=cublas))
+    open_llm("m", EngineSettings())
+    assert (seen[0]["compile"], seen[0]["piecewise_graphs"], seen[0]["plugins"]) == (
+        False, False, {"linear": "cublas_linear"})  # fmt: skip
+    assert seen[1]["compile"] is None and seen[1]["plugins"] is None
 
 
 def test_hf_backend_runs_a_tiny_workload(tmp_path):

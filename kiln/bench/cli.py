@@ -106,6 +106,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         help="use plugin NAME for KIND (repeatable), e.g. linear=skinny_linear",
     )
     p.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="run the decoder layers eagerly (inside the CUDA graphs) instead of through torch.compile",
+    )
+    p.add_argument(
         "--no-piecewise-graphs",
         action="store_true",
         help="run prefill and mixed steps eagerly instead of through piecewise CUDA graphs",
@@ -361,6 +366,7 @@ def _run(args: argparse.Namespace) -> int:
         seed=args.seed,
         plugins=_plugin_overrides(args.plugin),
         piecewise_graphs=not args.no_piecewise_graphs,
+        compile=False if args.no_compile else None,
     )
     if engine.max_num_tokens < engine.max_batch_size:
         raise ValueError(

@@ -28,6 +28,7 @@ class EngineSettings:
     seed: int = 0
     plugins: tuple[tuple[str, str], ...] = ()  # (kind, plugin name) overrides
     piecewise_graphs: bool = True
+    compile: bool | None = None  # None: the engine's default (torch.compile on a GPU)
 
 
 def open_llm(model_dir: str, s: EngineSettings) -> LLM:
@@ -48,6 +49,7 @@ def open_llm(model_dir: str, s: EngineSettings) -> LLM:
         seed=s.seed,
         executor=s.executor,
         piecewise_graphs=s.piecewise_graphs,
+        compile=s.compile,
     )
     freeze_startup_objects()  # the front end's full collections then scan only the requests' objects
     return llm
