@@ -7,14 +7,16 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from kiln.plugins.triton._common import next_pow2
+from kiln.plugins.triton._common import next_pow2, pdl, pdl_launch, pdl_trigger, pdl_wait
 
 # Columns of the output one program writes; a row of I columns takes cdiv(I, BLOCK) programs.
 _MAX_BLOCK = 1024
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, inter, stride_x, stride_out, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, inter, stride_x, stride_out, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
@@ -48,7 +50,9 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
             x2.stride(0),
             out2.stride(0),
             BLOCK=block,
+            PDL=pdl(x.device),
             num_warps=4 if block >= 512 else 2,
             enable_fp_fusion=False,
+            **pdl_launch(pdl(x.device)),
         )
     return out

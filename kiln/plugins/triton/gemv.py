@@ -23,18 +23,63 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.plugins.triton._common import num_sms
+from kiln.plugins.triton._common import num_sms, pdl, pdl_launch, pdl_trigger, pdl_wait
 
 _PLAIN, _ADD_RMS_NORM, _SILU_MUL = 0, 1, 2
 _MIN_PROGRAMS_PER_SM = 4  # column tiles narrow until this many programs: enough loads in flight per SM
 
 
 @triton.jit
+def _x_tile(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, ks, K, pid,
+            BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PROLOGUE: tl.constexpr):  # fmt: skip
+    """x's K tile ``ks`` in fp32 after the prologue, and its squares for the norm (zeros without)."""
+    k_ok = ks < K
+    sq = tl.zeros([BLOCK_K], dtype=tl.float32)
+    if PROLOGUE == 2:  # x is gate | up, each K wide: silu in fp32 rounded, the product in x's dtype
+        if EVEN_K:
+            g = tl.load(x_ptr + ks)
+            u = tl.load(x_ptr + K + ks)
+        else:
+            g = tl.load(x_ptr + ks, mask=k_ok, other=0.0)
+            u = tl.load(x_ptr + K + ks, mask=k_ok, other=0.0)
+        gf = g.to(tl.float32)
+        x = ((gf / (1.0 + tl.exp(-gf))).to(g.dtype) * u).to(tl.float32)
+    else:
+        if EVEN_K:
+            x = tl.load(x_ptr + ks)
+        else:
+            x = tl.load(x_ptr + ks, mask=k_ok, other=0.0)
+        if PROLOGUE == 1:
+            if EVEN_K:
+                h = x + tl.load(res_ptr + ks)
+                nw = tl.load(norm_w_ptr + ks)
+            else:
+                h = x + tl.load(res_ptr + ks, mask=k_ok, other=0.0)
+                nw = tl.load(norm_w_ptr + ks, mask=k_ok, other=0.0)
+            if pid == 0:  # one program writes the new residual
+                tl.store(res_out_ptr + ks, h, mask=k_ok)
+            hf = h.to(tl.float32)
+            sq = hf * hf
+            x = hf * nw.to(tl.float32)
+        else:
+            x = x.to(tl.float32)
+    return x, sq
+
+
+@triton.jit
+def _w_tile(w_ptrs, ks, K, EVEN_K: tl.constexpr):
+    if EVEN_K:
+        return tl.load(w_ptrs, eviction_policy="evict_first")
+    return tl.load(w_ptrs, mask=(ks < K)[None, :], other=0.0, eviction_policy="evict_first")
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, out_ptr, res_ptr, norm_w_ptr, res_out_ptr, N, K, stride_wn, eps,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-    PROLOGUE: tl.constexpr,
+    PROLOGUE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_trigger(PDL)
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -44,41 +89,19 @@ def _gemv_kernel(
     w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     sq = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_start = 0
+    if PDL:  # the first weight tile is fetched while the kernel before is still finishing
+        w = _w_tile(w_ptrs, rk, K, EVEN_K)
+        pdl_wait(PDL)
+        x, sq = _x_tile(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, rk, K, pid, BLOCK_K, EVEN_K, PROLOGUE)
+        acc += w.to(tl.float32) * x[None, :]
+        w_ptrs += BLOCK_K
+        k_start = BLOCK_K
+    for k0 in range(k_start, K, BLOCK_K):
         ks = k0 + rk
-        k_ok = ks < K
-        if PROLOGUE == 2:  # x is gate | up, each K wide: silu in fp32 rounded, the product in x's dtype
-            if EVEN_K:
-                g = tl.load(x_ptr + ks)
-                u = tl.load(x_ptr + K + ks)
-            else:
-                g = tl.load(x_ptr + ks, mask=k_ok, other=0.0)
-                u = tl.load(x_ptr + K + ks, mask=k_ok, other=0.0)
-            gf = g.to(tl.float32)
-            x = ((gf / (1.0 + tl.exp(-gf))).to(g.dtype) * u).to(tl.float32)
-        else:
-            if EVEN_K:
-                x = tl.load(x_ptr + ks)
-            else:
-                x = tl.load(x_ptr + ks, mask=k_ok, other=0.0)
-            if PROLOGUE == 1:
-                if EVEN_K:
-                    h = x + tl.load(res_ptr + ks)
-                    nw = tl.load(norm_w_ptr + ks)
-                else:
-                    h = x + tl.load(res_ptr + ks, mask=k_ok, other=0.0)
-                    nw = tl.load(norm_w_ptr + ks, mask=k_ok, other=0.0)
-                if pid == 0:  # one program writes the new residual
-                    tl.store(res_out_ptr + ks, h, mask=k_ok)
-                hf = h.to(tl.float32)
-                sq += hf * hf
-                x = hf * nw.to(tl.float32)
-            else:
-                x = x.to(tl.float32)
-        if EVEN_K:
-            w = tl.load(w_ptrs, eviction_policy="evict_first")
-        else:
-            w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
+        x, x_sq = _x_tile(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, ks, K, pid, BLOCK_K, EVEN_K, PROLOGUE)
+        sq += x_sq
+        w = _w_tile(w_ptrs, ks, K, EVEN_K)
         acc += w.to(tl.float32) * x[None, :]
         w_ptrs += BLOCK_K
     y = tl.sum(acc, axis=1)
@@ -166,10 +189,11 @@ def _launch(
     block_n, block_k, num_warps = block_n or planned[0], block_k or planned[1], num_warps or planned[2]
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     res_out = torch.empty_like(residual) if residual is not None else None
+    use_pdl = pdl(x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, w, out, residual if residual is not None else x, norm_weight if norm_weight is not None else x,
         res_out if res_out is not None else x, n, k, w.stride(0), eps,
         BLOCK_N=block_n, BLOCK_K=block_k, EVEN_N=n % block_n == 0, EVEN_K=k % block_k == 0,
-        PROLOGUE=prologue, num_warps=num_warps, num_stages=num_stages,
+        PROLOGUE=prologue, PDL=use_pdl, num_warps=num_warps, num_stages=num_stages, **pdl_launch(use_pdl),
     )  # fmt: skip
     return out, res_out

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.plugins.triton._common import next_pow2, num_sms
+from kiln.plugins.triton._common import next_pow2, num_sms, pdl, pdl_launch, pdl_trigger, pdl_wait
 
 _BLOCK = 1024  # vocabulary entries a program loads per iteration
 # Programs per SM to aim for. A program streams its chunk one block at a time, so the loads in flight
@@ -30,8 +30,10 @@ _PROGRAMS_PER_SM = 8
 @triton.jit(do_not_specialize=["chunk", "num_chunks"])
 def _greedy_partial_kernel(
     logits_ptr, stride_row, vocab, chunk, part_max_ptr, part_sum_ptr, part_idx_ptr, num_chunks,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     offs = tl.arange(0, BLOCK)
@@ -62,8 +64,10 @@ def _greedy_partial_kernel(
 @triton.jit(do_not_specialize=["num_chunks", "num_rows"])
 def _greedy_merge_kernel(
     part_max_ptr, part_sum_ptr, part_idx_ptr, num_chunks, vocab, tokens_ptr, packed_ptr, num_rows,
-    BLOCK_C: tl.constexpr,
+    BLOCK_C: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_C)
     ok = offs < num_chunks
@@ -102,12 +106,12 @@ def greedy_sample(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     part_idx = torch.empty(rows, num_chunks, dtype=torch.int32, device=dev)
     _greedy_partial_kernel[(rows, num_chunks)](
         logits, logits.stride(0), vocab, chunk, part_max, part_sum, part_idx, num_chunks,
-        BLOCK=_BLOCK, num_warps=4,
+        BLOCK=_BLOCK, PDL=pdl(dev), num_warps=4, **pdl_launch(pdl(dev)),
     )  # fmt: skip
     _greedy_merge_kernel[(rows,)](
         part_max, part_sum, part_idx, num_chunks, vocab, tokens, packed, rows,
         # sized for the vocabulary, not the batch: a constexpr that followed the row count would
         # compile a new variant mid-run whenever a step's row count crossed a power of two
-        BLOCK_C=next_pow2(max_chunks), num_warps=1,
+        BLOCK_C=next_pow2(max_chunks), PDL=pdl(dev), num_warps=1, **pdl_launch(pdl(dev)),
     )  # fmt: skip
     return tokens, packed

@@ -15,15 +15,26 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from kiln.plugins.triton._common import MAX_ROW_BLOCK, check_last_dim_contiguous, next_pow2, row_warps
+from kiln.plugins.triton._common import (
+    MAX_ROW_BLOCK,
+    check_last_dim_contiguous,
+    next_pow2,
+    pdl,
+    pdl_launch,
+    pdl_trigger,
+    pdl_wait,
+    row_warps,
+)
 
 
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     n_cols, stride_x, stride_res, stride_out, stride_res_out, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, SINGLE_TILE: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, SINGLE_TILE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     out_row = out_ptr + row * stride_out
@@ -109,7 +120,8 @@ def _launch(x, residual, weight, eps):
             x2, r2, weight, out2, res_out2,
             hidden, x2.stride(0), r2.stride(0), out2.stride(0), res_out2.stride(0), eps,
             HAS_RESIDUAL=residual is not None, BLOCK=block, SINGLE_TILE=block >= hidden,
-            num_warps=row_warps(block), enable_fp_fusion=False,
+            PDL=pdl(x.device), num_warps=row_warps(block), enable_fp_fusion=False,
+            **pdl_launch(pdl(x.device)),
         )  # fmt: skip
     return out, res_out
 

@@ -32,7 +32,15 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from kiln.plugins.triton._common import check_last_dim_contiguous, dot_precision, next_pow2
+from kiln.plugins.triton._common import (
+    check_last_dim_contiguous,
+    dot_precision,
+    next_pow2,
+    pdl,
+    pdl_launch,
+    pdl_trigger,
+    pdl_wait,
+)
 from kiln.plugins.triton.attention_plan import MAX_SPLITS, plan_passes
 
 SUPPORTED_HEAD_DIMS = (32, 64, 96, 128, 256)
@@ -116,8 +124,10 @@ def _attention_tile_kernel(
     stride_bt, stride_ot, stride_oh, stride_pas, stride_pat, stride_pah, stride_pms, stride_pmt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, TOKENS_PER_TILE: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    USE_SEARCH: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    USE_SEARCH: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
     # Heaviest tiles first: a sequence's later query tiles see more keys (causal), and starting them
     # first leaves the short ones to fill the last wave.
     pid = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -222,8 +232,10 @@ def _merge_splits_kernel(
     part_acc_ptr, part_ml_ptr, out_ptr, query_start_loc_ptr,
     num_seqs, search_steps, decode_tokens, decode_splits, prefill_splits,
     stride_pas, stride_pat, stride_pah, stride_pms, stride_pmt, stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_P2: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_P2: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
     t = tl.program_id(0)
     h = tl.program_id(1)
     # the token's sequence (largest s with query_start_loc[s] <= t) decides which pass wrote it
@@ -374,7 +386,8 @@ def paged_attention(
             out.stride(0), out.stride(1),
             # one variant for every split count the plan makes (one per power of two would compile
             # mid-run, the first time a step's shapes gave a new one)
-            HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS_P2=next_pow2(max(max_splits, MAX_SPLITS)), num_warps=4,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS_P2=next_pow2(max(max_splits, MAX_SPLITS)),
+            PDL=pdl(q.device), num_warps=4, **pdl_launch(pdl(q.device)),
         )  # fmt: skip
     return out
 
@@ -393,6 +406,6 @@ def _launch_pass(p, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc
         part_acc.stride(0), part_acc.stride(1), part_acc.stride(2), part_ml.stride(0), part_ml.stride(1),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=p.block_m, BLOCK_N=p.block_n,
         TOKENS_PER_TILE=p.tokens_per_tile, PAGE_SIZE=page_size, USE_SEARCH=p.use_search,
-        SPLIT=p.num_splits > 1, PRECISION=dot_precision(q.dtype),
-        num_warps=p.num_warps, num_stages=p.num_stages,
+        SPLIT=p.num_splits > 1, PRECISION=dot_precision(q.dtype), PDL=pdl(q.device),
+        num_warps=p.num_warps, num_stages=p.num_stages, **pdl_launch(pdl(q.device)),
     )  # fmt: skip

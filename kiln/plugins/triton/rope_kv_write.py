@@ -16,7 +16,14 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from kiln.plugins.triton._common import check_last_dim_contiguous, next_pow2
+from kiln.plugins.triton._common import (
+    check_last_dim_contiguous,
+    next_pow2,
+    pdl,
+    pdl_launch,
+    pdl_trigger,
+    pdl_wait,
+)
 
 # Elements of one half-head tile a program holds (BLOCK_H heads x HALF_P2 columns).
 _TILE_ELEMS = 2048
@@ -38,8 +45,10 @@ def _rope_kv_write_kernel(
     num_q_heads, num_kv_heads, block_size,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs,
     stride_kcb, stride_kco, stride_kch, stride_vcb, stride_vco, stride_vch, stride_qot, stride_qoh,
-    HALF: tl.constexpr, HALF_P2: tl.constexpr, BLOCK_H: tl.constexpr,
+    HALF: tl.constexpr, HALF_P2: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
     t = tl.program_id(0).to(tl.int64)
     hb = tl.program_id(1)
     num_q_blocks = tl.cdiv(num_q_heads, BLOCK_H)
@@ -133,7 +142,9 @@ def rope_kv_write(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         q_out.stride(0), q_out.stride(1),
-        HALF=half, HALF_P2=half_p2, BLOCK_H=block_h, num_warps=4 if block_h * half_p2 >= 1024 else 2,
+        HALF=half, HALF_P2=half_p2, BLOCK_H=block_h, PDL=pdl(q.device),
+        num_warps=4 if block_h * half_p2 >= 1024 else 2,
         enable_fp_fusion=False,  # keep every rounding of the reference (no fma contraction)
+        **pdl_launch(pdl(q.device)),
     )  # fmt: skip
     return q_out
