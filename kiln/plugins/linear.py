@@ -2,9 +2,10 @@
 
 ``linear`` (the default) is cuBLAS through ``torch.nn.functional.linear``, except for a single row
 (decode at batch 1), which goes to a matrix-vector kernel (``plugins/triton/gemv.py``: 1.02-1.35x
-cuBLAS on every Llama-1B/8B projection on an H100, benchmarks/RESULTS.md). Layers call cuBLAS
-directly, not through the op, so torch.compile and CUDA graphs see a plain matmul; only one-row
-inputs go through the op, on the Triton backend. ``cublas_linear`` is cuBLAS for every input.
+cuBLAS on every Llama-1B/8B projection on an H100, benchmarks/RESULTS.md). Eager layers call
+cuBLAS directly for several rows and the op for one row (on the Triton backend); compiled layers,
+whose token count is symbolic, call the op for every input and it picks at run time
+(``kiln.layers.linear.one_row``). ``cublas_linear`` is cuBLAS for every input.
 ``skinny_linear`` runs inputs of at most ``skinny_gemm.MAX_ROWS`` rows through the skinny GEMM
 (``plugins/triton/skinny_gemm.py``) and everything else through cuBLAS. Biases are added by the
 layer, outside the op.
@@ -38,7 +39,7 @@ class _Linear(Plugin):
 
 
 @plugin("linear", kind="linear")
-class Linear(_Linear):
+class GemvOrCublasLinear(_Linear):
     """cuBLAS, and the GEMV for one row."""
 
     def forward(self, x, weight):
