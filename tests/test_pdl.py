@@ -16,17 +16,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from kiln.plugins.triton._common import PDL_ENV, pdl, pdl_launch
+from kiln.plugins.triton._common import PDL_ENV, pdl, pdl_args
 
 TESTS = Path(__file__).parent
 
 
 def test_pdl_is_opt_in_and_needs_a_cuda_device(monkeypatch):
     monkeypatch.delenv(PDL_ENV, raising=False)
-    assert not pdl(torch.device("cpu")) and pdl_launch(False) == {}
+    assert not pdl(torch.device("cpu")) and pdl_args(torch.device("cpu")) == {"PDL": False}
     monkeypatch.setenv(PDL_ENV, "1")
     assert not pdl(torch.device("cpu"))  # the interpreter has no grid dependency control
-    assert pdl_launch(True) == {"launch_pdl": True}
+    assert pdl_args(torch.device("cpu")) == {"PDL": False}
 
 
 def test_every_decode_kernel_waits_before_it_touches_another_kernels_data():

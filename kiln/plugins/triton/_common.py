@@ -87,9 +87,10 @@ def pdl(device: torch.device) -> bool:
     return _cuda_capability(index) >= (9, 0)
 
 
-def pdl_launch(on: bool) -> dict[str, Any]:
-    """The launch option for a kernel taking ``PDL=on`` (none when off: the interpreter takes none)."""
-    return {"launch_pdl": True} if on else {}
+def pdl_args(device: torch.device) -> dict[str, Any]:
+    """A kernel's ``PDL`` constexpr and, when on, its launch option (none when off: the interpreter
+    takes none)."""
+    return {"PDL": True, "launch_pdl": True} if pdl(device) else {"PDL": False}
 
 
 @triton.jit

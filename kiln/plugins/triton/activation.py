@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from kiln.plugins.triton._common import next_pow2, pdl, pdl_launch, pdl_trigger, pdl_wait
+from kiln.plugins.triton._common import next_pow2, pdl_args, pdl_trigger, pdl_wait
 
 # Columns of the output one program writes; a row of I columns takes cdiv(I, BLOCK) programs.
 _MAX_BLOCK = 1024
@@ -50,9 +50,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
             x2.stride(0),
             out2.stride(0),
             BLOCK=block,
-            PDL=pdl(x.device),
             num_warps=4 if block >= 512 else 2,
             enable_fp_fusion=False,
-            **pdl_launch(pdl(x.device)),
+            **pdl_args(x.device),
         )
     return out

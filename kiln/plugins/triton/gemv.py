@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.plugins.triton._common import num_sms, pdl, pdl_launch, pdl_trigger, pdl_wait
+from kiln.plugins.triton._common import num_sms, pdl_args, pdl_trigger, pdl_wait
 
 _PLAIN, _ADD_RMS_NORM, _SILU_MUL = 0, 1, 2
 _MIN_PROGRAMS_PER_SM = 4  # column tiles narrow until this many programs: enough loads in flight per SM
@@ -189,11 +189,10 @@ def _launch(
     block_n, block_k, num_warps = block_n or planned[0], block_k or planned[1], num_warps or planned[2]
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     res_out = torch.empty_like(residual) if residual is not None else None
-    use_pdl = pdl(x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, w, out, residual if residual is not None else x, norm_weight if norm_weight is not None else x,
         res_out if res_out is not None else x, n, k, w.stride(0), eps,
         BLOCK_N=block_n, BLOCK_K=block_k, EVEN_N=n % block_n == 0, EVEN_K=k % block_k == 0,
-        PROLOGUE=prologue, PDL=use_pdl, num_warps=num_warps, num_stages=num_stages, **pdl_launch(use_pdl),
+        PROLOGUE=prologue, num_warps=num_warps, num_stages=num_stages, **pdl_args(x.device),
     )  # fmt: skip
     return out, res_out

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.plugins.triton._common import next_pow2, num_sms, pdl, pdl_launch, pdl_trigger, pdl_wait
+from kiln.plugins.triton._common import next_pow2, num_sms, pdl_args, pdl_trigger, pdl_wait
 
 _BLOCK = 1024  # vocabulary entries a program loads per iteration
 # Programs per SM to aim for. A program streams its chunk one block at a time, so the loads in flight
@@ -106,12 +106,12 @@ def greedy_sample(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     part_idx = torch.empty(rows, num_chunks, dtype=torch.int32, device=dev)
     _greedy_partial_kernel[(rows, num_chunks)](
         logits, logits.stride(0), vocab, chunk, part_max, part_sum, part_idx, num_chunks,
-        BLOCK=_BLOCK, PDL=pdl(dev), num_warps=4, **pdl_launch(pdl(dev)),
+        BLOCK=_BLOCK, num_warps=4, **pdl_args(dev),
     )  # fmt: skip
     _greedy_merge_kernel[(rows,)](
         part_max, part_sum, part_idx, num_chunks, vocab, tokens, packed, rows,
         # sized for the vocabulary, not the batch: a constexpr that followed the row count would
         # compile a new variant mid-run whenever a step's row count crossed a power of two
-        BLOCK_C=next_pow2(max_chunks), PDL=pdl(dev), num_warps=1, **pdl_launch(pdl(dev)),
+        BLOCK_C=next_pow2(max_chunks), num_warps=1, **pdl_args(dev),
     )  # fmt: skip
     return tokens, packed

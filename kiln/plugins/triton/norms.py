@@ -19,8 +19,7 @@ from kiln.plugins.triton._common import (
     MAX_ROW_BLOCK,
     check_last_dim_contiguous,
     next_pow2,
-    pdl,
-    pdl_launch,
+    pdl_args,
     pdl_trigger,
     pdl_wait,
     row_warps,
@@ -120,8 +119,7 @@ def _launch(x, residual, weight, eps):
             x2, r2, weight, out2, res_out2,
             hidden, x2.stride(0), r2.stride(0), out2.stride(0), res_out2.stride(0), eps,
             HAS_RESIDUAL=residual is not None, BLOCK=block, SINGLE_TILE=block >= hidden,
-            PDL=pdl(x.device), num_warps=row_warps(block), enable_fp_fusion=False,
-            **pdl_launch(pdl(x.device)),
+            num_warps=row_warps(block), enable_fp_fusion=False, **pdl_args(x.device),
         )  # fmt: skip
     return out, res_out
 

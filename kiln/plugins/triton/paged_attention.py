@@ -36,8 +36,7 @@ from kiln.plugins.triton._common import (
     check_last_dim_contiguous,
     dot_precision,
     next_pow2,
-    pdl,
-    pdl_launch,
+    pdl_args,
     pdl_trigger,
     pdl_wait,
 )
@@ -387,7 +386,7 @@ def paged_attention(
             # one variant for every split count the plan makes (one per power of two would compile
             # mid-run, the first time a step's shapes gave a new one)
             HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS_P2=next_pow2(max(max_splits, MAX_SPLITS)),
-            PDL=pdl(q.device), num_warps=4, **pdl_launch(pdl(q.device)),
+            num_warps=4, **pdl_args(q.device),
         )  # fmt: skip
     return out
 
@@ -406,6 +405,6 @@ def _launch_pass(p, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc
         part_acc.stride(0), part_acc.stride(1), part_acc.stride(2), part_ml.stride(0), part_ml.stride(1),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=p.block_m, BLOCK_N=p.block_n,
         TOKENS_PER_TILE=p.tokens_per_tile, PAGE_SIZE=page_size, USE_SEARCH=p.use_search,
-        SPLIT=p.num_splits > 1, PRECISION=dot_precision(q.dtype), PDL=pdl(q.device),
-        num_warps=p.num_warps, num_stages=p.num_stages, **pdl_launch(pdl(q.device)),
+        SPLIT=p.num_splits > 1, PRECISION=dot_precision(q.dtype),
+        num_warps=p.num_warps, num_stages=p.num_stages, **pdl_args(q.device),
     )  # fmt: skip

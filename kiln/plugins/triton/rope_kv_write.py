@@ -19,8 +19,7 @@ from torch.library import wrap_triton
 from kiln.plugins.triton._common import (
     check_last_dim_contiguous,
     next_pow2,
-    pdl,
-    pdl_launch,
+    pdl_args,
     pdl_trigger,
     pdl_wait,
 )
@@ -142,9 +141,9 @@ def rope_kv_write(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         q_out.stride(0), q_out.stride(1),
-        HALF=half, HALF_P2=half_p2, BLOCK_H=block_h, PDL=pdl(q.device),
+        HALF=half, HALF_P2=half_p2, BLOCK_H=block_h,
         num_warps=4 if block_h * half_p2 >= 1024 else 2,
         enable_fp_fusion=False,  # keep every rounding of the reference (no fma contraction)
-        **pdl_launch(pdl(q.device)),
+        **pdl_args(q.device),
     )  # fmt: skip
     return q_out
