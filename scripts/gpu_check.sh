@@ -9,7 +9,8 @@
 #   tests       python3 -m pytest -q -m gpu, file by file, kernels first, TEST_WORKERS processes a file
 #               (default 4; ~10 min in all with one); TEST_FILES="tests/a.py ..." and TEST_K="pytest -k
 #               expression" split it over calls
-#   profile     scripts/profile_step.py: host phases vs GPU kernels of a decode step, 1B and 8B (~2-4 min)
+#   profile     scripts/profile_step.py: host phases vs GPU kernels of a decode step, 1B and 8B (~2-4 min);
+#               PROFILE_RUNS, PROFILE_MIXED (a 2048/128-like mixed step) choose the steps
 #   smoke       llama-3.2-1b: latency bs=1 and a small 128/128 throughput, kiln only  (~1-2 min)
 #   latency     bs=1 ISL 128 / 256 new: llama-3.2-1b and llama-3.1-8b, kiln + transformers peer (~5-8 min)
 #   throughput  llama-3.1-8b 128/128 x 10,000 requests, max batch 1024, kiln + transformers peer on 256
@@ -186,8 +187,10 @@ nano() {
 
 profile() {
   # PROFILE_RUNS: "preset:batch ..." decode steps, "preset:batch:isl" prefill steps of batch x isl tokens,
-  # "preset:batch:isl:eager" without piecewise graphs (isl 0: decode) (default: 1B and 8B decode, batch 1 and 64)
-  for run in ${PROFILE_RUNS:-llama-3.2-1b:1 llama-3.2-1b:64 llama-3.1-8b:1 llama-3.1-8b:64}; do
+  # "preset:batch:isl:eager" without piecewise graphs (isl 0: decode) (default: 1B and 8B decode, batch 1 and 64;
+  # "" runs none); PROFILE_MIXED="D:C:P:L ...": 8B mixed steps of D decode rows at context ~C and P fresh prompts of
+  # L tokens (150:2048:4:2000 is a 2048/128 run's mixed step)
+  for run in ${PROFILE_RUNS-llama-3.2-1b:1 llama-3.2-1b:64 llama-3.1-8b:1 llama-3.1-8b:64}; do
     local m b isl mode extra=() name
     IFS=: read -r m b isl mode <<<"$run"
     name="profile_${m}_bs$b"
@@ -196,6 +199,13 @@ profile() {
     note "profile $m batch $b ${isl:+prefill $isl}: scripts/profile_step.py"
     timeout --kill-after=30 "$BENCH_TIMEOUT" "$PY" scripts/profile_step.py --model "preset:$m" --batch-size "$b" \
       "${extra[@]}" "${CACHE_ARGS[@]}" 2>&1 | tee "$OUT/$name.log"
+    printf '%s\t%s\t%s\n' "$name" "${PIPESTATUS[0]}" "see $name.log" >>"$STATUS_FILE"
+  done
+  for spec in ${PROFILE_MIXED:-}; do
+    local name="profile_llama-3.1-8b_mixed_${spec//:/_}"
+    note "profile llama-3.1-8b mixed step $spec: scripts/profile_step.py"
+    timeout --kill-after=30 "$BENCH_TIMEOUT" "$PY" scripts/profile_step.py --model preset:llama-3.1-8b --mixed "$spec" \
+      "${CACHE_ARGS[@]}" 2>&1 | tee "$OUT/$name.log"
     printf '%s\t%s\t%s\n' "$name" "${PIPESTATUS[0]}" "see $name.log" >>"$STATUS_FILE"
   done
 }

@@ -2,6 +2,7 @@
 
     python3 scripts/profile_step.py --model preset:llama-3.2-1b --batch-size 1 --isl 128 --steps 64
     python3 scripts/profile_step.py --model preset:llama-3.1-8b --prefill --batch-size 1 --isl 2048
+    python3 scripts/profile_step.py --model preset:llama-3.1-8b --mixed 150:2048:4:2000
 
 Drives the EngineCore by hand (no worker process) so every phase can be timed: first a plain
 run (the real step time), then a run with a device sync after each phase (host time of each phase,
@@ -32,6 +33,13 @@ def main() -> None:
     ap.add_argument(
         "--prefill", action="store_true", help="profile prefill steps (batch x isl new tokens, no decode)"
     )
+    ap.add_argument(
+        "--mixed",
+        default=None,
+        metavar="D:C:P:L",
+        help="profile mixed steps: D sequences decoding at a context of ~C tokens, plus P fresh prompts of L "
+        "tokens each step (as in a 2048/128 throughput run)",
+    )
     ap.add_argument("--no-graphs", action="store_true")
     ap.add_argument("--no-piecewise-graphs", action="store_true", help="prefill and mixed steps eagerly")
     ap.add_argument("--no-overlap", action="store_true", help="one step at a time (GPU default: overlapped)")
@@ -47,13 +55,18 @@ def main() -> None:
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     max_seq = args.isl + 3 * args.steps + 16
     max_tokens = max(8192, args.batch_size * args.isl if args.prefill else 0)
+    max_batch = max(8, args.batch_size)
+    mixed = _parse_mixed(args.mixed) if args.mixed else None
+    if mixed is not None:
+        decode, context, prompts, length = mixed
+        max_seq = max(context, length) + 3 * args.steps + 16
+        max_tokens = max(8192, decode + prompts * length)
+        max_batch = max(8, decode + prompts)
     cfg = EngineCoreConfig(
         model=path,
         dtype="auto",
         device=args.device,
-        limits=EngineLimits(
-            max_batch_size=max(8, args.batch_size), max_num_tokens=max_tokens, max_seq_len=max_seq
-        ),
+        limits=EngineLimits(max_batch_size=max_batch, max_num_tokens=max_tokens, max_seq_len=max_seq),
         kv_config=KvCacheConfig(),
         scheduler_config=SchedulerConfig(),
         plugin_backend="forward" if args.device.startswith("cuda") else "reference",
@@ -66,8 +79,11 @@ def main() -> None:
     print(f"engine ready in {time.perf_counter() - t0:.1f} s: {core.info()}")
     rng = np.random.default_rng(0)
     card = torch.cuda.get_device_name() if on_gpu else "cpu"
-    if args.prefill:
-        profile_prefill(core, args, rng, sync, card)
+    if args.prefill or mixed is not None:
+        if mixed is not None:
+            profile_mixed(core, mixed, args.steps, rng, sync, card)
+        else:
+            profile_prefill(core, args, rng, sync, card)
         core.close()
         return
     sp = SamplingParams(temperature=0, max_tokens=3 * args.steps, ignore_eos=True)
@@ -143,6 +159,66 @@ def profile_prefill(
     rate = tokens / statistics.median(times)
     print(f"  prefill + first token  {_ms(times):7.3f} ms   -> {rate:,.0f} prompt tok/s")
     _print_tables(prof, n_prof, "prefill")
+
+
+def _parse_mixed(spec: str) -> tuple[int, int, int, int]:
+    try:
+        decode, context, prompts, length = (int(v) for v in spec.split(":"))
+    except ValueError:
+        raise SystemExit(f"--mixed takes D:C:P:L, four integers (150:2048:4:2000), got {spec!r}") from None
+    if min(decode, context, prompts, length) < 1:
+        raise SystemExit(f"--mixed values must be >= 1, got {spec!r}")
+    return decode, context, prompts, length
+
+
+def profile_mixed(
+    core: EngineCore, mixed: tuple[int, int, int, int], steps: int, rng: np.random.Generator, sync, card: str
+) -> None:
+    """Time steps that carry ``decode`` decoding sequences (context ~``context``) and ``prompts`` fresh
+    prompts of ``length`` tokens, each prompt finishing at its first token."""
+    decode, context, prompts, length = mixed
+    vocab = min(1000, core.engine.vocab_size)
+    long_run = SamplingParams(temperature=0, max_tokens=3 * steps + 8, ignore_eos=True)
+    for i in range(decode):
+        core.add_request(Request(f"d{i}", rng.integers(1, vocab, context).tolist(), long_run))
+    while core.scheduler.stats().num_waiting or core.stats.steps < 2:  # their prefill, then decode only
+        core.step()
+    one_token = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    counter = iter(range(1 << 30))
+    step_tokens: list[int] = []  # what each timed step really carried
+    forward = core.engine.forward
+
+    def counted(batch, **kw):
+        step_tokens.append(batch.num_tokens)
+        return forward(batch, **kw)
+
+    core.engine.forward = counted  # type: ignore[method-assign]
+
+    def one_mixed() -> None:
+        for _ in range(prompts):
+            core.add_request(Request(f"p{next(counter)}", rng.integers(1, vocab, length).tolist(), one_token))
+        core.step()
+        while core._launched:  # finish the step (overlap scheduling keeps one in flight)
+            core._apply(core._launched.popleft(), time.perf_counter())
+
+    for _ in range(2):  # warm-up: this shape's kernel variants and graphs
+        one_mixed()
+    sync()
+    step_tokens.clear()
+    times = []
+    for _ in range(max(3, steps // 8)):
+        t = time.perf_counter()
+        one_mixed()
+        sync()
+        times.append(time.perf_counter() - t)
+    n_prof = 3
+    prof = _profiled(lambda: [one_mixed() for _ in range(n_prof)], core.engine.device.type == "cuda", sync)
+    tokens, rate = decode + prompts * length, prompts * length / statistics.median(times)
+    print(f"\n== mixed step, {decode} decode rows @~{context} + {prompts} x {length} fresh = {tokens} "
+          f"tokens, {card}")  # fmt: skip
+    print(f"  step  {_ms(times):7.3f} ms   -> {rate:,.0f} prompt tok/s   (steps carried {min(step_tokens)}-"
+          f"{max(step_tokens)} tokens)")  # fmt: skip
+    _print_tables(prof, n_prof, "step")
 
 
 def _ms(xs: list[float]) -> float:

@@ -1,0 +1,30 @@
+"""scripts/profile_step.py on the CPU: the script itself (its figures count only on a GPU)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+
+
+def _profile(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    script = str(ROOT / "scripts" / "profile_step.py")
+    cmd = [sys.executable, script, "--model", "preset:tiny-llama", "--device", "cpu", "--preset-cache",
+           str(tmp_path), "--steps", "8", *args]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_mixed_steps_carry_the_decode_rows_and_the_fresh_prompts(tmp_path):
+    done = _profile(tmp_path, "--mixed", "4:64:2:32")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "== mixed step, 4 decode rows @~64 + 2 x 32 fresh = 68 tokens, cpu" in done.stdout
+    assert "(steps carried 68-68 tokens)" in done.stdout  # every timed step had all of them
+
+
+def test_mixed_spec_is_checked(tmp_path):
+    done = _profile(tmp_path, "--mixed", "4:64:2")
+    assert done.returncode != 0 and "--mixed takes D:C:P:L, four integers" in done.stderr
