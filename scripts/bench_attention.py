@@ -471,6 +471,9 @@ DECODE_CASES: dict[str, tuple[str, int, tuple[int, int]]] = {
     "decode512": ("decode 512 x 129-256 (128/128)", 512, (129, 256)),
     "decode200": ("decode 200 x 2049-2176 (2048/128)", 200, (2049, 2176)),
     "decode100": ("decode 100 x 2049-4096 (2048/2048)", 100, (2049, 4096)),
+    # batch 1: a decode graph plans its splits for the engine's longest context, so each step at bs 1
+    # pays the split partials and the merge launch; are they worth it at a few hundred keys?
+    "decode1": ("decode 1 x 129-384 (bs-1 latency)", 1, (129, 384)),
 }
 
 DecodeConfig = tuple[int, int, int, int]  # block_n, num_warps, num_stages, num_splits (0: the planner's)
