@@ -179,13 +179,7 @@ def profile_mixed(
     decode, context, prompts, length = mixed
     vocab = min(1000, core.engine.vocab_size)
     long_run = SamplingParams(temperature=0, max_tokens=3 * steps + 8, ignore_eos=True)
-    for i in range(decode):
-        core.add_request(Request(f"d{i}", rng.integers(1, vocab, context).tolist(), long_run))
-    while core.scheduler.stats().num_waiting or core.stats.steps < 2:  # their prefill, then decode only
-        core.step()
-    one_token = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-    counter = iter(range(1 << 30))
-    step_tokens: list[int] = []  # what each timed step really carried
+    step_tokens: list[int] = []  # the tokens each step carried
     forward = core.engine.forward
 
     def counted(batch, **kw):
@@ -193,6 +187,15 @@ def profile_mixed(
         return forward(batch, **kw)
 
     core.engine.forward = counted  # type: ignore[method-assign]
+    for i in range(decode):
+        core.add_request(Request(f"d{i}", rng.integers(1, vocab, context).tolist(), long_run))
+    # their prefill (the last admitted may go on in chunks for a while), until a step is decode only
+    while not step_tokens or step_tokens[-1] != decode:
+        if len(step_tokens) > 4 * decode * context // max(core.engine.limits.max_num_tokens - decode, 1) + 64:
+            raise SystemExit(f"the {decode} sequences never all reached decode; is the KV pool large enough?")
+        core.step()
+    one_token = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    counter = iter(range(1 << 30))
 
     def one_mixed() -> None:
         for _ in range(prompts):

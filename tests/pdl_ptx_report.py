@@ -36,26 +36,23 @@ PTR = {
     "packed_ptr": "*i32",
 }
 FLOAT = {"eps", "scale_log2"}
+_ATTENTION = dict(GROUP=4, HEAD_DIM=128, BLOCK_D=128, BLOCK_M=16, BLOCK_N=64, TOKENS_PER_TILE=4, PAGE_SIZE=32,
+                  USE_SEARCH=True, SPLIT=True, PRECISION="tf32")  # fmt: skip
+# every constexpr branch that moves memory differently; the GEMV is the only kernel that may load (its
+# weight tiles, the only loads with an evict-first hint in gemv.py) before it waits
 KERNELS = {
-    "gemv": (_gemv_kernel, dict(BLOCK_N=1, BLOCK_K=512, EVEN_N=True, EVEN_K=True, PROLOGUE=1)),
+    "gemv": (_gemv_kernel, dict(BLOCK_N=1, BLOCK_K=512, EVEN_N=True, EVEN_K=True, PROLOGUE=0)),
+    "gemv_ragged": (_gemv_kernel, dict(BLOCK_N=4, BLOCK_K=512, EVEN_N=False, EVEN_K=False, PROLOGUE=0)),
+    "gemv_norm": (_gemv_kernel, dict(BLOCK_N=1, BLOCK_K=512, EVEN_N=True, EVEN_K=True, PROLOGUE=1)),
     "gemv_silu": (_gemv_kernel, dict(BLOCK_N=8, BLOCK_K=1024, EVEN_N=True, EVEN_K=False, PROLOGUE=2)),
     "rms_norm": (_rms_norm_kernel, dict(HAS_RESIDUAL=True, BLOCK=4096, SINGLE_TILE=True)),
+    "rms_norm_tiled": (_rms_norm_kernel, dict(HAS_RESIDUAL=False, BLOCK=1024, SINGLE_TILE=False)),
     "silu_and_mul": (_silu_and_mul_kernel, dict(BLOCK=1024)),
     "rope_kv_write": (_rope_kv_write_kernel, dict(HALF=64, HALF_P2=64, BLOCK_H=8)),
-    "attention": (
+    "attention": (_attention_tile_kernel, _ATTENTION),
+    "attention_unsplit": (
         _attention_tile_kernel,
-        dict(
-            GROUP=4,
-            HEAD_DIM=128,
-            BLOCK_D=128,
-            BLOCK_M=16,
-            BLOCK_N=64,
-            TOKENS_PER_TILE=4,
-            PAGE_SIZE=32,
-            USE_SEARCH=True,
-            SPLIT=True,
-            PRECISION="tf32",
-        ),
+        dict(_ATTENTION, USE_SEARCH=False, SPLIT=False, BLOCK_M=64),
     ),
     "merge_splits": (_merge_splits_kernel, dict(HEAD_DIM=128, BLOCK_D=128, SPLITS_P2=16)),
     "greedy_partial": (_greedy_partial_kernel, dict(BLOCK=1024)),
@@ -77,28 +74,50 @@ def ptx_of(fn, constexprs, pdl):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
 
 
-_STORES = ("st.global", "atom.", "red.", "cp.reduce")
-_LOADS = ("ld.global", "cp.async")
+def opcode(line: str) -> str:
+    """A PTX line's instruction ("" for labels, directives, braces and comments), without its predicate."""
+    words = line.strip().removeprefix("{").split()
+    if words and words[0].startswith("@"):
+        words = words[1:]
+    return words[0] if words and words[0][0].isalpha() else ""
 
 
-def _moves_memory(line: str, kinds: tuple[str, ...]) -> bool:
-    return any(k in line for k in kinds)
+_NOT_GLOBAL = (".param", ".shared", ".local", ".const")
 
 
-report = {}
-for name, (fn, consts) in KERNELS.items():
-    lines = ptx_of(fn, consts, True).splitlines()
-    wait = [i for i, line in enumerate(lines) if "griddepcontrol.wait" in line]
-    trig = [i for i, line in enumerate(lines) if "griddepcontrol.launch_dependents" in line]
-    before = lines[: wait[0]] if wait else lines
-    report[name] = dict(
-        wait=len(wait),
-        trigger=len(trig),
-        stores_before_wait=sum(
-            _moves_memory(line, ("st.global", "atom.", "red.", "cp.reduce")) for line in before
-        ),
-        loads_before_wait=sum(_moves_memory(line, _LOADS) for line in before),
-        weight_loads_before_wait=sum("ld.global" in line and "evict_first" in line for line in before),
-        without_pdl=sum("griddepcontrol" in line for line in ptx_of(fn, consts, False).splitlines()),
+def is_load(op: str) -> bool:  # ld.global, ld.global.nc, ld.volatile.global, ld.acquire.gpu.global, ...
+    return (op.startswith(("ld.", "ldu.")) and not any(s in op for s in _NOT_GLOBAL)) or op.startswith(
+        "cp.async"
     )
-json.dump(report, sys.stdout)
+
+
+def is_store(op: str) -> bool:  # st.global, st.release.gpu.global, atomics, reductions, bulk copies
+    return (op.startswith("st.") and not any(s in op for s in _NOT_GLOBAL)) or op.startswith(
+        ("atom.", "red.", "cp.reduce", "multimem.")
+    )
+
+
+def report() -> dict[str, dict[str, int]]:
+    """Per kernel variant: waits, triggers, and the memory instructions and branches before the wait."""
+    out = {}
+    for name, (fn, consts) in KERNELS.items():
+        lines = ptx_of(fn, consts, True).splitlines()
+        ops = [opcode(line) for line in lines]
+        wait = [i for i, op in enumerate(ops) if op == "griddepcontrol.wait;"]
+        trig = [i for i, op in enumerate(ops) if op == "griddepcontrol.launch_dependents;"]
+        first_wait = wait[0] if wait else len(lines)
+        before = list(zip(ops[:first_wait], lines[:first_wait], strict=True))
+        out[name] = dict(
+            wait=len(wait),
+            trigger=len(trig),
+            branches_before_wait=sum(op.startswith("bra") for op, _ in before),  # a wait some paths skip
+            stores_before_wait=sum(is_store(op) for op, _ in before),
+            loads_before_wait=sum(is_load(op) for op, _ in before),
+            weight_loads_before_wait=sum(is_load(op) and "evict_first" in line for op, line in before),
+            without_pdl=sum("griddepcontrol" in line for line in ptx_of(fn, consts, False).splitlines()),
+        )
+    return out
+
+
+if __name__ == "__main__":
+    json.dump(report(), sys.stdout)

@@ -50,6 +50,8 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.linear_op, self.one_row_op = linear_ops(plugins)
+        if bias:  # F.linear adds the bias before its one rounding; the op would round twice
+            self.one_row_op = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.linear_op is not None:

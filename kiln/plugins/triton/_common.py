@@ -80,8 +80,9 @@ def _cuda_capability(index: int) -> tuple[int, int]:
 
 
 def pdl(device: torch.device) -> bool:
-    """Whether kernels on ``device`` launch with programmatic dependent launch (``KILN_PDL=1``, sm90+)."""
-    if device.type != "cuda" or os.environ.get(PDL_ENV, "0") != "1":
+    """Whether kernels on ``device`` launch with programmatic dependent launch (``KILN_PDL=1``, NVIDIA
+    sm90+)."""
+    if device.type != "cuda" or torch.version.hip is not None or os.environ.get(PDL_ENV, "0") != "1":
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     return _cuda_capability(index) >= (9, 0)
