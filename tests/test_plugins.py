@@ -169,3 +169,14 @@ def test_writer_is_the_chosen_forward_plugins_forward_into():
     assert forward.writer("rms_norm") is None  # a plugin without forward_into
     with pytest.raises(ValueError, match="no plugin kind"):
         forward.writer("attn")
+
+
+def test_default_linear_takes_one_row_through_its_op_only_on_the_triton_backend_and_without_bias():
+    from kiln.layers.linear import Linear
+
+    assert Linear(8, 4, plugins=PluginSet("forward")).one_row_op is not None  # the GEMV for one row
+    assert Linear(8, 4, plugins=PluginSet("reference")).one_row_op is None
+    # F.linear adds a bias before its one rounding: biased projections stay on it at every row count
+    assert Linear(8, 4, bias=True, plugins=PluginSet("forward")).one_row_op is None
+    chosen = Linear(8, 4, plugins=PluginSet("forward", {"linear": "cublas_linear"}))
+    assert chosen.one_row_op is None and chosen.linear_op is not None
