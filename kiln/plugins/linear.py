@@ -5,7 +5,8 @@
 cuBLAS on every Llama-1B/8B projection on an H100, benchmarks/RESULTS.md). Eager layers call
 cuBLAS directly for several rows and the op for one row (on the Triton backend); compiled layers,
 whose token count is symbolic, call the op for every input and it picks at run time
-(``kiln.layers.linear.one_row``). ``cublas_linear`` is cuBLAS for every input.
+(``kiln.layers.linear.one_row``); projections with a bias stay on ``F.linear``. ``cublas_linear`` is
+cuBLAS for every input.
 ``skinny_linear`` runs inputs of at most ``skinny_gemm.MAX_ROWS`` rows through the skinny GEMM
 (``plugins/triton/skinny_gemm.py``) and everything else through cuBLAS. Biases are added by the
 layer, outside the op.
