@@ -1,7 +1,7 @@
 """Linear projections (y = x @ W^T) as a plugin kind, so a GEMM kernel can replace cuBLAS where it wins.
 
 ``linear`` (the default) is cuBLAS through ``torch.nn.functional.linear``, except for a single row
-(decode at batch 1), which goes to a matrix-vector kernel (``plugins/triton/gemv.py``: 1.02-1.35x
+(decode at batch 1), which goes to a matrix-vector kernel (``plugins/triton/gemv.py``: 1.08-1.34x
 cuBLAS on every Llama-1B/8B projection on an H100, benchmarks/RESULTS.md). Eager layers call
 cuBLAS directly for several rows and the op for one row (on the Triton backend); compiled layers,
 whose token count is symbolic, call the op for every input and it picks at run time
