@@ -143,17 +143,8 @@ def profile_prefill(
         while core.has_work():
             core.step()
 
-    for _ in range(3):  # warm-up: compiled code, kernel variants
-        one_prefill()
-    sync()
-    times = []
-    for _ in range(max(3, args.steps // 8)):
-        t = time.perf_counter()
-        one_prefill()
-        sync()
-        times.append(time.perf_counter() - t)
     n_prof = 3
-    prof = _profiled(lambda: [one_prefill() for _ in range(n_prof)], core.engine.device.type == "cuda", sync)
+    times, prof = _timed_and_profiled(one_prefill, 3, max(3, args.steps // 8), n_prof, core, sync)
     tokens = args.batch_size * args.isl
     print(f"\n== prefill step, {args.batch_size} x {args.isl} = {tokens} new tokens, {card}")
     rate = tokens / statistics.median(times)
@@ -204,24 +195,31 @@ def profile_mixed(
         while core._launched:  # finish the step (overlap scheduling keeps one in flight)
             core._apply(core._launched.popleft(), time.perf_counter())
 
-    for _ in range(2):  # warm-up: this shape's kernel variants and graphs
-        one_mixed()
-    sync()
     step_tokens.clear()
-    times = []
-    for _ in range(max(3, steps // 8)):
-        t = time.perf_counter()
-        one_mixed()
-        sync()
-        times.append(time.perf_counter() - t)
     n_prof = 3
-    prof = _profiled(lambda: [one_mixed() for _ in range(n_prof)], core.engine.device.type == "cuda", sync)
+    times, prof = _timed_and_profiled(one_mixed, 2, max(3, steps // 8), n_prof, core, sync)
     tokens, rate = decode + prompts * length, prompts * length / statistics.median(times)
     print(f"\n== mixed step, {decode} decode rows @~{context} + {prompts} x {length} fresh = {tokens} "
           f"tokens, {card}")  # fmt: skip
     print(f"  step  {_ms(times):7.3f} ms   -> {rate:,.0f} prompt tok/s   (steps carried {min(step_tokens)}-"
           f"{max(step_tokens)} tokens)")  # fmt: skip
     _print_tables(prof, n_prof, "step")
+
+
+def _timed_and_profiled(fn, warmups: int, reps: int, n_prof: int, core: EngineCore, sync):
+    """``fn`` run ``warmups`` times (compiled code, kernel variants, graphs), then timed ``reps`` times
+    with a device sync each, then ``n_prof`` times under torch.profiler: (seconds per rep, profile)."""
+    for _ in range(warmups):
+        fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    prof = _profiled(lambda: [fn() for _ in range(n_prof)], core.engine.device.type == "cuda", sync)
+    return times, prof
 
 
 def _ms(xs: list[float]) -> float:

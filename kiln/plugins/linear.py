@@ -44,7 +44,7 @@ class GemvOrCublasLinear(_Linear):
     """cuBLAS, and the GEMV for one row."""
 
     def forward(self, x, weight):
-        if not _one_row(x, weight):
+        if not _gemv_serves(x, weight):
             return F.linear(x, weight)
         from kiln.plugins.triton.gemv import gemv
 
@@ -67,7 +67,7 @@ class SkinnyLinear(_Linear):
         return skinny_gemm(x.contiguous(), weight)
 
 
-def _one_row(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _gemv_serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the GEMV serves this input: one row, of the weight's dtype (the caller makes x contiguous)."""
     return x.dim() == 2 and x.shape[0] == 1 and weight.stride(1) == 1 and x.dtype == weight.dtype
 
@@ -116,7 +116,7 @@ class GemvAddRmsNormLinear(AddRmsNormLinear):
     """The residual add and norm as the GEMV's prologue at one row; the ops apart beyond."""
 
     def forward(self, x, residual, norm_weight, eps, weight):
-        if not _one_row(x, weight):
+        if not _gemv_serves(x, weight):
             return super().forward(x, residual, norm_weight, eps, weight)
         from kiln.plugins.triton.gemv import add_rms_norm_gemv
 
@@ -159,7 +159,7 @@ class GemvSiluMulLinear(SiluMulLinear):
     """SiLU-and-mul as the GEMV's prologue at one row; the ops apart beyond."""
 
     def forward(self, gate_up, weight):
-        if not _one_row(gate_up, weight):
+        if not _gemv_serves(gate_up, weight):
             return super().forward(gate_up, weight)
         from kiln.plugins.triton.gemv import silu_mul_gemv
 
