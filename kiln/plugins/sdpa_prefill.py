@@ -120,7 +120,8 @@ def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float)
     with sdpa_kernel(backends, set_priority=True):
         o = F.scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v), is_causal=True,
                                            scale=scale, enable_gqa=True)  # fmt: skip
-    return o.transpose(1, 2).reshape(q.shape)  # a view when SDPA wrote rows in q's layout
+    # a view when SDPA wrote rows in q's layout (cuDNN); a copy when it wrote heads first (the others)
+    return o.transpose(1, 2).reshape(q.shape).contiguous()
 
 
 def warm_up(num_heads: int, num_kv_heads: int, head_dim: int, scale: float, dtype: torch.dtype,
