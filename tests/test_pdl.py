@@ -1,4 +1,5 @@
-"""Programmatic dependent launch (``KILN_PDL=1``): when it is on, and where each kernel waits.
+"""Programmatic dependent launch (on by default on sm90+, ``KILN_PDL=0`` turns it off): when it is on,
+and where each kernel waits.
 
 The ordering rule (no store, and no load but the GEMV's weight tiles, before a kernel waits on the
 kernel before it) is checked in the PTX of every decode-path kernel compiled for sm90, which needs
@@ -21,12 +22,26 @@ from kiln.plugins.triton._common import PDL_ENV, pdl, pdl_args
 TESTS = Path(__file__).parent
 
 
-def test_pdl_is_opt_in_and_needs_a_cuda_device(monkeypatch):
+def test_pdl_is_on_by_default_on_hopper_and_off_elsewhere(monkeypatch):
+    from kiln.plugins.triton import _common
+
     monkeypatch.delenv(PDL_ENV, raising=False)
     assert not pdl(torch.device("cpu")) and pdl_args(torch.device("cpu")) == {"PDL": False}
     monkeypatch.setenv(PDL_ENV, "1")
     assert not pdl(torch.device("cpu"))  # the interpreter has no grid dependency control
     assert pdl_args(torch.device("cpu")) == {"PDL": False}
+    # a CUDA device: on from compute capability 9.0 (the grid dependency instructions), off with KILN_PDL=0
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.version, "hip", None)
+    for capability, env, expected in (((9, 0), None, True), ((10, 0), "1", True), ((8, 0), None, False),
+                                      ((9, 0), "0", False)):  # fmt: skip
+        monkeypatch.setattr(_common, "_cuda_capability", lambda index, c=capability: c)
+        if env is None:
+            monkeypatch.delenv(PDL_ENV, raising=False)
+        else:
+            monkeypatch.setenv(PDL_ENV, env)
+        assert pdl(cuda) is expected, (capability, env)
+        assert pdl_args(cuda) == ({"PDL": True, "launch_pdl": True} if expected else {"PDL": False})
 
 
 def test_every_decode_kernel_waits_before_it_touches_another_kernels_data():

@@ -63,7 +63,7 @@ def row_warps(block: int) -> int:
 
 
 # ------------------------------------------------------------------ programmatic dependent launch
-# With KILN_PDL=1 on a Hopper or newer card, the decode path's kernels launch with programmatic
+# On a Hopper or newer card (unless KILN_PDL=0), the decode path's kernels launch with programmatic
 # dependent launch: a kernel may start while the one before it in the stream is still running, and
 # waits on the device (``pdl_wait``) before it touches anything that kernel may write or read. Each
 # kernel lets its successor launch at its own start (``pdl_trigger``): the successor's programs then
@@ -80,9 +80,9 @@ def _cuda_capability(index: int) -> tuple[int, int]:
 
 
 def pdl(device: torch.device) -> bool:
-    """Whether kernels on ``device`` launch with programmatic dependent launch (``KILN_PDL=1``, NVIDIA
-    sm90+)."""
-    if device.type != "cuda" or torch.version.hip is not None or os.environ.get(PDL_ENV, "0") != "1":
+    """Whether kernels on ``device`` launch with programmatic dependent launch: NVIDIA sm90+, unless
+    ``KILN_PDL=0`` (on an H100: 1B bs 1 +4.3%, 8B 128/128 +1.2%, benchmarks/RESULTS.md)."""
+    if device.type != "cuda" or torch.version.hip is not None or os.environ.get(PDL_ENV, "1") == "0":
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     return _cuda_capability(index) >= (9, 0)
