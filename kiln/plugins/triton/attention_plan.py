@@ -101,11 +101,7 @@ def _plan(
 
     decode_m = max(16, next_pow2(group))  # decode rows are the group's heads
     decode_tokens = decode_m // group
-    # A lone sequence (batch-1 decode) takes 128-key tiles: fewer serial tiles per split, 1.19x (1.34x
-    # with PDL) on its attention at 129-384 keys, Llama-8B heads on an H100 (bench_attention.py --decode,
-    # benchmarks/NOTES.md); larger batches keep the 64-key tiles they were tuned with.
-    lone = num_seqs == 1 and (2 * 2 * 128 + decode_m) * block_d * elem <= smem_bytes
-    decode_n = block_n or (32 if wide else 128 if lone else 64)
+    decode_n = block_n or (32 if wide else 64)
     passes = [make(0, decode_tokens, decode_m, decode_n, min(max_query_len, decode_tokens),
                    decode_num_warps or 4, decode_num_stages or 2)]  # fmt: skip
     if max_query_len > decode_tokens:
