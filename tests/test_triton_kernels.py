@@ -466,7 +466,8 @@ def test_attention_decode_plan_is_one_pass():
     passes = plan_passes(4, 4, 8, 4, 128, torch.float16, 1, 4096, DEVICE)
     assert len(passes) == 1 and passes[0].num_tiles == 4 and passes[0].block_m == 16
     # batch 1 too: 128-key tiles were faster alone but slower end to end (8B, H100; benchmarks/NOTES.md)
-    assert passes[0].block_n == 64 and plan_passes(1, 1, 8, 4, 128, torch.float16, 1, 4096, DEVICE)[0].block_n == 64
+    (lone,) = plan_passes(1, 1, 8, 4, 128, torch.float16, 1, 4096, DEVICE)
+    assert passes[0].block_n == 64 and lone.block_n == 64
     _check_attention([(1, 300)], 8, 2, 128, 16, torch.float16, num_splits=2)
     _check_attention([(1, 77)], 8, 2, 64, 16, torch.float16)
 
