@@ -23,7 +23,8 @@
 #               on GEMM_PRESETS (default 1B and 8B; GEMM_ARGS, e.g. "--rows 1 --sweep"), then bs-1 latency of
 #               each of GEMM_E2E (default "default fused cublas": the default linear, GEMV at one row; plus the
 #               GEMV's norm and SiLU-and-mul prologues; cuBLAS for every projection; "eager": the default
-#               without torch.compile; "pdl": the default with KILN_PDL=1) (~6-8 min)
+#               without torch.compile; "nopdl": the default with KILN_PDL=0; "preN", e.g. pre4096: the GEMV
+#               fetching N elements of K before its PDL wait, KILN_GEMV_PREFETCH_K=N) (~6-8 min)
 #   mlp         scripts/bench_mlp_chunks.py: an 8,192-token step's gated MLP whole vs in token chunks (~1 min)
 #   attn        scripts/bench_attention.py: paged attention's prefill launch configurations swept on 8B heads
 #               (prefill, chunk and mixed steps), torch SDPA backends as peers (~2-3 min)
@@ -225,8 +226,10 @@ gemm() {
         default) bench "latency_${m}_bs1" latency --model "preset:$m" --isl 128 --osl 256 --batch-size 1 --backend kiln ;;
         fused) bench "latency_${m}_bs1_gemv_fused" latency --model "preset:$m" --isl 128 --osl 256 --batch-size 1 \
                  --backend kiln "${fused[@]}" ;;
-        pdl) (export KILN_PDL=1; bench "latency_${m}_bs1_pdl" latency --model "preset:$m" --isl 128 --osl 256 \
-               --batch-size 1 --backend kiln) ;;
+        nopdl) (export KILN_PDL=0; bench "latency_${m}_bs1_nopdl" latency --model "preset:$m" --isl 128 --osl 256 \
+                 --batch-size 1 --backend kiln) ;;
+        pre[0-9]*) (export KILN_GEMV_PREFETCH_K=${choice#pre}; bench "latency_${m}_bs1_$choice" latency \
+                      --model "preset:$m" --isl 128 --osl 256 --batch-size 1 --backend kiln) ;;
         eager) bench "latency_${m}_bs1_no_compile" latency --model "preset:$m" --isl 128 --osl 256 --batch-size 1 \
                  --backend kiln --no-compile ;;
         cublas) bench "latency_${m}_bs1_cublas" latency --model "preset:$m" --isl 128 --osl 256 --batch-size 1 \

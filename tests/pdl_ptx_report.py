@@ -41,10 +41,27 @@ _ATTENTION = dict(GROUP=4, HEAD_DIM=128, BLOCK_D=128, BLOCK_M=16, BLOCK_N=64, TO
 # every constexpr branch that moves memory differently; the GEMV is the only kernel that may load (its
 # weight tiles, the only loads with an evict-first hint in gemv.py) before it waits
 KERNELS = {
-    "gemv": (_gemv_kernel, dict(BLOCK_N=1, BLOCK_K=512, EVEN_N=True, EVEN_K=True, PROLOGUE=0)),
-    "gemv_ragged": (_gemv_kernel, dict(BLOCK_N=4, BLOCK_K=512, EVEN_N=False, EVEN_K=False, PROLOGUE=0)),
-    "gemv_norm": (_gemv_kernel, dict(BLOCK_N=1, BLOCK_K=512, EVEN_N=True, EVEN_K=True, PROLOGUE=1)),
-    "gemv_silu": (_gemv_kernel, dict(BLOCK_N=8, BLOCK_K=1024, EVEN_N=True, EVEN_K=False, PROLOGUE=2)),
+    "gemv": (
+        _gemv_kernel,
+        dict(BLOCK_N=1, BLOCK_K=512, EVEN_N=True, EVEN_K=True, PROLOGUE=0, PRE_K=512, EVEN_PRE=True),
+    ),
+    "gemv_ragged": (
+        _gemv_kernel,
+        dict(BLOCK_N=4, BLOCK_K=512, EVEN_N=False, EVEN_K=False, PROLOGUE=0, PRE_K=512, EVEN_PRE=True),
+    ),
+    "gemv_norm": (
+        _gemv_kernel,
+        dict(BLOCK_N=1, BLOCK_K=512, EVEN_N=True, EVEN_K=True, PROLOGUE=1, PRE_K=512, EVEN_PRE=True),
+    ),
+    "gemv_silu": (
+        _gemv_kernel,
+        dict(BLOCK_N=8, BLOCK_K=1024, EVEN_N=True, EVEN_K=False, PROLOGUE=2, PRE_K=1024, EVEN_PRE=True),
+    ),
+    # several tiles before the wait (KILN_GEMV_PREFETCH_K), masked past K, with the norm's prologue
+    "gemv_prefetch": (
+        _gemv_kernel,
+        dict(BLOCK_N=1, BLOCK_K=512, EVEN_N=True, EVEN_K=False, PROLOGUE=1, PRE_K=4096, EVEN_PRE=False),
+    ),
     "rms_norm": (_rms_norm_kernel, dict(HAS_RESIDUAL=True, BLOCK=4096, SINGLE_TILE=True)),
     "rms_norm_tiled": (_rms_norm_kernel, dict(HAS_RESIDUAL=False, BLOCK=1024, SINGLE_TILE=False)),
     "silu_and_mul": (_silu_and_mul_kernel, dict(BLOCK=1024)),

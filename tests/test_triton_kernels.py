@@ -256,11 +256,13 @@ def test_gemv_prologues_match_the_unfused_ops(dtype, n, k, tiles):
     torch.testing.assert_close(out, (act.float() @ w.float().T).to(dtype), **TOL[dtype])
 
 
-@pytest.mark.parametrize("k", [300, 1024, 1500])
-def test_gemv_with_pdl_peels_its_first_weight_tile(monkeypatch, k):
-    # PDL's path: the first K tile before the wait, the rest in the loop (the squares for the norm and
-    # the new residual carried across). On the CPU the grid-dependency instructions are stubbed (the
-    # interpreter has none); on a GPU they run, harmless without the launch attribute.
+@pytest.mark.parametrize("k,prefetch", [(300, 0), (1024, 0), (1500, 0), (1500, 512), (1024, 1024),
+                                        (300, 4096)])  # fmt: skip
+def test_gemv_with_pdl_peels_its_first_weight_tiles(monkeypatch, k, prefetch):
+    # PDL's path: the first K tile (or the first ``prefetch`` elements: several tiles, all of K, or more
+    # than K) before the wait, the rest in the loop (the squares for the norm and the new residual
+    # carried across). On the CPU the grid-dependency instructions are stubbed (the interpreter has none);
+    # on a GPU they run, harmless without the launch attribute.
     from kiln.plugins.triton import _common
     from kiln.plugins.triton import gemv as gemv_module
 
@@ -273,15 +275,28 @@ def test_gemv_with_pdl_peels_its_first_weight_tile(monkeypatch, k):
     x, residual = (torch.randn(1, k, device=DEVICE) for _ in range(2))
     norm_w = 1 + 0.1 * torch.randn(k, device=DEVICE)
     w = torch.randn(37, k, device=DEVICE) / k**0.5
-    torch.testing.assert_close(gemv(x, w, block_k=256), x @ w.T, **TOL[dtype])
+    tiles = dict(block_k=256, prefetch_k=prefetch)
+    torch.testing.assert_close(gemv(x, w, **tiles), x @ w.T, **TOL[dtype])
     normed, res_ref = _ref("fused_add_rms_norm")(x, residual, norm_w, 1e-5)
-    out, res_out = add_rms_norm_gemv(x, residual, norm_w, 1e-5, w, block_k=256)
+    out, res_out = add_rms_norm_gemv(x, residual, norm_w, 1e-5, w, **tiles)
     assert torch.equal(res_out, res_ref)
     torch.testing.assert_close(out, normed @ w.T, **TOL[dtype])
     gate_up = torch.randn(1, 2 * k, device=DEVICE)
-    torch.testing.assert_close(silu_mul_gemv(gate_up, w, block_k=256), _ref("silu_and_mul")(gate_up) @ w.T,
+    torch.testing.assert_close(silu_mul_gemv(gate_up, w, **tiles), _ref("silu_and_mul")(gate_up) @ w.T,
                                **TOL[dtype])  # fmt: skip
     assert ON_GPU or len(waits) == 3 * 37  # every program of the three launches waited once
+
+
+def test_gemv_prefetch_is_whole_tiles_within_k():
+    from kiln.plugins.triton.gemv import prefetch_block
+
+    assert prefetch_block(0, 512, 4096) == 512  # the default: one tile
+    assert prefetch_block(2048, 512, 4096) == 2048
+    assert prefetch_block(8192, 512, 2048) == 2048  # no more than K
+    assert prefetch_block(8192, 512, 1500) == 2048  # K rounded up to a power of two (masked)
+    assert prefetch_block(256, 512, 4096) == 512  # at least one tile
+    with pytest.raises(ValueError, match="power of two"):
+        prefetch_block(3000, 512, 4096)
 
 
 def test_gemv_plan_groups_columns_only_for_a_prologue():

@@ -17,6 +17,7 @@ through memory:
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -27,6 +28,12 @@ from kiln.plugins.triton._common import num_sms, pdl_args, pdl_trigger, pdl_wait
 
 _PLAIN, _ADD_RMS_NORM, _SILU_MUL = 0, 1, 2
 _MIN_PROGRAMS_PER_SM = 4  # column tiles narrow until this many programs: enough loads in flight per SM
+# Under programmatic dependent launch, how much of each program's weight rows (K elements, a power of two)
+# is fetched before it waits on the kernel before it; 0: one K tile. A kernel before a GEMV that is
+# latency-bound (a norm, attention, SiLU-and-mul: 1-10 us on a few SMs) leaves the memory bus idle; the
+# GEMV's programs that are already resident can stream their weights meanwhile. More costs registers.
+# Not yet measured: a tuning knob until it is (benchmarks/NOTES.md).
+PREFETCH_K = int(os.environ.get("KILN_GEMV_PREFETCH_K", "0"))
 
 
 @triton.jit
@@ -77,7 +84,7 @@ def _w_tile(w_ptrs, ks, K, EVEN_K: tl.constexpr):
 def _gemv_kernel(
     x_ptr, w_ptr, out_ptr, res_ptr, norm_w_ptr, res_out_ptr, N, K, stride_wn, eps,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-    PROLOGUE: tl.constexpr, PDL: tl.constexpr,
+    PROLOGUE: tl.constexpr, PDL: tl.constexpr, PRE_K: tl.constexpr, EVEN_PRE: tl.constexpr,
 ):  # fmt: skip
     pdl_trigger(PDL)
     pid = tl.program_id(0)
@@ -86,17 +93,29 @@ def _gemv_kernel(
     n_ok = rn < N
     if not EVEN_N:  # the last tile re-reads valid rows instead of masking every load
         rn = tl.minimum(rn, N - 1)
-    w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]
+    w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_wn
+    w_ptrs = w_rows + rk[None, :]
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     sq = tl.zeros([BLOCK_K], dtype=tl.float32)
+    y = tl.zeros([BLOCK_N], dtype=tl.float32)
+    sq_sum = tl.sum(sq, axis=0)
     k_start = 0
-    if PDL:  # the first weight tile is fetched while the kernel before is still finishing
-        w = _w_tile(w_ptrs, rk, K, EVEN_K)
-        pdl_wait(PDL)
-        x, sq = _x_tile(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, rk, K, pid, BLOCK_K, EVEN_K, PROLOGUE)
-        acc += w.to(tl.float32) * x[None, :]
-        w_ptrs += BLOCK_K
-        k_start = BLOCK_K
+    if PDL:  # the first PRE_K of the weight rows are fetched while the kernel before is still running
+        if PRE_K == BLOCK_K:  # one tile: into the loop's partials, summed in the loop's order
+            w = _w_tile(w_ptrs, rk, K, EVEN_K)
+            pdl_wait(PDL)
+            x, sq = _x_tile(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, rk, K, pid, BLOCK_K, EVEN_K, PROLOGUE)
+            acc += w.to(tl.float32) * x[None, :]
+        else:  # several tiles: one [BLOCK_N, PRE_K] block in registers, reduced on its own
+            rp = tl.arange(0, PRE_K)
+            w_pre = _w_tile(w_rows + rp[None, :], rp, K, EVEN_PRE)
+            pdl_wait(PDL)
+            x_pre, psq = _x_tile(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, rp, K, pid, PRE_K, EVEN_PRE,
+                                 PROLOGUE)  # fmt: skip
+            y = tl.sum(w_pre.to(tl.float32) * x_pre[None, :], axis=1)
+            sq_sum = tl.sum(psq, axis=0)
+        w_ptrs += PRE_K
+        k_start = PRE_K
     for k0 in range(k_start, K, BLOCK_K):
         ks = k0 + rk
         x, x_sq = _x_tile(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, ks, K, pid, BLOCK_K, EVEN_K, PROLOGUE)
@@ -104,9 +123,9 @@ def _gemv_kernel(
         w = _w_tile(w_ptrs, ks, K, EVEN_K)
         acc += w.to(tl.float32) * x[None, :]
         w_ptrs += BLOCK_K
-    y = tl.sum(acc, axis=1)
+    y += tl.sum(acc, axis=1)
     if PROLOGUE == 1:
-        y = y / tl.sqrt(tl.sum(sq, axis=0) / K + eps)
+        y = y / tl.sqrt((sq_sum + tl.sum(sq, axis=0)) / K + eps)
     tl.store(out_ptr + rn, y.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
@@ -130,7 +149,8 @@ def plan(n: int, k: int, sms: int, prologue: int = _PLAIN) -> tuple[int, int, in
 
 def gemv(x: torch.Tensor, w: torch.Tensor, **tuning: Any) -> torch.Tensor:
     """x [1, K], w [N, K], both contiguous along K -> x @ w.T, [1, N] in x's dtype.
-    ``tuning`` (block_n, block_k, num_warps, num_stages) overrides the plan, for tests and sweeps."""
+    ``tuning`` (block_n, block_k, num_warps, num_stages, prefetch_k) overrides the plan, for tests and
+    sweeps."""
     _check(x, w, w.shape[1], "x [1, K]")
     return _launch(x, w, _PLAIN, **tuning)[0]
 
@@ -180,6 +200,7 @@ def _launch(
     block_k: int | None = None,
     num_warps: int | None = None,
     num_stages: int = 1,
+    prefetch_k: int | None = None,
     residual: torch.Tensor | None = None,
     norm_weight: torch.Tensor | None = None,
     eps: float = 0.0,
@@ -187,12 +208,22 @@ def _launch(
     n, k = w.shape
     planned = plan(n, k, num_sms(x.device), prologue)
     block_n, block_k, num_warps = block_n or planned[0], block_k or planned[1], num_warps or planned[2]
+    pre_k = prefetch_block(prefetch_k if prefetch_k is not None else PREFETCH_K, block_k, k)
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     res_out = torch.empty_like(residual) if residual is not None else None
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, w, out, residual if residual is not None else x, norm_weight if norm_weight is not None else x,
         res_out if res_out is not None else x, n, k, w.stride(0), eps,
         BLOCK_N=block_n, BLOCK_K=block_k, EVEN_N=n % block_n == 0, EVEN_K=k % block_k == 0,
-        PROLOGUE=prologue, num_warps=num_warps, num_stages=num_stages, **pdl_args(x.device),
+        PROLOGUE=prologue, PRE_K=pre_k, EVEN_PRE=pre_k <= k, num_warps=num_warps, num_stages=num_stages,
+        **pdl_args(x.device),
     )  # fmt: skip
     return out, res_out
+
+
+def prefetch_block(prefetch_k: int, block_k: int, k: int) -> int:
+    """The K elements a program fetches before its PDL wait: ``prefetch_k`` (0: one tile) as a power of
+    two of at least one tile, at most K rounded up to a power of two."""
+    if prefetch_k < 0 or (prefetch_k & (prefetch_k - 1)):
+        raise ValueError(f"GEMV prefetch must be 0 (one K tile) or a power of two, got {prefetch_k}")
+    return max(block_k, min(prefetch_k, triton.next_power_of_2(k)))
