@@ -12,6 +12,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from kiln.engine.decode_inputs import _decode_inputs_kernel
 from kiln.plugins.triton.activation import _silu_and_mul_kernel
 from kiln.plugins.triton.gemv import _gemv_kernel
 from kiln.plugins.triton.greedy_sample import _greedy_merge_kernel, _greedy_partial_kernel
@@ -34,6 +35,12 @@ PTR = {
     "part_idx_ptr": "*i32",
     "tokens_ptr": "*i64",
     "packed_ptr": "*i32",
+    "rows_ptr": "*i64",
+    "prev_tokens_ptr": "*i64",
+    "block_table_ptr": "*i32",
+    "ids_ptr": "*i64",
+    "slot_mapping_ptr": "*i64",
+    "tables_ptr": "*i32",
 }
 FLOAT = {"eps", "scale_log2"}
 _ATTENTION = dict(GROUP=4, HEAD_DIM=128, BLOCK_D=128, BLOCK_M=16, BLOCK_N=64, TOKENS_PER_TILE=4, PAGE_SIZE=32,
@@ -74,6 +81,7 @@ KERNELS = {
     "merge_splits": (_merge_splits_kernel, dict(HEAD_DIM=128, BLOCK_D=128, SPLITS_P2=16)),
     "greedy_partial": (_greedy_partial_kernel, dict(BLOCK=1024)),
     "greedy_merge": (_greedy_merge_kernel, dict(BLOCK_C=128)),
+    "decode_inputs": (_decode_inputs_kernel, dict(TOKENS_PER_BLOCK=32, BLOCK=4096)),
 }
 
 

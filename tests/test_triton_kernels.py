@@ -384,6 +384,37 @@ def test_rope_kv_write(dtype, num_q_heads, num_kv_heads, head_dim, block_size):
     _check_rope_kv_write(11, num_q_heads, num_kv_heads, head_dim, block_size, dtype)
 
 
+# ----------------------------------------------------------------------------- decode graph inputs
+
+
+@pytest.mark.parametrize("max_blocks,tpb", [(7, 16), (5000, 32)])
+def test_decode_inputs_kernel_matches_the_torch_ops(max_blocks, tpb):
+    # one kernel for a decode graph's input tokens, block-table rows, KV write slots and int32 lengths;
+    # rows of every kind: a known token, one sampled by the previous step, padding (no slot); and a
+    # table wider than one copy tile (5,000 entries: two loop steps)
+    from kiln.engine.decode_inputs import _decode_inputs_triton, decode_inputs_reference
+
+    g = torch.Generator().manual_seed(3)
+    num_slots = 6
+    block_table = torch.randint(1, 10_000, (num_slots, max_blocks), generator=g, dtype=torch.int32)
+    prev_tokens = torch.randint(0, 50_000, (9,), generator=g)
+    #        input id  position                  slot  seq len                 prev row
+    rows = [(17, 3, 2, 4, -1), (-1, 2 * tpb + 1, 0, 2 * tpb + 2, 5), (0, 0, -1, 1, -1),
+            (99, tpb * max_blocks - 1, 5, tpb * max_blocks, -1), (-1, 0, 4, 1, 8)]  # fmt: skip
+    inputs = torch.full((5, 16), -7, dtype=torch.int64)  # padded like the graph runner's buffer
+    inputs[:, : len(rows)] = torch.tensor(rows, dtype=torch.int64).T
+    view = inputs[:, : len(rows)].to(DEVICE)
+    got = _decode_inputs_triton(view, prev_tokens.to(DEVICE), block_table.to(DEVICE), tpb)
+    want = decode_inputs_reference(view, prev_tokens.to(DEVICE), block_table.to(DEVICE), tpb)
+    for name, a, b in zip(("input_ids", "slot_mapping", "block_tables", "seq_lens"), got, want, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a.cpu(), b.cpu()), name
+    ids, slot_mapping, tables, _ = (t.cpu() for t in got)
+    assert ids.tolist()[:3] == [17, int(prev_tokens[5]), 0] and slot_mapping[2] == -1
+    assert int(tables[2].abs().sum()) == 0  # padding reads the null block
+    with pytest.raises(ValueError, match=r"rows must be \[5, b\] int64"):
+        _decode_inputs_triton(view.int(), prev_tokens.to(DEVICE), block_table.to(DEVICE), tpb)
+
+
 # ----------------------------------------------------------------------------- paged attention
 
 

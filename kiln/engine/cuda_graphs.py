@@ -8,7 +8,7 @@ and for overlap scheduling the row of the previous step's sampled tokens each in
 the padding rows, one for the sampled tokens) and the launch. Everything else is computed inside
 the graph, so it costs no host launch: the input tokens, the block-table rows (the engine's
 persistent device table, gathered by slot, so appending blocks between replays needs no
-re-capture) and the KV write slots. Padded rows have slot -1: they write no KV and attend over
+re-capture) and the KV write slots, all in one kernel on the GPU (``decode_inputs.py``). Padded rows have slot -1: they write no KV and attend over
 one key of the null block. The LM head runs outside the graph, on the sampling rows only, so a
 graph's output is just [B, hidden].
 
@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from kiln.engine.attention_metadata import AttentionMetadata
+from kiln.engine.decode_inputs import POSITIONS, decode_inputs
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,7 @@ def default_graph_batch_sizes(max_batch_size: int) -> list[int]:
     return out
 
 
-# rows of the static input buffer
-INPUT_IDS, POSITIONS, SLOTS, SEQ_LENS, PREV_ROWS = range(5)
+# rows of the static input buffer: INPUT_IDS, POSITIONS, SLOTS, SEQ_LENS, PREV_ROWS (decode_inputs.py)
 _PAD_ROW = (0, 0, -1, 1, -1)  # a padded row: token 0 at position 0, no slot, one visible key
 
 
@@ -76,27 +76,20 @@ class DecodeGraphRunner:
 
     def _run(self, b: int) -> torch.Tensor:
         rows = self.inputs[:, :b]
-        positions, slots, prev = rows[POSITIONS], rows[SLOTS], rows[PREV_ROWS]
-        # overlap scheduling: a token sampled by the previous step is known on the device only
-        input_ids = torch.where(
-            prev >= 0, self.prev_tokens.index_select(0, prev.clamp(min=0)), rows[INPUT_IDS]
+        input_ids, slot_mapping, tables, seq_lens = decode_inputs(
+            rows, self.prev_tokens, self._block_table, self._tokens_per_block
         )
-        valid = slots >= 0
-        tables = self._block_table.index_select(0, slots.clamp(min=0))  # [b, max_blocks] int32
-        tables = torch.where(valid[:, None], tables, 0)  # padded rows: the null block
-        tpb = self._tokens_per_block
-        blocks = tables.gather(1, (positions // tpb)[:, None]).squeeze(1).to(torch.int64)
         attn = AttentionMetadata(
-            slot_mapping=torch.where(valid, blocks * tpb + positions % tpb, -1),
+            slot_mapping=slot_mapping,
             block_tables=tables,
-            seq_lens=rows[SEQ_LENS].to(torch.int32),
+            seq_lens=seq_lens,
             query_start_loc=self.query_start_loc[: b + 1],
             max_query_len=1,
             max_seq_len=self._max_seq_len,  # an upper bound: the kernel's grid must not change
             num_decode_seqs=b,
             num_decode_tokens=b,
         )
-        return self._forward(input_ids, positions, attn)
+        return self._forward(input_ids, rows[POSITIONS], attn)
 
     @torch.no_grad()
     def capture(self) -> None:
