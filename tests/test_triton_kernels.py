@@ -387,6 +387,7 @@ def test_rope_kv_write(dtype, num_q_heads, num_kv_heads, head_dim, block_size):
 # ----------------------------------------------------------------------------- decode graph inputs
 
 
+@pytest.mark.gpu  # and on the CPU through Triton's interpreter
 @pytest.mark.parametrize("max_blocks,tpb", [(7, 16), (5000, 32)])
 def test_decode_inputs_kernel_matches_the_torch_ops(max_blocks, tpb):
     # one kernel for a decode graph's input tokens, block-table rows, KV write slots and int32 lengths;
