@@ -78,7 +78,11 @@ KERNELS = {
         _attention_tile_kernel,
         dict(_ATTENTION, USE_SEARCH=False, SPLIT=False, BLOCK_M=64),
     ),
-    "merge_splits": (_merge_splits_kernel, dict(HEAD_DIM=128, BLOCK_D=128, SPLITS_P2=16)),
+    "merge_splits": (_merge_splits_kernel, dict(HEAD_DIM=128, BLOCK_D=128, SPLITS_P2=16, ONE_TOKEN=False)),
+    "merge_splits_decode": (
+        _merge_splits_kernel,
+        dict(HEAD_DIM=128, BLOCK_D=128, SPLITS_P2=16, ONE_TOKEN=True),
+    ),
     "greedy_partial": (_greedy_partial_kernel, dict(BLOCK=1024)),
     "greedy_merge": (_greedy_merge_kernel, dict(BLOCK_C=128)),
     "decode_inputs": (_decode_inputs_kernel, dict(TOKENS_PER_BLOCK=32, BLOCK=4096)),

@@ -53,7 +53,7 @@ def test_every_decode_kernel_waits_before_it_touches_another_kernels_data():
         pytest.skip(f"Triton cannot compile for sm90 here: {done.stderr[-300:]}")
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout)
-    assert len(report) == 15
+    assert len(report) == 16
     for name, r in report.items():
         assert (r["wait"], r["trigger"], r["without_pdl"]) == (1, 1, 0), name
         assert r["stores_before_wait"] == 0 and r["branches_before_wait"] == 0, name

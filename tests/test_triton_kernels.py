@@ -547,12 +547,14 @@ def test_attention_other_head_dims(head_dim):
 def test_attention_padded_tokens_left_alone():
     # a graph-padded batch: q has rows past query_start_loc[-1]; the real rows must be right and the
     # padding programs must not write over them (searched tiles and split merges both see padding)
-    args = _paged_batch(MIXED, 4, 2, 64, 16, torch.float32, extra_tokens=9)
-    num_real = int(args[5][-1])
-    ref = _ref("paged_attention")(*args, 0)
-    for overrides in ({}, {"block_m": 16, "num_splits": 3}):
-        out = paged_attention(*args, 0, **overrides)
-        torch.testing.assert_close(out[:num_real], ref[:num_real], **TOL[torch.float32])
+    # (a decode step's merge maps token t to sequence t without a search: padding tokens are t >= S)
+    for seqs in (MIXED, DECODE):
+        args = _paged_batch(seqs, 4, 2, 64, 16, torch.float32, extra_tokens=9)
+        num_real = int(args[5][-1])
+        ref = _ref("paged_attention")(*args, 0)
+        for overrides in ({}, {"block_m": 16, "num_splits": 3}):
+            out = paged_attention(*args, 0, **overrides)
+            torch.testing.assert_close(out[:num_real], ref[:num_real], **TOL[torch.float32])
 
 
 def test_attention_writes_into_a_given_buffer():

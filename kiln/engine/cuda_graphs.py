@@ -8,9 +8,9 @@ and for overlap scheduling the row of the previous step's sampled tokens each in
 the padding rows, one for the sampled tokens) and the launch. Everything else is computed inside
 the graph, so it costs no host launch: the input tokens, the block-table rows (the engine's
 persistent device table, gathered by slot, so appending blocks between replays needs no
-re-capture) and the KV write slots, all in one kernel on the GPU (``decode_inputs.py``). Padded rows have slot -1: they write no KV and attend over
-one key of the null block. The LM head runs outside the graph, on the sampling rows only, so a
-graph's output is just [B, hidden].
+re-capture) and the KV write slots, all in one kernel on the GPU (``decode_inputs.py``). Padded
+rows have slot -1: they write no KV and attend over one key of the null block. The LM head runs
+outside the graph, on the sampling rows only, so a graph's output is just [B, hidden].
 
 Without ``capture`` (the CPU) the runner replays by calling the same function eagerly: the graph
 path's inputs and padding are then testable without a GPU.

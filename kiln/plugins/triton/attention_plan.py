@@ -124,13 +124,14 @@ def step_variants(
     num_kv_heads: int, group: int, head_dim: int, dtype: torch.dtype, device: torch.device
 ) -> Callable[[list[int], list[int]], set[Hashable]]:
     """For one model's attention: (num_computed, num_new) of a step -> the kernel variants it launches
-    (each pass's ``variant``, and "merge" when a pass splits the keys)."""
+    (each pass's ``variant``, and the merge's when a pass splits the keys: one for decode steps, whose
+    sequences are one token each, one for the others)."""
 
     def variants_of(computed: list[int], new: list[int]) -> set[Hashable]:
         max_seq_len = max(c + n for c, n in zip(computed, new, strict=True))
         passes = plan_passes(sum(new), len(new), num_kv_heads, group, head_dim, dtype, max(new), max_seq_len,
                              device)  # fmt: skip
         split = any(p.num_splits > 1 for p in passes)
-        return {p.variant for p in passes} | ({"merge"} if split else set())
+        return {p.variant for p in passes} | ({("merge", max(new) == 1)} if split else set())
 
     return variants_of

@@ -231,23 +231,28 @@ def _merge_splits_kernel(
     part_acc_ptr, part_ml_ptr, out_ptr, query_start_loc_ptr,
     num_seqs, search_steps, decode_tokens, decode_splits, prefill_splits,
     stride_pas, stride_pat, stride_pah, stride_pms, stride_pmt, stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_P2: tl.constexpr, PDL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_P2: tl.constexpr, ONE_TOKEN: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     pdl_trigger(PDL)
     pdl_wait(PDL)
     t = tl.program_id(0)
     h = tl.program_id(1)
-    # the token's sequence (largest s with query_start_loc[s] <= t) decides which pass wrote it
-    lo = t * 0
-    hi = num_seqs
-    for _ in range(search_steps):
-        mid = (lo + hi + 1) // 2
-        go = tl.load(query_start_loc_ptr + mid) <= t
-        lo = tl.where(go, mid, lo)
-        hi = tl.where(go, hi, mid - 1)
-    seq_c = tl.minimum(lo, num_seqs - 1)
-    q_len = tl.load(query_start_loc_ptr + seq_c + 1) - tl.load(query_start_loc_ptr + seq_c)
-    num_splits = tl.where(q_len <= decode_tokens, decode_splits, prefill_splits)
+    if ONE_TOKEN:  # every sequence is one new token (a decode step): token t is sequence t, decode pass
+        lo = t
+        num_splits = decode_splits
+    else:
+        # the token's sequence (largest s with query_start_loc[s] <= t) decides which pass wrote it
+        lo = t * 0
+        hi = num_seqs
+        for _ in range(search_steps):
+            mid = (lo + hi + 1) // 2
+            go = tl.load(query_start_loc_ptr + mid) <= t
+            lo = tl.where(go, mid, lo)
+            hi = tl.where(go, hi, mid - 1)
+        seq_c = tl.minimum(lo, num_seqs - 1)
+        q_len = tl.load(query_start_loc_ptr + seq_c + 1) - tl.load(query_start_loc_ptr + seq_c)
+        num_splits = tl.where(q_len <= decode_tokens, decode_splits, prefill_splits)
     # padding tokens (past query_start_loc[-1]) were written by no pass; one-split passes wrote `out`
     if (lo < num_seqs) & (num_splits > 1):
         t64 = t.to(tl.int64)
@@ -386,7 +391,8 @@ def paged_attention(
             # one variant for every split count the plan makes (one per power of two would compile
             # mid-run, the first time a step's shapes gave a new one)
             HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS_P2=next_pow2(max(max_splits, MAX_SPLITS)),
-            num_warps=4, **pdl_args(q.device),
+            # a decode step skips the search of each token's sequence: two dependent loads fewer
+            ONE_TOKEN=max_query_len == 1, num_warps=4, **pdl_args(q.device),
         )  # fmt: skip
     return out
 
