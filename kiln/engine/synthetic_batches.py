@@ -120,7 +120,8 @@ def covering_shapes(
             # fixed lengths, and the chunks that fill the budget (a small budget fits none of the others)
             fill = (budget - decode) // chunks if chunks else 0
             for chunk_len in sorted({8, 100, 1000, 4000, fill} - {0}):
-                for ctx, prefix in itertools.product((64, 1000, 4000), (False, True)):
+                # the longest context too: an engine of short sequences splits only its longest keys
+                for ctx, prefix in itertools.product(sorted({64, 1000, 4000, max_len - 1}), (False, True)):
                     # prefix: the chunks continue a cached prefix of ctx tokens (a prefix-cache hit)
                     start = ctx if prefix else 0
                     if chunks and chunk_len * chunks + decode > budget:
