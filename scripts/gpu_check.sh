@@ -25,6 +25,8 @@
 #               GEMV's norm and SiLU-and-mul prologues; cuBLAS for every projection; "eager": the default
 #               without torch.compile; "nopdl": the default with KILN_PDL=0; "preN", e.g. pre4096: the GEMV
 #               fetching N elements of K before its PDL wait, KILN_GEMV_PREFETCH_K=N) (~6-8 min)
+#   ab          bs-1 latency A/B on one machine: LATENCY_MODELS with this tree, then with AB_FILES as they were
+#               at commit AB_BASE (AB_ROUNDS times in turn; ~1-1.5 min a run)
 #   mlp         scripts/bench_mlp_chunks.py: an 8,192-token step's gated MLP whole vs in token chunks (~1 min)
 #   attn        scripts/bench_attention.py: paged attention's prefill launch configurations swept on 8B heads
 #               (prefill, chunk and mixed steps), torch SDPA backends as peers (~2-3 min)
@@ -49,6 +51,9 @@ TEST_TIMEOUT=${TEST_TIMEOUT:-570}  # one worker a file: ~10 min on an H100 (2026
 PEER=$([ "${HF:-1}" = "0" ] && echo kiln || echo both)
 CACHE_ARGS=()
 [ -n "${PRESET_CACHE:-}" ] && CACHE_ARGS=(--preset-cache "$PRESET_CACHE")
+# the bs-1 latency workload (ISL 128, OSL 256); LATENCY_ITERATIONS measured iterations, the median counts
+# (the 1B's iterations spread by up to ~20% on one machine: host hiccups show at a ~1.2 ms step)
+BS1=(--isl 128 --osl 256 --batch-size 1 --iterations "${LATENCY_ITERATIONS:-9}")
 STATUS_FILE="$OUT/status.tsv"
 : >"$STATUS_FILE"
 T_START=$(date +%s)
@@ -148,7 +153,7 @@ smoke() {
 latency() {
   # LATENCY_MODELS: presets to run (default: llama-3.2-1b llama-3.1-8b)
   for m in ${LATENCY_MODELS-llama-3.2-1b llama-3.1-8b}; do  # LATENCY_MODELS="" skips them
-    bench "latency_${m}_bs1" latency --model "preset:$m" --isl 128 --osl 256 --batch-size 1 --backend "$PEER"
+    bench "latency_${m}_bs1" latency --model "preset:$m" "${BS1[@]}" --backend "$PEER"
   done
 }
 
@@ -223,20 +228,46 @@ gemm() {
   for m in ${LATENCY_MODELS-llama-3.2-1b llama-3.1-8b}; do  # LATENCY_MODELS="" skips them
     for choice in ${GEMM_E2E-default fused cublas}; do
       case "$choice" in
-        default) bench "latency_${m}_bs1" latency --model "preset:$m" --isl 128 --osl 256 --batch-size 1 --backend kiln ;;
-        fused) bench "latency_${m}_bs1_gemv_fused" latency --model "preset:$m" --isl 128 --osl 256 --batch-size 1 \
+        default) bench "latency_${m}_bs1" latency --model "preset:$m" "${BS1[@]}" --backend kiln ;;
+        fused) bench "latency_${m}_bs1_gemv_fused" latency --model "preset:$m" "${BS1[@]}" \
                  --backend kiln "${fused[@]}" ;;
-        nopdl) (export KILN_PDL=0; bench "latency_${m}_bs1_nopdl" latency --model "preset:$m" --isl 128 --osl 256 \
-                 --batch-size 1 --backend kiln) ;;
+        nopdl) (export KILN_PDL=0; bench "latency_${m}_bs1_nopdl" latency --model "preset:$m" "${BS1[@]}" \
+                 --backend kiln) ;;
         pre[0-9]*) (export KILN_GEMV_PREFETCH_K=${choice#pre}; bench "latency_${m}_bs1_$choice" latency \
-                      --model "preset:$m" --isl 128 --osl 256 --batch-size 1 --backend kiln) ;;
-        eager) bench "latency_${m}_bs1_no_compile" latency --model "preset:$m" --isl 128 --osl 256 --batch-size 1 \
+                      --model "preset:$m" "${BS1[@]}" --backend kiln) ;;
+        eager) bench "latency_${m}_bs1_no_compile" latency --model "preset:$m" "${BS1[@]}" \
                  --backend kiln --no-compile ;;
-        cublas) bench "latency_${m}_bs1_cublas" latency --model "preset:$m" --isl 128 --osl 256 --batch-size 1 \
+        cublas) bench "latency_${m}_bs1_cublas" latency --model "preset:$m" "${BS1[@]}" \
                   --backend kiln --plugin linear=cublas_linear ;;
       esac
     done
   done
+}
+
+ab() {
+  # AB_BASE=<commit> AB_FILES="path ...": bs-1 latency of each of LATENCY_MODELS with this tree, then with
+  # AB_FILES as they were at AB_BASE (the change under test taken out), AB_ROUNDS times in turn on one
+  # machine (default 1); the files are put back afterwards
+  if [ -z "${AB_BASE:-}" ] || [ -z "${AB_FILES:-}" ]; then
+    printf 'ab\t2\tset AB_BASE and AB_FILES\n' >>"$STATUS_FILE"
+    return
+  fi
+  local saved f m r
+  saved=$(mktemp -d)
+  for f in $AB_FILES; do
+    mkdir -p "$saved/$(dirname "$f")" && cp "$f" "$saved/$f" || { printf 'ab\t2\tno file %s\n' "$f" >>"$STATUS_FILE"; return; }
+  done
+  for r in $(seq 1 "${AB_ROUNDS:-1}"); do
+    for f in $AB_FILES; do cp "$saved/$f" "$f"; done
+    for m in ${LATENCY_MODELS-llama-3.2-1b llama-3.1-8b}; do
+      bench "latency_${m}_bs1_ab_new_r$r" latency --model "preset:$m" "${BS1[@]}" --backend kiln
+    done
+    for f in $AB_FILES; do git show "$AB_BASE:$f" >"$f" || printf 'ab\t2\t%s not in %s\n' "$f" "$AB_BASE" >>"$STATUS_FILE"; done
+    for m in ${LATENCY_MODELS-llama-3.2-1b llama-3.1-8b}; do
+      bench "latency_${m}_bs1_ab_base_r$r" latency --model "preset:$m" "${BS1[@]}" --backend kiln
+    done
+  done
+  for f in $AB_FILES; do cp "$saved/$f" "$f"; done
 }
 
 mlp() {
@@ -340,8 +371,8 @@ groups=("$@")
 [ ${#groups[@]} -eq 0 ] && groups=(tests)
 for g in "${groups[@]}"; do
   case "$g" in
-    env | tiny | tests | smoke | profile | latency | throughput | workloads | ttft | nano | gemm | mlp | attn | serve | all) ;;
-    *) echo "unknown group '$g'; use env, tiny, tests, smoke, profile, latency, throughput, workloads, ttft, nano, gemm, mlp, attn, serve or all" >&2
+    env | tiny | tests | smoke | profile | latency | throughput | workloads | ttft | nano | gemm | ab | mlp | attn | serve | all) ;;
+    *) echo "unknown group '$g'; use env, tiny, tests, smoke, profile, latency, throughput, workloads, ttft, nano, gemm, ab, mlp, attn, serve or all" >&2
        exit 2 ;;
   esac
 done
@@ -359,6 +390,7 @@ for g in "${groups[@]}"; do
     ttft) ttft ;;
     nano) nano ;;
     gemm) gemm ;;
+    ab) ab ;;
     mlp) mlp ;;
     attn) attn ;;
     serve) serve_bench ;;
