@@ -275,8 +275,12 @@ def _print_gaps(prof, n: int, unit: str, top: int = 8) -> None:
 
 
 def _print_tables(prof, n: int, unit: str) -> None:
-    # kernels only: an op such as aten::mm also reports its kernel's time and would count it twice
-    events = [e for e in prof.key_averages() if e.self_device_time_total > 0 and not e.key.startswith("aten")]
+    from torch.autograd import DeviceType
+
+    # device kernels only: a host op (aten::mm, a plugin's op such as kiln::linear, cudaGraphLaunch) also
+    # reports the time of the kernels it launched and would count them twice
+    kernel_names = {e.name for e in prof.events() if e.device_type == DeviceType.CUDA}
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0 and e.key in kernel_names]
     gpu_us = sum(e.self_device_time_total for e in events) / n
     print(f"  GPU kernels per {unit:<7} {gpu_us / 1e3:7.3f} ms   (torch.profiler, self device time)")
     print(f"\n== top kernels (per {unit})")

@@ -199,6 +199,7 @@ ROWS = {
         ("batch size", "batch_size"),
         ("iterations (median of)", "iterations"),
         ("decode tok/s per sequence", "decode_tok_s"),
+        ("of the iterations min / max", "per_iteration_decode_tok_s"),
         ("decode tok/s, whole batch", "batch_decode_tok_s"),
         ("time per output token (ms)", "tpot_ms"),
         ("TTFT (ms)", "ttft_ms"),
@@ -215,6 +216,8 @@ def _cell(key: str, v: Any) -> str:
         return " / ".join(_fmt(v.get(k)) for k in ("p50", "p90", "p99") if k in v)
     if key in ("step_host_ms", "step_split_ms") and isinstance(v, (list, tuple)):
         return " / ".join(f"{x:.3f}" for x in v)
+    if key == "per_iteration_decode_tok_s" and isinstance(v, (list, tuple)) and v:
+        return f"{_fmt(min(v))} / {_fmt(max(v))}"  # the spread behind the median
     if key == "step_kinds" and isinstance(v, (list, tuple)):
         return " / ".join(f"{int(n)} @ {ms:.2f}" for n, ms in v)
     if key in ("roofline_share", "peak_kv_usage") and isinstance(v, float):
