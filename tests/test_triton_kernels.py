@@ -557,6 +557,22 @@ def test_attention_padded_tokens_left_alone():
             torch.testing.assert_close(out[:num_real], ref[:num_real], **TOL[torch.float32])
 
 
+# the merge computes padding tokens from partials no pass wrote (only their store is masked off)
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_attention_decode_step_merge_writes_only_real_tokens():
+    # a decode step (no sequence with more than one new token) whose merge skips the sequence search:
+    # a sequence without a token in the middle shifts tokens against sequences, and padding rows past
+    # query_start_loc[-1] must stay unwritten
+    seqs = [(1, 150), (0, 9), (1, 64), (1, 97)]
+    args = _paged_batch(seqs, 4, 2, 64, 16, torch.float32, extra_tokens=5)
+    num_real = int(args[5][-1])
+    ref = _ref("paged_attention")(*args, 0)
+    out = torch.full_like(args[0], 7.0)
+    paged_attention(*args, 0, num_splits=3, out=out)
+    torch.testing.assert_close(out[:num_real], ref[:num_real], **TOL[torch.float32])
+    assert bool((out[num_real:] == 7.0).all())
+
+
 def test_attention_writes_into_a_given_buffer():
     # the piecewise graphs hand their static attention-output rows in: no result tensor, no copy
     args = _paged_batch(MIXED, 4, 2, 64, 16, torch.float32)

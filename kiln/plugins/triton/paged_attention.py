@@ -238,8 +238,9 @@ def _merge_splits_kernel(
     pdl_wait(PDL)
     t = tl.program_id(0)
     h = tl.program_id(1)
-    if ONE_TOKEN:  # every sequence is one new token (a decode step): token t is sequence t, decode pass
-        lo = t
+    if ONE_TOKEN:  # no sequence has more than one new token (a decode step): every token is the decode pass's
+        # a real token lies before query_start_loc[-1]; only the store waits for that load
+        real = t < tl.load(query_start_loc_ptr + num_seqs)
         num_splits = decode_splits
     else:
         # the token's sequence (largest s with query_start_loc[s] <= t) decides which pass wrote it
@@ -253,8 +254,10 @@ def _merge_splits_kernel(
         seq_c = tl.minimum(lo, num_seqs - 1)
         q_len = tl.load(query_start_loc_ptr + seq_c + 1) - tl.load(query_start_loc_ptr + seq_c)
         num_splits = tl.where(q_len <= decode_tokens, decode_splits, prefill_splits)
-    # padding tokens (past query_start_loc[-1]) were written by no pass; one-split passes wrote `out`
-    if (lo < num_seqs) & (num_splits > 1):
+        real = lo < num_seqs
+    # padding tokens (past query_start_loc[-1]) were written by no pass (their partials are not stored
+    # from); one-split passes wrote `out`
+    if num_splits > 1:
         t64 = t.to(tl.int64)
         j = tl.arange(0, SPLITS_P2)
         j_ok = j < num_splits
@@ -268,7 +271,7 @@ def _merge_splits_kernel(
         acc = tl.load(pa, mask=j_ok[:, None] & (d < HEAD_DIM)[None, :], other=0.0)  # [SPLITS_P2, BLOCK_D]
         out = tl.sum(acc * w[:, None], axis=0) / tl.maximum(tl.sum(w * l, axis=0), 1e-30)
         o = out_ptr + t64 * stride_ot + h * stride_oh + d
-        tl.store(o, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+        tl.store(o, out.to(out_ptr.dtype.element_ty), mask=(d < HEAD_DIM) & real)
 
 
 def _validate(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc) -> None:
