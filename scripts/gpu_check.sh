@@ -25,8 +25,8 @@
 #               GEMV's norm and SiLU-and-mul prologues; cuBLAS for every projection; "eager": the default
 #               without torch.compile; "nopdl": the default with KILN_PDL=0; "preN", e.g. pre4096: the GEMV
 #               fetching N elements of K before its PDL wait, KILN_GEMV_PREFETCH_K=N) (~6-8 min)
-#   ab          bs-1 latency A/B on one machine: LATENCY_MODELS with this tree, then with AB_FILES as they were
-#               at commit AB_BASE (AB_ROUNDS times in turn; ~1-1.5 min a run)
+#   ab          bs-1 latency A/B on one machine: LATENCY_MODELS with this tree, then with the files in AB_DIR
+#               (default ab_base/, made by scripts/ab_prepare.sh) in place (AB_ROUNDS times; ~1-1.5 min a run)
 #   mlp         scripts/bench_mlp_chunks.py: an 8,192-token step's gated MLP whole vs in token chunks (~1 min)
 #   attn        scripts/bench_attention.py: paged attention's prefill launch configurations swept on 8B heads
 #               (prefill, chunk and mixed steps), torch SDPA backends as peers (~2-3 min)
@@ -245,29 +245,32 @@ gemm() {
 }
 
 ab() {
-  # AB_BASE=<commit> AB_FILES="path ...": bs-1 latency of each of LATENCY_MODELS with this tree, then with
-  # AB_FILES as they were at AB_BASE (the change under test taken out), AB_ROUNDS times in turn on one
-  # machine (default 1); the files are put back afterwards
-  if [ -z "${AB_BASE:-}" ] || [ -z "${AB_FILES:-}" ]; then
-    printf 'ab\t2\tset AB_BASE and AB_FILES\n' >>"$STATUS_FILE"
+  # AB_DIR (default ab_base/): the files of the change under test as they were before it, at their
+  # repository paths (make it with scripts/ab_prepare.sh COMMIT FILE...; the GPU machine's git may lack
+  # the commit). Runs bs-1 latency of each of LATENCY_MODELS with this tree, then with those files in
+  # place, AB_ROUNDS times in turn on one machine (default 1); the tree's files are put back afterwards.
+  local dir=${AB_DIR:-ab_base} saved f m r files
+  if [ ! -d "$dir" ]; then
+    printf 'ab\t2\tno %s/ (scripts/ab_prepare.sh COMMIT FILE...)\n' "$dir" >>"$STATUS_FILE"
     return
   fi
-  local saved f m r
+  files=$(cd "$dir" && find . -type f | sed 's|^\./||')
   saved=$(mktemp -d)
-  for f in $AB_FILES; do
+  for f in $files; do
     mkdir -p "$saved/$(dirname "$f")" && cp "$f" "$saved/$f" || { printf 'ab\t2\tno file %s\n' "$f" >>"$STATUS_FILE"; return; }
   done
+  note "ab: $(echo "$files" | tr '\n' ' ')"
   for r in $(seq 1 "${AB_ROUNDS:-1}"); do
-    for f in $AB_FILES; do cp "$saved/$f" "$f"; done
+    for f in $files; do cp "$saved/$f" "$f"; done
     for m in ${LATENCY_MODELS-llama-3.2-1b llama-3.1-8b}; do
       bench "latency_${m}_bs1_ab_new_r$r" latency --model "preset:$m" "${BS1[@]}" --backend kiln
     done
-    for f in $AB_FILES; do git show "$AB_BASE:$f" >"$f" || printf 'ab\t2\t%s not in %s\n' "$f" "$AB_BASE" >>"$STATUS_FILE"; done
+    for f in $files; do cp "$dir/$f" "$f"; done
     for m in ${LATENCY_MODELS-llama-3.2-1b llama-3.1-8b}; do
       bench "latency_${m}_bs1_ab_base_r$r" latency --model "preset:$m" "${BS1[@]}" --backend kiln
     done
   done
-  for f in $AB_FILES; do cp "$saved/$f" "$f"; done
+  for f in $files; do cp "$saved/$f" "$f"; done
 }
 
 mlp() {
