@@ -27,6 +27,8 @@
 #               fetching N elements of K before its PDL wait, KILN_GEMV_PREFETCH_K=N) (~6-8 min)
 #   ab          bs-1 latency A/B on one machine: LATENCY_MODELS with this tree, then with the files in AB_DIR
 #               (default ab_base/, made by scripts/ab_prepare.sh) in place (AB_ROUNDS times; ~1-1.5 min a run)
+#   variants    scripts/decode_variants.py: decode-step time under several launch settings (VARIANTS) in one
+#               engine, in turns, VARIANT_MODELS at batch VARIANT_BATCH (~1-2 min a model)
 #   mlp         scripts/bench_mlp_chunks.py: an 8,192-token step's gated MLP whole vs in token chunks (~1 min)
 #   attn        scripts/bench_attention.py: paged attention's prefill launch configurations swept on 8B heads
 #               (prefill, chunk and mixed steps), torch SDPA backends as peers (~2-3 min)
@@ -273,6 +275,23 @@ ab() {
   for f in $files; do cp "$saved/$f" "$f"; done
 }
 
+variants() {
+  # VARIANT_MODELS (default: llama-3.1-8b llama-3.2-1b) at batch VARIANT_BATCH (default 1); VARIANTS: the
+  # settings timed in turn in one engine (scripts/decode_variants.py), "NAME=ENV=VALUE,... ..."
+  local v m args=()
+  for v in ${VARIANTS:-base= pre2048=KILN_GEMV_PREFETCH_K=2048 pre4096=KILN_GEMV_PREFETCH_K=4096 \
+                       pre8192=KILN_GEMV_PREFETCH_K=8192 nopdl=KILN_PDL=0}; do
+    args+=(--variant "$v")
+  done
+  for m in ${VARIANT_MODELS:-llama-3.1-8b llama-3.2-1b}; do
+    note "decode variants, $m: scripts/decode_variants.py"
+    timeout --kill-after=30 "$BENCH_TIMEOUT" "$PY" scripts/decode_variants.py --model "preset:$m" \
+      --batch-size "${VARIANT_BATCH:-1}" "${args[@]}" "${CACHE_ARGS[@]}" --json "$OUT/variants_$m.json" 2>&1 \
+      | tee "$OUT/variants_$m.log"
+    printf 'variants_%s\t%s\tsee variants_%s.log\n' "$m" "${PIPESTATUS[0]}" "$m" >>"$STATUS_FILE"
+  done
+}
+
 mlp() {
   note "gated MLP whole vs chunked: scripts/bench_mlp_chunks.py"
   # MLP_ARGS: extra options, e.g. "--preset llama-3.2-1b --chunks 512"
@@ -345,7 +364,7 @@ head = ("run", "kind", "model", "kiln", "transformers", "bound", "kiln/bound", "
 table = [head]
 for name, rc, why in rows:
     path = os.path.join(out, f"{name}.json")
-    if name == "pytest-gpu" or name.startswith(("serve", "gemm", "attention", "mlp")) or not os.path.isfile(path):
+    if name == "pytest-gpu" or name.startswith(("serve", "gemm", "attention", "mlp", "variants")) or not os.path.isfile(path):
         table.append((name, "-", "-", f"rc={rc}", "-", "-", "-", why[:60]))
         continue
     r = json.load(open(path))
@@ -374,8 +393,8 @@ groups=("$@")
 [ ${#groups[@]} -eq 0 ] && groups=(tests)
 for g in "${groups[@]}"; do
   case "$g" in
-    env | tiny | tests | smoke | profile | latency | throughput | workloads | ttft | nano | gemm | ab | mlp | attn | serve | all) ;;
-    *) echo "unknown group '$g'; use env, tiny, tests, smoke, profile, latency, throughput, workloads, ttft, nano, gemm, ab, mlp, attn, serve or all" >&2
+    env | tiny | tests | smoke | profile | latency | throughput | workloads | ttft | nano | gemm | ab | variants | mlp | attn | serve | all) ;;
+    *) echo "unknown group '$g'; use env, tiny, tests, smoke, profile, latency, throughput, workloads, ttft, nano, gemm, ab, variants, mlp, attn, serve or all" >&2
        exit 2 ;;
   esac
 done
@@ -394,6 +413,7 @@ for g in "${groups[@]}"; do
     nano) nano ;;
     gemm) gemm ;;
     ab) ab ;;
+    variants) variants ;;
     mlp) mlp ;;
     attn) attn ;;
     serve) serve_bench ;;

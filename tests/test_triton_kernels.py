@@ -299,6 +299,18 @@ def test_gemv_prefetch_is_whole_tiles_within_k():
         prefetch_block(3000, 512, 4096)
 
 
+def test_gemv_prefetch_comes_from_the_environment_at_each_launch(monkeypatch):
+    from kiln.plugins.triton.gemv import PREFETCH_ENV, prefetch_from_env
+
+    monkeypatch.delenv(PREFETCH_ENV, raising=False)
+    assert prefetch_from_env() == 0
+    monkeypatch.setenv(PREFETCH_ENV, "4096")
+    assert prefetch_from_env() == 4096
+    monkeypatch.setenv(PREFETCH_ENV, "lots")
+    with pytest.raises(ValueError, match=r"KILN_GEMV_PREFETCH_K must be 0 \(one K tile\) or a power of two"):
+        prefetch_from_env()
+
+
 def test_gemv_plan_groups_columns_only_for_a_prologue():
     from kiln.plugins.triton.gemv import _ADD_RMS_NORM, _SILU_MUL, plan
 

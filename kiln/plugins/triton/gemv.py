@@ -28,12 +28,13 @@ from kiln.plugins.triton._common import num_sms, pdl_args, pdl_trigger, pdl_wait
 
 _PLAIN, _ADD_RMS_NORM, _SILU_MUL = 0, 1, 2
 _MIN_PROGRAMS_PER_SM = 4  # column tiles narrow until this many programs: enough loads in flight per SM
-# Under programmatic dependent launch, how much of each program's weight rows (K elements, a power of two)
-# is fetched before it waits on the kernel before it; 0: one K tile. A kernel before a GEMV that is
-# latency-bound (a norm, attention, SiLU-and-mul: 1-10 us on a few SMs) leaves the memory bus idle; the
-# GEMV's programs that are already resident can stream their weights meanwhile. More costs registers.
-# Not yet measured: a tuning knob until it is (benchmarks/NOTES.md).
-PREFETCH_K = int(os.environ.get("KILN_GEMV_PREFETCH_K", "0"))
+# KILN_GEMV_PREFETCH_K: under programmatic dependent launch, how much of each program's weight rows (K
+# elements, a power of two) is fetched before it waits on the kernel before it; 0 (default): one K tile.
+# A kernel before a GEMV that is latency-bound (a norm, attention, SiLU-and-mul: 1-10 us on a few SMs)
+# leaves the memory bus idle; the GEMV's programs that are already resident can stream their weights
+# meanwhile. More costs registers. Not yet measured: a tuning knob until it is (benchmarks/NOTES.md).
+# Read at each launch, as KILN_PDL is: launches inside CUDA graphs happen at capture only.
+PREFETCH_ENV = "KILN_GEMV_PREFETCH_K"
 
 
 @triton.jit
@@ -208,7 +209,7 @@ def _launch(
     n, k = w.shape
     planned = plan(n, k, num_sms(x.device), prologue)
     block_n, block_k, num_warps = block_n or planned[0], block_k or planned[1], num_warps or planned[2]
-    pre_k = prefetch_block(prefetch_k if prefetch_k is not None else PREFETCH_K, block_k, k)
+    pre_k = prefetch_block(prefetch_from_env() if prefetch_k is None else prefetch_k, block_k, k)
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     res_out = torch.empty_like(residual) if residual is not None else None
     _gemv_kernel[(triton.cdiv(n, block_n),)](
@@ -219,6 +220,14 @@ def _launch(
         **pdl_args(x.device),
     )  # fmt: skip
     return out, res_out
+
+
+def prefetch_from_env() -> int:
+    raw = os.environ.get(PREFETCH_ENV, "0")
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{PREFETCH_ENV} must be 0 (one K tile) or a power of two, got {raw!r}") from None
 
 
 def prefetch_block(prefetch_k: int, block_k: int, k: int) -> int:
