@@ -299,6 +299,44 @@ def test_gemv_prefetch_is_whole_tiles_within_k():
         prefetch_block(3000, 512, 4096)
 
 
+def test_tuning_overrides_from_the_environment(monkeypatch):
+    # end-to-end tuning knobs: colon-separated ints read at launch, 0 = the planner's choice
+    from kiln.plugins.triton import gemv as gemv_module
+    from kiln.plugins.triton import paged_attention as pa
+    from kiln.plugins.triton._common import env_ints
+
+    monkeypatch.delenv("KILN_TEST_PLAN", raising=False)
+    assert env_ints("KILN_TEST_PLAN", 2) is None
+    monkeypatch.setenv("KILN_TEST_PLAN", "64:0")
+    assert env_ints("KILN_TEST_PLAN", 2) == (64, 0)
+    for bad in ("64", "64:x", "64:-1", "64,0"):
+        monkeypatch.setenv("KILN_TEST_PLAN", bad)
+        with pytest.raises(ValueError, match="KILN_TEST_PLAN must be 2 colon-separated non-negative"):
+            env_ints("KILN_TEST_PLAN", 2)
+    launches: list[dict] = []
+    real = gemv_module._gemv_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                launches.append(meta)
+                return real[grid](*args, **meta)
+
+            return launch
+
+    monkeypatch.setattr(gemv_module, "_gemv_kernel", Spy())
+    monkeypatch.setenv(gemv_module.PLAN_ENV, "4:128:0")
+    x, w = torch.randn(1, 300, device=DEVICE), torch.randn(37, 300, device=DEVICE) / 300**0.5
+    torch.testing.assert_close(gemv(x, w), x @ w.T, **TOL[torch.float32])
+    assert (launches[-1]["BLOCK_N"], launches[-1]["BLOCK_K"], launches[-1]["num_warps"]) == (4, 128, 4)
+    monkeypatch.setenv(pa.DECODE_PLAN_ENV, "32:0:3:2")
+    _check_attention(DECODE, 4, 2, 64, 16, torch.float32)  # a decode step under the override: still right
+    monkeypatch.setenv(pa.DECODE_PLAN_ENV, "32:0:3")
+    with pytest.raises(ValueError, match="KILN_ATTENTION_DECODE_PLAN must be 4"):
+        _check_attention(DECODE, 4, 2, 64, 16, torch.float32)
+    _check_attention(MIXED, 4, 2, 64, 16, torch.float32)  # not a decode step: the override is not read
+
+
 def test_gemv_prefetch_comes_from_the_environment_at_each_launch(monkeypatch):
     from kiln.plugins.triton.gemv import PREFETCH_ENV, prefetch_from_env
 
@@ -556,6 +594,7 @@ def test_attention_other_head_dims(head_dim):
     _check_attention(MIXED[:5], 4, 2, head_dim, 16, torch.float32)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # padding's unwritten partials
 def test_attention_padded_tokens_left_alone():
     # a graph-padded batch: q has rows past query_start_loc[-1]; the real rows must be right and the
     # padding programs must not write over them (searched tiles and split merges both see padding)

@@ -62,6 +62,23 @@ def row_warps(block: int) -> int:
     return 1 if block <= 256 else 2 if block <= 1024 else 4 if block <= 4096 else 8
 
 
+def env_ints(name: str, count: int) -> tuple[int, ...] | None:
+    """A tuning override from the environment: ``count`` colon-separated non-negative ints (0: the
+    planner's choice), or None when ``name`` is unset. Read at launch, so a CUDA graph captured after
+    setting it carries it (``scripts/decode_variants.py`` times settings in turn that way)."""
+    raw = os.environ.get(name)
+    if not raw:
+        return None
+    parts = raw.split(":")
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) != count or min(values) < 0:
+        raise ValueError(f"{name} must be {count} colon-separated non-negative integers, got {raw!r}")
+    return values
+
+
 # ------------------------------------------------------------------ programmatic dependent launch
 # On a Hopper or newer card (unless KILN_PDL=0), the decode path's kernels launch with programmatic
 # dependent launch: a kernel may start while the one before it in the stream is still running, and

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.plugins.triton._common import num_sms, pdl_args, pdl_trigger, pdl_wait
+from kiln.plugins.triton._common import env_ints, num_sms, pdl_args, pdl_trigger, pdl_wait
 
 _PLAIN, _ADD_RMS_NORM, _SILU_MUL = 0, 1, 2
 _MIN_PROGRAMS_PER_SM = 4  # column tiles narrow until this many programs: enough loads in flight per SM
@@ -35,6 +35,9 @@ _MIN_PROGRAMS_PER_SM = 4  # column tiles narrow until this many programs: enough
 # meanwhile. More costs registers. Not yet measured: a tuning knob until it is (benchmarks/NOTES.md).
 # Read at each launch, as KILN_PDL is: launches inside CUDA graphs happen at capture only.
 PREFETCH_ENV = "KILN_GEMV_PREFETCH_K"
+# KILN_GEMV_PLAN="BLOCK_N:BLOCK_K:WARPS" (0: the plan's) overrides the plain GEMV's tiles, for end-to-end
+# tuning; the isolated sweep times a GEMV without the kernels around it
+PLAN_ENV = "KILN_GEMV_PLAN"
 
 
 @triton.jit
@@ -208,7 +211,11 @@ def _launch(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     n, k = w.shape
     planned = plan(n, k, num_sms(x.device), prologue)
+    tuned = env_ints(PLAN_ENV, 3) if prologue == _PLAIN else None
+    if tuned is not None:  # explicit arguments first, then the environment's, then the plan's
+        block_n, block_k, num_warps = block_n or tuned[0], block_k or tuned[1], num_warps or tuned[2]
     block_n, block_k, num_warps = block_n or planned[0], block_k or planned[1], num_warps or planned[2]
+    block_k = min(block_k, triton.next_power_of_2(k))
     pre_k = prefetch_block(prefetch_from_env() if prefetch_k is None else prefetch_k, block_k, k)
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     res_out = torch.empty_like(residual) if residual is not None else None

@@ -35,6 +35,7 @@ from torch.library import wrap_triton
 from kiln.plugins.triton._common import (
     check_last_dim_contiguous,
     dot_precision,
+    env_ints,
     next_pow2,
     pdl_args,
     pdl_trigger,
@@ -43,6 +44,10 @@ from kiln.plugins.triton._common import (
 from kiln.plugins.triton.attention_plan import MAX_SPLITS, plan_passes
 
 SUPPORTED_HEAD_DIMS = (32, 64, 96, 128, 256)
+# KILN_ATTENTION_DECODE_PLAN="BLOCK_N:WARPS:STAGES:SPLITS" (0: the planner's) overrides the plan of decode
+# steps (every sequence one new token), for end-to-end tuning (scripts/decode_variants.py): the isolated
+# sweep misled at batch 1 (benchmarks/NOTES.md). Start-up's warm-up does not know it: a tuning knob only.
+DECODE_PLAN_ENV = "KILN_ATTENTION_DECODE_PLAN"
 
 # KILN_ATTENTION_OVERLAP=1: in a step with both passes, the decode pass (bound by K/V bandwidth) runs
 # on a second stream beside the prefill pass (bound by the MMAs), so the two can share the SMs.
@@ -345,6 +350,12 @@ def paged_attention(
     if num_tokens == 0 or num_seqs == 0:
         return out
     seq_lens, query_start_loc = seq_lens.contiguous(), query_start_loc.contiguous()
+    tuned = env_ints(DECODE_PLAN_ENV, 4) if max_query_len == 1 else None
+    if tuned is not None:  # explicit arguments first
+        block_n = block_n or tuned[0] or None
+        decode_num_warps = decode_num_warps or tuned[1] or None
+        decode_num_stages = decode_num_stages or tuned[2] or None
+        num_splits = num_splits or tuned[3] or None
     passes = plan_passes(
         num_tokens, num_seqs, num_kv_heads, group, head_dim, q.dtype, max_query_len, max_seq_len, q.device,
         num_splits=num_splits, block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
