@@ -33,9 +33,9 @@ def test_variant_specs_are_checked():
     from decode_variants import parse_variant
 
     assert parse_variant("base=") == ("base", {})
-    assert parse_variant("x=KILN_PDL=0,KILN_GEMV_PREFETCH_K=2048") == (
+    assert parse_variant("x=KILN_PDL=0,KILN_GEMV_PLAN=1:1024:8") == (
         "x",
-        {"KILN_PDL": "0", "KILN_GEMV_PREFETCH_K": "2048"},
+        {"KILN_PDL": "0", "KILN_GEMV_PLAN": "1:1024:8"},
     )
     for bad in ("nameonly", "=KILN_PDL=0", "x=KILN_PDL"):
         with pytest.raises(ValueError, match="variant"):
