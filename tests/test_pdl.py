@@ -96,8 +96,10 @@ def test_pdl_gives_the_same_tokens_on_gpu(tiny_model, monkeypatch):
     outs = {}
     for flag in ("0", "1"):
         monkeypatch.setenv(PDL_ENV, flag)
+        # CUDA graphs (where PDL launches chain) without torch.compile (no bearing on PDL; ~1 min a start-up)
         with LLM(path, dtype="float32", device="cuda", max_batch_size=16, max_num_tokens=256, max_seq_len=256,
-                 kv_cache_config=KvCacheConfig(max_tokens=16384), executor="thread") as llm:  # fmt: skip
+                 kv_cache_config=KvCacheConfig(max_tokens=16384), executor="thread",
+                 compile=False) as llm:  # fmt: skip
             batch = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
             alone = llm.generate(prompts[:1], sp, use_tqdm=False)[0].outputs[0].token_ids  # batch 1: the GEMV
             outs[flag] = (batch, alone)
