@@ -386,6 +386,15 @@ for row in table:
 print()
 for name, rc, why in rows:
     print(f"{name}: {why}")
+# the variant comparisons' own tables (their figures are not in a bench JSON)
+for name, rc, why in rows:
+    log = os.path.join(out, f"{name}.log")
+    if name.startswith("variants") and os.path.isfile(log):
+        lines = open(log).read().splitlines()
+        start = next((i for i, line in enumerate(lines) if line.startswith("== decode step")), None)
+        if start is not None:
+            print()
+            print("\n".join(lines[start:]))
 EOF
 }
 
