@@ -17,14 +17,12 @@ import argparse
 import json
 import os
 import statistics
-import time
 
 import numpy as np
 import torch
+from profile_step import drain, start_decoding, timed_steps  # scripts/, beside this one
 
 from kiln.executor.engine_core import EngineCore, EngineCoreConfig
-from kiln.executor.messages import Request
-from kiln.sampling_params import SamplingParams
 
 
 def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
@@ -81,35 +79,23 @@ def main() -> None:
     )
     core = EngineCore(cfg)
     card = torch.cuda.get_device_name() if on_gpu else "cpu"
-    rng = np.random.default_rng(0)
-    sp = SamplingParams(temperature=0, max_tokens=steps_per_seq, ignore_eos=True)
-    for i in range(args.batch_size):
-        ids = rng.integers(1, min(1000, core.engine.vocab_size), args.isl).tolist()
-        core.add_request(Request(f"r{i}", ids, sp))
-    while core.scheduler.stats().num_waiting or core.stats.steps < 2:  # prefill, then decode only
-        core.step()
+    start_decoding(core, args.batch_size, args.isl, steps_per_seq, np.random.default_rng(0))
 
     base_env = {k: os.environ.get(k) for _, env in variants for k in env}
     times: dict[str, list[float]] = {name: [] for name, _ in variants}
     for r in range(args.rounds):
         for name, env in variants:
-            _drain(core)
+            drain(core)  # no launched work spans a re-capture
             for key, value in base_env.items():  # each variant from the environment the script started in
                 _set_env(key, value)
             for key, value in env.items():
                 _set_env(key, value)
             if core.engine.graphs is not None:
                 core.engine.graphs.capture()  # the settings take effect where the kernels are launched
-            for _ in range(args.warmup_steps):
-                core.step()
-            step_s = []
-            for _ in range(args.steps):
-                t = time.perf_counter()
-                core.step()
-                step_s.append(time.perf_counter() - t)
-            times[name].append(statistics.median(step_s))
+            timed_steps(core, args.warmup_steps)
+            times[name].append(statistics.median(timed_steps(core, args.steps)))
             print(f"  round {r + 1} {name:<16} {1e3 * times[name][-1]:8.3f} ms a step", flush=True)
-    _drain(core)
+    drain(core)
     core.close()
 
     rounds = f"median of {args.rounds} rounds"
@@ -127,14 +113,6 @@ def main() -> None:
                       isl=args.isl, steps=args.steps, variants=dict(variants), step_s=times)  # fmt: skip
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
-
-
-def _drain(core: EngineCore) -> None:
-    """Finish the steps in flight (overlap scheduling), so no launched work spans a re-capture."""
-    while core._launched:
-        core._apply(core._launched.popleft(), time.perf_counter())
-    if core.engine.device.type == "cuda":
-        torch.cuda.synchronize(core.engine.device)
 
 
 def _set_env(key: str, value: str | None) -> None:

@@ -86,21 +86,9 @@ def main() -> None:
             profile_prefill(core, args, rng, sync, card)
         core.close()
         return
-    sp = SamplingParams(temperature=0, max_tokens=3 * args.steps, ignore_eos=True)
-    for i in range(args.batch_size):
-        ids = rng.integers(1, min(1000, core.engine.vocab_size), args.isl).tolist()
-        core.add_request(Request(f"r{i}", ids, sp))
-    while core.scheduler.stats().num_waiting or core.stats.steps < 2:  # prefill, then decode only
-        core.step()
-
-    plain = []
-    for _ in range(args.steps):
-        t = time.perf_counter()
-        core.step()
-        plain.append(time.perf_counter() - t)
-    while core._launched:  # the phase timing below runs one step at a time
-        core._apply(core._launched.popleft(), time.perf_counter())
-    sync()
+    start_decoding(core, args.batch_size, args.isl, 3 * args.steps, rng)
+    plain = timed_steps(core, args.steps)
+    drain(core)  # the phase timing below runs one step at a time
 
     phases: dict[str, list[float]] = {k: [] for k in ("schedule", "forward", "sample", "update")}
     for _ in range(args.steps // 2):
@@ -204,6 +192,37 @@ def profile_mixed(
     print(f"  step  {_ms(times):7.3f} ms   -> {rate:,.0f} prompt tok/s   (steps carried {min(step_tokens)}-"
           f"{max(step_tokens)} tokens)")  # fmt: skip
     _print_tables(prof, n_prof, "step")
+
+
+def start_decoding(
+    core: EngineCore, batch_size: int, isl: int, max_tokens: int, rng: np.random.Generator
+) -> None:
+    """Admit ``batch_size`` greedy requests of ``isl`` random prompt tokens (EOS ignored, ``max_tokens``
+    each) and step until every prompt is prefilled: the following steps decode only."""
+    sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    for i in range(batch_size):
+        ids = rng.integers(1, min(1000, core.engine.vocab_size), isl).tolist()
+        core.add_request(Request(f"r{i}", ids, sp))
+    while core.scheduler.stats().num_waiting or core.stats.steps < 2:
+        core.step()
+
+
+def timed_steps(core: EngineCore, n: int) -> list[float]:
+    """Seconds of each of ``n`` engine steps (with overlap scheduling: the pipeline's period)."""
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        core.step()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def drain(core: EngineCore) -> None:
+    """Finish the steps in flight (overlap scheduling) and wait for the device."""
+    while core._launched:
+        core._apply(core._launched.popleft(), time.perf_counter())
+    if core.engine.device.type == "cuda":
+        torch.cuda.synchronize(core.engine.device)
 
 
 def _timed_and_profiled(fn, warmups: int, reps: int, n_prof: int, core: EngineCore, sync):

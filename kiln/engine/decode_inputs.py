@@ -84,7 +84,10 @@ def _decode_inputs_triton(
     if rows.dim() != 2 or rows.shape[0] != 5 or rows.stride(1) != 1 or rows.dtype != torch.int64:
         raise ValueError(f"rows must be [5, b] int64 contiguous in b, got {tuple(rows.shape)} {rows.dtype}")
     if block_table.stride(1) != 1 or block_table.dtype != torch.int32:
-        raise ValueError("block_table must be int32, contiguous along its blocks")
+        raise ValueError(
+            f"block_table must be int32 and contiguous along its blocks, got {block_table.dtype} with "
+            f"strides {tuple(block_table.stride())}"
+        )
     b, max_blocks = rows.shape[1], block_table.shape[1]
     dev = rows.device
     input_ids = torch.empty(b, dtype=torch.int64, device=dev)
