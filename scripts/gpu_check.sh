@@ -277,10 +277,11 @@ ab() {
 
 variants() {
   # VARIANT_MODELS (default: llama-3.1-8b llama-3.2-1b) at batch VARIANT_BATCH (default 1); VARIANTS: the
-  # settings timed in turn in one engine (scripts/decode_variants.py), "NAME=ENV=VALUE,... ..."
-  local v m args=()
-  for v in ${VARIANTS:-base= pre2048=KILN_GEMV_PREFETCH_K=2048 pre4096=KILN_GEMV_PREFETCH_K=4096 \
-                       pre8192=KILN_GEMV_PREFETCH_K=8192 nopdl=KILN_PDL=0}; do
+  # settings timed in turn in one engine (scripts/decode_variants.py), "NAME=ENV=VALUE,... ...";
+  # VARIANT_ROUNDS (default 3)
+  local v m args=(--rounds "${VARIANT_ROUNDS:-3}")
+  for v in ${VARIANTS:-base= tile=KILN_GEMV_PREFETCH_K=0 pre1024=KILN_GEMV_PREFETCH_K=1024 \
+                       pre2048=KILN_GEMV_PREFETCH_K=2048 nopdl=KILN_PDL=0}; do
     args+=(--variant "$v")
   done
   for m in ${VARIANT_MODELS:-llama-3.1-8b llama-3.2-1b}; do

@@ -290,7 +290,11 @@ def test_gemv_with_pdl_peels_its_first_weight_tiles(monkeypatch, k, prefetch):
 def test_gemv_prefetch_is_whole_tiles_within_k():
     from kiln.plugins.triton.gemv import prefetch_block
 
-    assert prefetch_block(0, 512, 4096) == 512  # the default: one tile
+    assert prefetch_block(0, 512, 4096) == 512  # 0: one tile
+    assert prefetch_block(None, 512, 4096) == 2048  # the default: half of K ...
+    assert prefetch_block(None, 512, 2048) == 1024
+    assert prefetch_block(None, 512, 14336) == 2048  # ... at most 2,048
+    assert prefetch_block(None, 512, 600) == 512  # ... at least one tile
     assert prefetch_block(2048, 512, 4096) == 2048
     assert prefetch_block(8192, 512, 2048) == 2048  # no more than K
     assert prefetch_block(8192, 512, 1500) == 2048  # K rounded up to a power of two (masked)
@@ -341,6 +345,8 @@ def test_gemv_prefetch_comes_from_the_environment_at_each_launch(monkeypatch):
     from kiln.plugins.triton.gemv import PREFETCH_ENV, prefetch_from_env
 
     monkeypatch.delenv(PREFETCH_ENV, raising=False)
+    assert prefetch_from_env() is None  # the default
+    monkeypatch.setenv(PREFETCH_ENV, "0")
     assert prefetch_from_env() == 0
     monkeypatch.setenv(PREFETCH_ENV, "4096")
     assert prefetch_from_env() == 4096

@@ -28,12 +28,14 @@ from kiln.plugins.triton._common import env_ints, num_sms, pdl_args, pdl_trigger
 
 _PLAIN, _ADD_RMS_NORM, _SILU_MUL = 0, 1, 2
 _MIN_PROGRAMS_PER_SM = 4  # column tiles narrow until this many programs: enough loads in flight per SM
-# KILN_GEMV_PREFETCH_K: under programmatic dependent launch, how much of each program's weight rows (K
-# elements, a power of two) is fetched before it waits on the kernel before it; 0 (default): one K tile.
-# A kernel before a GEMV that is latency-bound (a norm, attention, SiLU-and-mul: 1-10 us on a few SMs)
-# leaves the memory bus idle; the GEMV's programs that are already resident can stream their weights
-# meanwhile. More costs registers. Not yet measured: a tuning knob until it is (benchmarks/NOTES.md).
-# Read at each launch, as KILN_PDL is: launches inside CUDA graphs happen at capture only.
+# Under programmatic dependent launch each program fetches the first part of its weight rows before it
+# waits on the kernel before it: that kernel (a norm, attention, SiLU-and-mul: 1-10 us on a few SMs) is
+# latency-bound and leaves the memory bus idle, and the GEMV's resident programs stream meanwhile.
+# By default half of K, at most _PREFETCH_MAX elements: on an H100 the 8B at batch 1 went 178.3 ->
+# 182.4 tok/s with 2,048 (benchmarks/RESULTS.md); more costs registers and was slower.
+# KILN_GEMV_PREFETCH_K=N (a power of two; 0: one K tile) overrides it, read at each launch as KILN_PDL
+# is: launches inside CUDA graphs happen at capture only.
+_PREFETCH_MAX = 2048
 PREFETCH_ENV = "KILN_GEMV_PREFETCH_K"
 # KILN_GEMV_PLAN="BLOCK_N:BLOCK_K:WARPS" (0: the plan's) overrides the plain GEMV's tiles, for end-to-end
 # tuning; the isolated sweep times a GEMV without the kernels around it
@@ -229,17 +231,23 @@ def _launch(
     return out, res_out
 
 
-def prefetch_from_env() -> int:
-    raw = os.environ.get(PREFETCH_ENV, "0")
+def prefetch_from_env() -> int | None:
+    """KILN_GEMV_PREFETCH_K, or None (unset: the default)."""
+    raw = os.environ.get(PREFETCH_ENV, "")
+    if not raw:
+        return None
     try:
         return int(raw)
     except ValueError:
         raise ValueError(f"{PREFETCH_ENV} must be 0 (one K tile) or a power of two, got {raw!r}") from None
 
 
-def prefetch_block(prefetch_k: int, block_k: int, k: int) -> int:
-    """The K elements a program fetches before its PDL wait: ``prefetch_k`` (0: one tile) as a power of
-    two of at least one tile, at most K rounded up to a power of two."""
+def prefetch_block(prefetch_k: int | None, block_k: int, k: int) -> int:
+    """The K elements a program fetches before its PDL wait: ``prefetch_k`` (0: one tile; None: half of
+    K up to ``_PREFETCH_MAX``) as a power of two of at least one tile, at most K rounded up to a power
+    of two."""
+    if prefetch_k is None:
+        prefetch_k = min(_PREFETCH_MAX, triton.next_power_of_2(k) // 2)
     if prefetch_k < 0 or (prefetch_k & (prefetch_k - 1)):
         raise ValueError(f"GEMV prefetch must be 0 (one K tile) or a power of two, got {prefetch_k}")
     return max(block_k, min(prefetch_k, triton.next_power_of_2(k)))
