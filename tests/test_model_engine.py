@@ -557,11 +557,16 @@ def test_warm_up_steps_leave_the_engine_clean(tiny_model):
     torch.testing.assert_close(out.logits[0], reference(path, tuple(SEQ_A))[4], **TOL)
 
 
-@pytest.mark.parametrize("sizes", [[1, 2, 4], [4], [1, 2]], ids=["exact", "padded", "fewer-than-slots"])
-def test_graph_path_matches_transformers(tiny_model, sizes):
+@pytest.mark.parametrize(
+    "sizes,logits_max",
+    [([1, 2, 4], 0), ([4], 4), ([1, 2], 1), ([1, 2, 4], 4)],
+    ids=["exact", "padded-head", "fewer-than-slots-head-at-1", "exact-head"],
+)
+def test_graph_path_matches_transformers(tiny_model, sizes, logits_max):
     # The decode-graph path (static input rows, padding, block tables and KV slots built inside the
-    # graph), replayed eagerly on the CPU: the same logits as transformers, and decode-only steps do
-    # go through it. [4] pads every decode step (1 or 2 rows) to 4.
+    # graph; the LM head too at sizes up to logits_max), replayed eagerly on the CPU: the same logits
+    # as transformers, and decode-only steps do go through it. [4] pads every decode step (1 or 2
+    # rows) to 4.
     path = tiny_model("LlamaForCausalLM")
     ref = {0: reference(path, tuple(SEQ_A)), 1: reference(path, tuple(SEQ_B))}
     engine = make_engine(path)
@@ -573,13 +578,27 @@ def test_graph_path_matches_transformers(tiny_model, sizes):
         BLOCK,
         engine.device,
         capture=False,
+        compute_logits=engine.model.compute_logits,
+        logits_max_batch=logits_max,
     )
+    head_calls = 0
+    compute_logits = engine.model.compute_logits
+
+    def counted_head(hidden):
+        nonlocal head_calls
+        head_calls += 1
+        return compute_logits(hidden)
+
+    engine.model.compute_logits = counted_head  # outside the graph only: the runner holds the original
     replays = 0
     replay = engine.graphs.replay
+
+    replay_rows: list[int] = []
 
     def counted(*args):
         nonlocal replays
         replays += 1
+        replay_rows.append(int(args[0].shape[1]))
         return replay(*args)
 
     engine.graphs.replay = counted
@@ -616,6 +635,10 @@ def test_graph_path_matches_transformers(tiny_model, sizes):
     )
     assert replays == 12 and fork.logits.shape == (2, 320)
     torch.testing.assert_close(fork.logits[0], fork.logits[1])
+    # each step ran the LM head once: inside the graph where its padded size is up to logits_max
+    in_graph = sum(min(s for s in sizes if s >= rows) <= logits_max for rows in replay_rows)
+    assert head_calls == len(schedule()) + 2 - in_graph
+    assert in_graph == {0: 0, 1: 7, 4: 12}[logits_max]  # 1: the seven one-row steps
 
 
 def _launch_key(names: list[str], fixed: set[str], args: tuple, kwargs: dict) -> tuple:

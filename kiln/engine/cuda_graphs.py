@@ -9,8 +9,13 @@ the padding rows, one for the sampled tokens) and the launch. Everything else is
 the graph, so it costs no host launch: the input tokens, the block-table rows (the engine's
 persistent device table, gathered by slot, so appending blocks between replays needs no
 re-capture) and the KV write slots, all in one kernel on the GPU (``decode_inputs.py``). Padded
-rows have slot -1: they write no KV and attend over one key of the null block. The LM head runs
-outside the graph, on the sampling rows only, so a graph's output is just [B, hidden].
+rows have slot -1: they write no KV and attend over one key of the null block.
+
+A graph's output is [B, hidden]. Up to ``logits_max_batch`` rows the LM head runs inside the graph
+too and the logits [B, vocab] are a second output: at small batches a step is as much host work as
+GPU work, and the LM head's launch from Python costs more host time than its kernel takes (its
+output is kept per size, so only small sizes pay the memory). Larger graphs leave the LM head to the
+caller, which runs it on the sampling rows only.
 
 Without ``capture`` (the CPU) the runner replays by calling the same function eagerly: the graph
 path's inputs and padding are then testable without a GPU.
@@ -41,8 +46,14 @@ def default_graph_batch_sizes(max_batch_size: int) -> list[int]:
 _PAD_ROW = (0, 0, -1, 1, -1)  # a padded row: token 0 at position 0, no slot, one visible key
 
 
+# Graph sizes up to this capture the LM head too (see above): 31 rows of logits in all, ~8 MB at a
+# 128k vocabulary in bf16
+DEFAULT_LOGITS_MAX_BATCH = 16
+
+
 class DecodeGraphRunner:
-    """Captures ``forward_hidden(input_ids, positions, attn) -> [B, H]`` at each padded batch size."""
+    """Captures ``forward_hidden(input_ids, positions, attn) -> [B, H]`` at each padded batch size,
+    and ``compute_logits(hidden) -> [B, V]`` after it at sizes up to ``logits_max_batch``."""
 
     def __init__(
         self,
@@ -53,8 +64,12 @@ class DecodeGraphRunner:
         tokens_per_block: int,
         device: torch.device,
         capture: bool = True,
+        compute_logits: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        logits_max_batch: int = 0,
     ) -> None:
         self._forward = forward_hidden
+        self._compute_logits = compute_logits
+        self.logits_max_batch = logits_max_batch if compute_logits is not None else 0
         self._block_table = block_table
         self.batch_sizes = sorted(set(batch_sizes))
         self.max_batch_size = self.batch_sizes[-1]
@@ -71,10 +86,17 @@ class DecodeGraphRunner:
         self.prev_tokens = torch.zeros(block_table.shape[0], dtype=torch.int64, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)  # one token per row
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._outputs: dict[int, torch.Tensor] = {}
+        self._outputs: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # size -> hidden, logits
         self.capture_seconds = 0.0
 
-    def _run(self, b: int) -> torch.Tensor:
+    def _run(self, b: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        hidden = self._run_hidden(b)
+        if b > self.logits_max_batch:
+            return hidden, None
+        assert self._compute_logits is not None
+        return hidden, self._compute_logits(hidden)
+
+    def _run_hidden(self, b: int) -> torch.Tensor:
         rows = self.inputs[:, :b]
         input_ids, slot_mapping, tables, seq_lens = decode_inputs(
             rows, self.prev_tokens, self._block_table, self._tokens_per_block
@@ -120,8 +142,11 @@ class DecodeGraphRunner:
                 return b
         return None
 
-    def replay(self, rows: torch.Tensor, prev_sampled: torch.Tensor | None = None) -> torch.Tensor:
-        """Run a decode step through the smallest captured graph that fits; returns [b, H].
+    def replay(
+        self, rows: torch.Tensor, prev_sampled: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run a decode step through the smallest captured graph that fits; returns the hidden states
+        [b, H] and, where that graph ran the LM head, the logits [b, V] (else None).
 
         ``rows`` [5, b] int64: the rows named above; ``prev_sampled`` [R'] int64: the previous step's
         sampled tokens, which PREV_ROWS index (None when no row reads them)."""
@@ -135,7 +160,9 @@ class DecodeGraphRunner:
         self.inputs[:, :b].copy_(rows)
         if size > b:
             self.inputs[:, b:size].copy_(self._padding[:, : size - b])
-        if not self._capture:
-            return self._run(size)[:b]
-        self._graphs[size].replay()
-        return self._outputs[size][:b]
+        if self._capture:
+            self._graphs[size].replay()
+            hidden, logits = self._outputs[size]
+        else:
+            hidden, logits = self._run(size)
+        return hidden[:b], None if logits is None else logits[:b]

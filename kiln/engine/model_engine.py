@@ -22,7 +22,7 @@ from kiln.builder.model_config import ModelInfo
 from kiln.config import EngineLimits, KvCacheConfig
 from kiln.engine.attention_metadata import AttentionMetadata, FreshPrompts
 from kiln.engine.compile import CompiledLayers, compile_decoder_layers
-from kiln.engine.cuda_graphs import DecodeGraphRunner, default_graph_batch_sizes
+from kiln.engine.cuda_graphs import DEFAULT_LOGITS_MAX_BATCH, DecodeGraphRunner, default_graph_batch_sizes
 from kiln.engine.kv_cache import (
     KvCache,
     KvCacheSpec,
@@ -137,6 +137,8 @@ class ModelEngine:
                 limits.max_seq_len,
                 self.tokens_per_block,
                 self.device,
+                compute_logits=self.model.compute_logits,
+                logits_max_batch=DEFAULT_LOGITS_MAX_BATCH,
             )
             self.graphs.capture()
             if piecewise_graphs:
@@ -265,20 +267,25 @@ class ModelEngine:
         step = self._prepare(batch, prev_sampled)
         if step.copy_src is not None and step.copy_dst is not None:
             self.kv_cache.copy_blocks(step.copy_src, step.copy_dst)  # before this step's KV writes
+        logits = None
         if step.graph_rows is not None:  # generation-only step: replay the graph of the padded size
             assert self.graphs is not None
-            hidden = self.graphs.replay(step.graph_rows, prev_sampled if batch.reads_prev_samples else None)
+            hidden, logits = self.graphs.replay(
+                step.graph_rows, prev_sampled if batch.reads_prev_samples else None
+            )
         elif self.pieces is not None and batch.num_tokens <= self.pieces.max_tokens:
             assert step.attn is not None  # (the hidden states are the graphs' memory: used right away)
             hidden = self.pieces.run(step.input_ids, step.positions, step.attn)
         else:
             assert step.attn is not None
             hidden = self._forward_hidden(step.input_ids, step.positions, step.attn)  # [T, H]
-        if step.sample_all_in_order:  # every token samples, in order: no gather
-            sampled_hidden = hidden
+        if logits is not None:  # the graph ran the LM head on every row
+            if not step.sample_all_in_order:
+                logits = logits.index_select(0, step.sample_token_idx)
+        elif step.sample_all_in_order:  # every token samples, in order: no gather
+            logits = self.model.compute_logits(hidden)
         else:
-            sampled_hidden = hidden.index_select(0, step.sample_token_idx)
-        logits = self.model.compute_logits(sampled_hidden)  # [Ru, V]
+            logits = self.model.compute_logits(hidden.index_select(0, step.sample_token_idx))  # [Ru, V]
         if step.sample_inverse is not None:
             logits = logits.index_select(0, step.sample_inverse)  # [R, V]
         prompt_lps = self._prompt_logprobs.compute(batch, hidden) if len(batch.prompt_logprob_rows) else []
