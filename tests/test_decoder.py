@@ -130,6 +130,27 @@ def test_greedy_is_argmax_and_logprobs_are_raw():
     assert out.top_ids is None and out.top_logprobs is None
 
 
+def test_a_greedy_sample_computed_on_the_device_is_used_only_for_plain_greedy_steps():
+    # a small decode graph hands over its greedy_sample output: a plain greedy step takes it as is (no
+    # launch of its own); a step that processes or draws ignores it; a wrong shape is refused
+    from kiln.engine.sampling_math import greedy_sample_reference
+
+    logits = rand_logits(3)
+    tokens, packed = greedy_sample_reference(logits)
+    marked = (tokens.flip(0), packed.clone())  # not the argmax: shows which sample was used
+    marked[1][:3] = marked[0].to(torch.int32)
+    dec = Decoder(8, V)
+    greedy = [make_init(s, SamplingParams(temperature=0)) for s in range(3)]
+    out = dec.sample_async(logits, make_batch(range(3), [5] * 3, inits=greedy), marked).result()
+    assert out.token_ids.tolist() == tokens.flip(0).tolist()
+    assert dec.last_sampled is marked[0]
+    drawing = [make_init(s, SamplingParams(temperature=0, logprobs=2)) for s in range(3)]
+    out = dec.sample_async(logits, make_batch(range(3), [6] * 3, inits=drawing), marked).result()
+    assert out.token_ids.tolist() == tokens.tolist()  # top logprobs asked for: sampled here
+    with pytest.raises(ValueError, match=r"precomputed greedy sample needs tokens \[3\] and packed \[6\]"):
+        dec.sample_async(logits, make_batch(range(3), [7] * 3, inits=greedy), (tokens[:2], packed))
+
+
 @pytest.mark.parametrize(
     "params",
     [

@@ -28,6 +28,7 @@ from kiln.engine.cuda_graphs import DecodeGraphRunner  # noqa: E402
 from kiln.engine.kv_cache import CPU_DEFAULT_CAP_BYTES, KvCacheSpec, cpu_default_num_blocks  # noqa: E402
 from kiln.engine.model_engine import ModelEngine  # noqa: E402
 from kiln.engine.piecewise_graphs import PiecewiseGraphRunner, default_piecewise_sizes  # noqa: E402
+from kiln.engine.sampling_math import greedy_sample_reference  # noqa: E402
 from kiln.engine.synthetic_batches import covering_shapes, synthetic_batch, warm_up_shapes  # noqa: E402
 from kiln.executor.messages import SlotInit  # noqa: E402
 from kiln.plugins import PluginSet  # noqa: E402
@@ -580,6 +581,7 @@ def test_graph_path_matches_transformers(tiny_model, sizes, logits_max):
         capture=False,
         compute_logits=engine.model.compute_logits,
         logits_max_batch=logits_max,
+        sample_greedy=greedy_sample_reference,
     )
     head_calls = 0
     compute_logits = engine.model.compute_logits
@@ -618,6 +620,12 @@ def test_graph_path_matches_transformers(tiny_model, sizes, logits_max):
         out = engine.forward(batch, prev_sampled=prev)
         for row, c in enumerate(chunks):
             torch.testing.assert_close(out.logits[row], ref[c.seq_id][c.start + len(c.tokens) - 1], **TOL)
+        # the graph's greedy sample comes with the logits where its size has the head and no padding
+        rows = len(chunks)
+        in_graph_unpadded = all(c.decode for c in chunks) and rows in sizes and rows <= logits_max
+        assert (out.greedy is not None) == in_graph_unpadded
+        if out.greedy is not None:
+            assert out.greedy[0].tolist() == out.logits.argmax(-1).tolist()
     assert replays == decode_only == 10
     if sizes == [4]:  # the last steps decoded A alone: the other rows its graph reads are padding
         assert (engine.graphs.inputs[2, 1:4] == -1).all() and (engine.graphs.inputs[3, 1:4] == 1).all()
@@ -633,7 +641,7 @@ def test_graph_path_matches_transformers(tiny_model, sizes, logits_max):
     fork = engine.forward(
         builder.batch([Chunk(0, 1, a_end - 1, SEQ_A[a_end - 1 : a_end], decode=True)], sample=[0, 0])
     )
-    assert replays == 12 and fork.logits.shape == (2, 320)
+    assert replays == 12 and fork.logits.shape == (2, 320) and fork.greedy is None  # rows != samples
     torch.testing.assert_close(fork.logits[0], fork.logits[1])
     # each step ran the LM head once: inside the graph where its padded size is up to logits_max
     in_graph = sum(min(s for s in sizes if s >= rows) <= logits_max for rows in replay_rows)

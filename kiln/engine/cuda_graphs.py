@@ -12,10 +12,12 @@ re-capture) and the KV write slots, all in one kernel on the GPU (``decode_input
 rows have slot -1: they write no KV and attend over one key of the null block.
 
 A graph's output is [B, hidden]. Up to ``logits_max_batch`` rows the LM head runs inside the graph
-too and the logits [B, vocab] are a second output: at small batches a step is as much host work as
-GPU work, and the LM head's launch from Python costs more host time than its kernel takes (its
-output is kept per size, so only small sizes pay the memory). Larger graphs leave the LM head to the
-caller, which runs it on the sampling rows only.
+too and the logits [B, vocab] are a second output, and so is their greedy sample (tokens and
+logprobs, as ``greedy_sample`` packs them) where a greedy sampler is given: at small batches a step
+is as much host work as GPU work, and launching these from Python costs more host time than their
+kernels take (their outputs are kept per size, so only small sizes pay the memory; a step that does
+not sample greedily leaves the few microseconds of greedy kernels unused). Larger graphs leave the
+LM head to the caller, which runs it on the sampling rows only.
 
 Without ``capture`` (the CPU) the runner replays by calling the same function eagerly: the graph
 path's inputs and padding are then testable without a GPU.
@@ -26,6 +28,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -51,9 +54,21 @@ _PAD_ROW = (0, 0, -1, 1, -1)  # a padded row: token 0 at position 0, no slot, on
 DEFAULT_LOGITS_MAX_BATCH = 16
 
 
+@dataclass
+class GraphOutput:
+    """One replay's outputs for its b real rows (views of the graph's static buffers: valid until the
+    next replay of that graph, which the stream orders after every use of this step's)."""
+
+    hidden: torch.Tensor  # [b, H]
+    logits: torch.Tensor | None = None  # [b, V] where the graph ran the LM head
+    # where the graph also sampled greedily and has no padding rows: tokens [b] int64, packed [2b] int32
+    greedy: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
 class DecodeGraphRunner:
     """Captures ``forward_hidden(input_ids, positions, attn) -> [B, H]`` at each padded batch size,
-    and ``compute_logits(hidden) -> [B, V]`` after it at sizes up to ``logits_max_batch``."""
+    and ``compute_logits(hidden) -> [B, V]`` and ``sample_greedy(logits) -> (tokens, packed)`` after
+    it at sizes up to ``logits_max_batch``."""
 
     def __init__(
         self,
@@ -66,9 +81,11 @@ class DecodeGraphRunner:
         capture: bool = True,
         compute_logits: Callable[[torch.Tensor], torch.Tensor] | None = None,
         logits_max_batch: int = 0,
+        sample_greedy: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> None:
         self._forward = forward_hidden
         self._compute_logits = compute_logits
+        self._sample_greedy = sample_greedy
         self.logits_max_batch = logits_max_batch if compute_logits is not None else 0
         self._block_table = block_table
         self.batch_sizes = sorted(set(batch_sizes))
@@ -86,15 +103,17 @@ class DecodeGraphRunner:
         self.prev_tokens = torch.zeros(block_table.shape[0], dtype=torch.int64, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)  # one token per row
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._outputs: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # size -> hidden, logits
+        self._outputs: dict[int, GraphOutput] = {}  # by size, all B rows
         self.capture_seconds = 0.0
 
-    def _run(self, b: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _run(self, b: int) -> GraphOutput:
         hidden = self._run_hidden(b)
         if b > self.logits_max_batch:
-            return hidden, None
+            return GraphOutput(hidden)
         assert self._compute_logits is not None
-        return hidden, self._compute_logits(hidden)
+        logits = self._compute_logits(hidden)
+        greedy = self._sample_greedy(logits) if self._sample_greedy is not None else None
+        return GraphOutput(hidden, logits, greedy)
 
     def _run_hidden(self, b: int) -> torch.Tensor:
         rows = self.inputs[:, :b]
@@ -142,11 +161,10 @@ class DecodeGraphRunner:
                 return b
         return None
 
-    def replay(
-        self, rows: torch.Tensor, prev_sampled: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run a decode step through the smallest captured graph that fits; returns the hidden states
-        [b, H] and, where that graph ran the LM head, the logits [b, V] (else None).
+    def replay(self, rows: torch.Tensor, prev_sampled: torch.Tensor | None = None) -> GraphOutput:
+        """Run a decode step through the smallest captured graph that fits; returns its outputs for
+        the b rows (the greedy sample only where b is the graph's size: its packed words interleave
+        no padding then).
 
         ``rows`` [5, b] int64: the rows named above; ``prev_sampled`` [R'] int64: the previous step's
         sampled tokens, which PREV_ROWS index (None when no row reads them)."""
@@ -162,7 +180,9 @@ class DecodeGraphRunner:
             self.inputs[:, b:size].copy_(self._padding[:, : size - b])
         if self._capture:
             self._graphs[size].replay()
-            hidden, logits = self._outputs[size]
+            out = self._outputs[size]
         else:
-            hidden, logits = self._run(size)
-        return hidden[:b], None if logits is None else logits[:b]
+            out = self._run(size)
+        if size == b:
+            return out
+        return GraphOutput(out.hidden[:b], None if out.logits is None else out.logits[:b])

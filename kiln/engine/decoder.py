@@ -92,7 +92,8 @@ class SampledStep:
     ) -> None:
         self.step_id = step_id
         self.seq_ids = seq_ids  # [R] int32
-        # [R] int64 on the device, never written again: the next step may read its input tokens here
+        # [R] int64 on the device, not written again before the next step has read its input tokens
+        # here (a decode graph's static output is rewritten only by that graph's next replay)
         self.tokens = tokens
         self._packed = packed  # host int32 words [R | R | R*K | R*K], complete once ``ready`` fired
         self._k = num_logprobs
@@ -156,8 +157,15 @@ class Decoder:
         """Sample one token per row of ``logits [R, V]`` (rows follow ``batch.sample_*``)."""
         return self.sample_async(logits, batch).result()
 
-    def sample_async(self, logits: torch.Tensor, batch: ScheduledBatch) -> SampledStep:
-        """Launch the sampling of ``logits [R, V]`` and the copy of its results to the host; no wait."""
+    def sample_async(
+        self,
+        logits: torch.Tensor,
+        batch: ScheduledBatch,
+        greedy: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> SampledStep:
+        """Launch the sampling of ``logits [R, V]`` and the copy of its results to the host; no wait.
+        ``greedy``: the logits' greedy sample already computed on the device (a small decode graph's
+        ``greedy_sample`` output), used when the step samples greedily with nothing else to do."""
         self.state.apply(batch.slot_inits)
         r = batch.num_samples
         self._check_logits(logits, r)
@@ -167,7 +175,7 @@ class Decoder:
             return SampledStep(batch.step_id, seq_ids, empty, torch.zeros(0, dtype=torch.int32), 0)
         plan = self._plan(batch)
         if plan.plain_greedy:
-            return self._sample_greedy(logits, batch, seq_ids)
+            return self._sample_greedy(logits, batch, seq_ids, greedy)
         rows = self._upload(batch, plan)
         raw = logits.float()  # [R, V]
         lse = torch.logsumexp(raw, dim=-1)  # [R]
@@ -185,9 +193,23 @@ class Decoder:
         # the step's only device-to-host copy: every result packed as int32 words
         return self._to_host(batch.step_id, seq_ids, tokens, torch.cat(parts), k)
 
-    def _sample_greedy(self, logits: torch.Tensor, batch: ScheduledBatch, seq_ids: np.ndarray) -> SampledStep:
-        """Argmax rows with nothing to process and no top logprobs: two launches on CUDA."""
-        if self.device.type == "cuda":
+    def _sample_greedy(
+        self,
+        logits: torch.Tensor,
+        batch: ScheduledBatch,
+        seq_ids: np.ndarray,
+        greedy: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> SampledStep:
+        """Argmax rows with nothing to process and no top logprobs: two launches on CUDA, none where
+        a decode graph sampled already."""
+        if greedy is not None:
+            tokens, packed = greedy
+            if tokens.shape != (logits.shape[0],) or packed.shape != (2 * logits.shape[0],):
+                raise ValueError(
+                    f"a precomputed greedy sample needs tokens [{logits.shape[0]}] and packed "
+                    f"[{2 * logits.shape[0]}], got {tuple(tokens.shape)} and {tuple(packed.shape)}"
+                )
+        elif self.device.type == "cuda":
             from kiln.plugins.triton.greedy_sample import greedy_sample
 
             tokens, packed = greedy_sample(logits)

@@ -50,6 +50,8 @@ class ForwardOutput:
 
     logits: torch.Tensor  # [R, V] model dtype, row r = last token of sequence batch.sample_rows[r]
     prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
+    # the logits' greedy sample, where a decode graph computed it (``greedy_sample``'s tokens, packed)
+    greedy: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
@@ -130,6 +132,8 @@ class ModelEngine:
         self.kv_cache = KvCache(self.kv_spec, num_blocks, self.device)
         self.num_blocks = num_blocks
         if cuda_graphs and self.device.type == "cuda":
+            from kiln.plugins.triton.greedy_sample import greedy_sample  # (Triton: CUDA only)
+
             self.graphs = DecodeGraphRunner(
                 self._forward_hidden,
                 self.block_table,
@@ -139,6 +143,7 @@ class ModelEngine:
                 self.device,
                 compute_logits=self.model.compute_logits,
                 logits_max_batch=DEFAULT_LOGITS_MAX_BATCH,
+                sample_greedy=greedy_sample,
             )
             self.graphs.capture()
             if piecewise_graphs:
@@ -267,12 +272,13 @@ class ModelEngine:
         step = self._prepare(batch, prev_sampled)
         if step.copy_src is not None and step.copy_dst is not None:
             self.kv_cache.copy_blocks(step.copy_src, step.copy_dst)  # before this step's KV writes
-        logits = None
+        logits = greedy = None
         if step.graph_rows is not None:  # generation-only step: replay the graph of the padded size
             assert self.graphs is not None
-            hidden, logits = self.graphs.replay(
-                step.graph_rows, prev_sampled if batch.reads_prev_samples else None
-            )
+            out = self.graphs.replay(step.graph_rows, prev_sampled if batch.reads_prev_samples else None)
+            hidden, logits = out.hidden, out.logits
+            if step.sample_all_in_order:  # the graph's rows are the sampling rows
+                greedy = out.greedy
         elif self.pieces is not None and batch.num_tokens <= self.pieces.max_tokens:
             assert step.attn is not None  # (the hidden states are the graphs' memory: used right away)
             hidden = self.pieces.run(step.input_ids, step.positions, step.attn)
@@ -289,7 +295,7 @@ class ModelEngine:
         if step.sample_inverse is not None:
             logits = logits.index_select(0, step.sample_inverse)  # [R, V]
         prompt_lps = self._prompt_logprobs.compute(batch, hidden) if len(batch.prompt_logprob_rows) else []
-        return ForwardOutput(logits=logits, prompt_logprobs=prompt_lps)
+        return ForwardOutput(logits=logits, prompt_logprobs=prompt_lps, greedy=greedy)
 
     def _forward_hidden(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata

@@ -183,7 +183,7 @@ class EngineCore:
             fwd = self.engine.forward(batch, prev_sampled=prev.sampled.tokens)
         else:
             fwd = self.engine.forward(batch)
-        sampled = self.decoder.sample_async(fwd.logits, batch)
+        sampled = self.decoder.sample_async(fwd.logits, batch, fwd.greedy)
         self._launched.append(
             _Launched(batch, sampled, fwd.prompt_logprobs, t1 - t0, time.perf_counter() - t1)
         )
