@@ -373,3 +373,19 @@ def test_step_log_has_one_line_per_step(tiny_model, tmp_path, monkeypatch):
     assert all(float(r[5]) > 0 for r in rows)
     assert header[-3:] == ["gc_ms", "launch_ms", "compiles"]
     assert all(len(r) == len(header) and float(r[-3]) >= 0 and int(r[-1]) == 0 for r in rows)
+
+
+@pytest.mark.parametrize("executor", ["thread", "process"])
+def test_host_profile_records_the_engine_loop(tiny_model, tmp_path, monkeypatch, executor):
+    # KILN_HOST_PROFILE: the loop's cProfile statistics, written at shutdown, in the worker process too
+    from kiln.executor.host_profile import ENV, report
+
+    path = tiny_model("LlamaForCausalLM", tokenizer=True)
+    prof = tmp_path / "host.prof"
+    monkeypatch.setenv(ENV, str(prof))
+    with _llm(path, executor=executor) as llm:
+        out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+        assert len(out[0].outputs[0].token_ids) == 4
+    text = report(str(prof), top=200)
+    assert "by tottime" in text and "by cumulative" in text
+    assert "(step)" in text and "(forward)" in text  # EngineCore.step, ModelEngine.forward

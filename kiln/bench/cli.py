@@ -134,6 +134,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peak-flops", type=float, default=None, help="FLOP/s for the bound (sets configured)")
     p.add_argument("--json", default=None, metavar="FILE", help="write the full report as JSON")
     p.add_argument(
+        "--host-profile",
+        default=None,
+        metavar="FILE",
+        help="profile the engine loop's host time with cProfile into FILE (read it with "
+        "`python -m kiln.executor.host_profile FILE`)",
+    )
+    p.add_argument(
         "--append-results",
         default=None,
         metavar="FILE",
@@ -341,7 +348,10 @@ def _run(args: argparse.Namespace) -> int:
     from kiln.bench.kiln_backend import EngineSettings
     from kiln.bench.report import append_results, failed_backends, render_table, write_json
     from kiln.bench.setup import prepare_model
+    from kiln.executor.host_profile import ENV as HOST_PROFILE_ENV
 
+    if args.host_profile:  # read where the engine loop starts, in the worker process too
+        os.environ[HOST_PROFILE_ENV] = os.path.abspath(args.host_profile)
     model = prepare_model(
         args.model,
         args.dtype,

@@ -28,6 +28,7 @@ import torch
 from kiln.config import EngineLimits, KvCacheConfig, SchedulerConfig
 from kiln.engine.late_compiles import LateCompileWatch
 from kiln.executor.gc_policy import GcPauses, IdleFullCollections
+from kiln.executor.host_profile import engine_loop_profile
 from kiln.executor.messages import PromptLogprobs, Request, ScheduledBatch, SequenceUpdate
 from kiln.executor.stats import EngineStats
 
@@ -275,7 +276,13 @@ def run_engine_loop(
 ) -> None:
     """Serve messages and step until shutdown. A step that raises is fatal: every caller hears of it.
 
-    ``gc_policy`` (the engine process only): full garbage collections move to the idle moments."""
+    ``gc_policy`` (the engine process only): full garbage collections move to the idle moments.
+    ``KILN_HOST_PROFILE=FILE`` profiles the loop (host_profile.py)."""
+    with engine_loop_profile():
+        _serve(core, receive, send, gc_policy)
+
+
+def _serve(core: EngineCore, receive: Receive, send: Send, gc_policy: IdleFullCollections | None) -> None:
     try:
         while True:
             busy = core.has_work()
