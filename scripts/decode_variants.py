@@ -84,7 +84,9 @@ def main() -> None:
     base_env = {k: os.environ.get(k) for _, env in variants for k in env}
     times: dict[str, list[float]] = {name: [] for name, _ in variants}
     for r in range(args.rounds):
-        for name, env in variants:
+        # every step is one token longer than the last, so a variant late in a round sees longer
+        # contexts (which matters at long ones): odd rounds run the variants in reverse
+        for name, env in variants if r % 2 == 0 else variants[::-1]:
             drain(core)  # no launched work spans a re-capture
             for key, value in base_env.items():  # each variant from the environment the script started in
                 _set_env(key, value)

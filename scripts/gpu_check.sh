@@ -28,7 +28,9 @@
 #   ab          bs-1 latency A/B on one machine: LATENCY_MODELS with this tree, then with the files in AB_DIR
 #               (default ab_base/, made by scripts/ab_prepare.sh) in place (AB_ROUNDS times; ~1-1.5 min a run)
 #   variants    scripts/decode_variants.py: decode-step time under several launch settings (VARIANTS) in one
-#               engine, in turns, VARIANT_MODELS at batch VARIANT_BATCH (~1-2 min a model)
+#               engine, in turns, VARIANT_MODELS at batch VARIANT_BATCH, context VARIANT_ISL (~1-2 min a model)
+#   hostprof    bs-1 latency of HOSTPROF_MODELS (default llama-3.2-1b) with the engine loop under cProfile
+#               (--host-profile): where a step's host time goes, printed by own and cumulative time (~1.5 min)
 #   mlp         scripts/bench_mlp_chunks.py: an 8,192-token step's gated MLP whole vs in token chunks (~1 min)
 #   attn        scripts/bench_attention.py: paged attention's prefill launch configurations swept on 8B heads
 #               (prefill, chunk and mixed steps), torch SDPA backends as peers (~2-3 min)
@@ -150,6 +152,15 @@ tiny() {
 smoke() {
   bench smoke_latency_llama1b latency --model preset:llama-3.2-1b --isl 128 --osl 128 --iterations 3
   bench smoke_throughput_llama1b throughput --model preset:llama-3.2-1b --num-requests 128 --isl 128 --osl 128
+}
+
+hostprof() {
+  local m
+  for m in ${HOSTPROF_MODELS:-llama-3.2-1b}; do
+    bench "hostprof_${m}_bs1" latency --model "preset:$m" "${BS1[@]}" --host-profile "$OUT/hostprof_$m.prof"
+    "$PY" -m kiln.executor.host_profile "$OUT/hostprof_$m.prof" 40 >"$OUT/hostprof_$m.txt" 2>&1
+    head -120 "$OUT/hostprof_$m.txt"
+  done
 }
 
 latency() {
@@ -278,8 +289,8 @@ ab() {
 variants() {
   # VARIANT_MODELS (default: llama-3.1-8b llama-3.2-1b) at batch VARIANT_BATCH (default 1); VARIANTS: the
   # settings timed in turn in one engine (scripts/decode_variants.py), "NAME=ENV=VALUE,... ...";
-  # VARIANT_ROUNDS (default 3)
-  local v m args=(--rounds "${VARIANT_ROUNDS:-3}")
+  # VARIANT_ROUNDS (default 3), VARIANT_ISL (default 128), VARIANT_ARGS (more options, e.g. "--steps 16")
+  local v m args=(--rounds "${VARIANT_ROUNDS:-3}" ${VARIANT_ARGS:-})
   for v in ${VARIANTS:-base= tile=KILN_GEMV_PREFETCH_K=0 pre1024=KILN_GEMV_PREFETCH_K=1024 \
                        pre2048=KILN_GEMV_PREFETCH_K=2048 nopdl=KILN_PDL=0}; do
     args+=(--variant "$v")
@@ -287,7 +298,7 @@ variants() {
   for m in ${VARIANT_MODELS:-llama-3.1-8b llama-3.2-1b}; do
     note "decode variants, $m: scripts/decode_variants.py"
     timeout --kill-after=30 "$BENCH_TIMEOUT" "$PY" scripts/decode_variants.py --model "preset:$m" \
-      --batch-size "${VARIANT_BATCH:-1}" "${args[@]}" "${CACHE_ARGS[@]}" --json "$OUT/variants_$m.json" 2>&1 \
+      --batch-size "${VARIANT_BATCH:-1}" --isl "${VARIANT_ISL:-128}" "${args[@]}" "${CACHE_ARGS[@]}" --json "$OUT/variants_$m.json" 2>&1 \
       | tee "$OUT/variants_$m.log"
     printf 'variants_%s\t%s\tsee variants_%s.log\n' "$m" "${PIPESTATUS[0]}" "$m" >>"$STATUS_FILE"
   done
@@ -403,8 +414,8 @@ groups=("$@")
 [ ${#groups[@]} -eq 0 ] && groups=(tests)
 for g in "${groups[@]}"; do
   case "$g" in
-    env | tiny | tests | smoke | profile | latency | throughput | workloads | ttft | nano | gemm | ab | variants | mlp | attn | serve | all) ;;
-    *) echo "unknown group '$g'; use env, tiny, tests, smoke, profile, latency, throughput, workloads, ttft, nano, gemm, ab, variants, mlp, attn, serve or all" >&2
+    env | tiny | tests | smoke | profile | latency | throughput | workloads | ttft | nano | gemm | ab | variants | hostprof | mlp | attn | serve | all) ;;
+    *) echo "unknown group '$g'; use env, tiny, tests, smoke, profile, latency, throughput, workloads, ttft, nano, gemm, ab, variants, hostprof, mlp, attn, serve or all" >&2
        exit 2 ;;
   esac
 done
@@ -424,6 +435,7 @@ for g in "${groups[@]}"; do
     gemm) gemm ;;
     ab) ab ;;
     variants) variants ;;
+    hostprof) hostprof ;;
     mlp) mlp ;;
     attn) attn ;;
     serve) serve_bench ;;

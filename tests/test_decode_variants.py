@@ -24,6 +24,8 @@ def test_variants_are_timed_in_turn_from_one_engine(tmp_path):
                           timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("round 2 ") == 2  # both variants in each round
+    order = [line.split()[2] for line in done.stdout.splitlines() if line.strip().startswith("round ")]
+    assert order == ["base", "nopdl", "nopdl", "base"]  # the second round in reverse: drift cancels
     assert "1.000x vs base" in done.stdout and "KILN_PDL=0,KILN_GEMV_PREFETCH_K=4096" in done.stdout
     timings = json.loads(report.read_text())["step_s"]
     assert sorted(timings) == ["base", "nopdl"] and all(len(t) == 2 and min(t) > 0 for t in timings.values())
