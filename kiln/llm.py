@@ -371,7 +371,8 @@ class LLM:
             return
         deliveries: list[tuple[Sink, RequestOutput | Exception]] = []
         with self._lock:
-            self._stats = msg[2]
+            if msg[2] is not None:  # (a step's updates carry stats only now and then)
+                self._stats = msg[2]
             touched: dict[str, RequestState] = {}
             for up in msg[1]:
                 state = self._states.get(up.request_id)

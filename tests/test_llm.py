@@ -389,3 +389,26 @@ def test_host_profile_records_the_engine_loop(tiny_model, tmp_path, monkeypatch,
     text = report(str(prof), top=200)
     assert "by tottime" in text and "by cumulative" in text
     assert "(step)" in text and "(forward)" in text  # EngineCore.step, ModelEngine.forward
+
+
+def test_step_updates_carry_stats_now_and_then_and_whenever_a_request_finishes(tiny_model, monkeypatch):
+    # encoding the stats every step costs the worker's loop; the front end keeps the last it got, and
+    # the step that finishes a request always brings them, so a finished generate sees every step
+    from kiln.executor import engine_core
+
+    monkeypatch.setattr(engine_core, "STATS_INTERVAL_S", 1e9)
+    carried: list[bool] = []
+    on_output = LLM._on_output
+
+    def spy(self, msg):
+        if msg[0] == "updates":
+            carried.append(msg[2] is not None)
+        on_output(self, msg)
+
+    monkeypatch.setattr(LLM, "_on_output", spy)
+    path = tiny_model("LlamaForCausalLM", tokenizer=True)
+    with _llm(path, executor="process") as llm:
+        llm.generate([[1, 2, 3]], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+        stats = llm.stats()
+    assert stats.generation_tokens_total == 8 and stats.num_running == 0
+    assert carried[-1] and carried.count(False) >= 5  # the steps between admission and the end: none
