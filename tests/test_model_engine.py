@@ -649,6 +649,56 @@ def test_graph_path_matches_transformers(tiny_model, sizes, logits_max):
     assert in_graph == {0: 0, 1: 7, 4: 12}[logits_max]  # 1: the seven one-row steps
 
 
+def test_graph_steps_prepare_the_same_inputs_on_their_short_path(tiny_model, monkeypatch):
+    # a decode graph step's own preparation (only what the graph reads) against the general one: the same
+    # graph rows, block-table updates and block copies; forked rows take the general path
+    path = tiny_model("LlamaForCausalLM")
+    engines = []
+    for short in (True, False):
+        engine = make_engine(path)
+        engine.graphs = DecodeGraphRunner(
+            engine._forward_hidden, engine.block_table, [1, 2, 4], LIMITS.max_seq_len, BLOCK, engine.device,
+            capture=False,
+        )  # fmt: skip
+        if not short:
+            monkeypatch.setattr(engine, "_prepare_graph_step", lambda batch: None)
+        engines.append(engine)
+    taken = []
+    prepare_graph_step = engines[0]._prepare_graph_step
+
+    def counted(batch):
+        out = prepare_graph_step(batch)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(engines[0], "_prepare_graph_step", counted)
+    builders = [StepBuilder(BLOCK), StepBuilder(BLOCK)]
+    steps = [
+        dict(chunks=[Chunk(0, 1, 7, [5], decode=True), Chunk(1, 2, 15, [6], decode=True)], prev=[1, -1]),
+        dict(chunks=[Chunk(0, 1, 8, [-1], decode=True), Chunk(1, 2, 16, [-1], decode=True)], prev=[0, 1]),
+        dict(chunks=[Chunk(1, 2, 17, [9], decode=True)], prev=None, copy=[(3, 4)]),
+        dict(chunks=[Chunk(0, 1, 9, [4], decode=True)], prev=None, sample=[0, 0]),  # forked: general path
+    ]
+    for step in steps:
+        inputs = []
+        for engine, builder in zip(engines, builders, strict=True):
+            batch = builder.batch(step["chunks"], sample=step.get("sample"), copy_blocks=step.get("copy"))
+            if step["prev"] is not None:
+                batch.prev_sample_rows = np.array(step["prev"], np.int32)
+            inputs.append(engine._prepare(batch))
+        short, general = inputs
+        assert short.sample_all_in_order == ("sample" not in step)
+        assert torch.equal(short.input_ids, general.input_ids)
+        assert torch.equal(short.positions, general.positions)
+        assert short.graph_rows is not None and general.graph_rows is not None
+        assert torch.equal(short.graph_rows, general.graph_rows)
+        assert torch.equal(engines[0].block_table, engines[1].block_table) and engines[0].block_table.any()
+        for a, b in ((short.copy_src, general.copy_src), (short.copy_dst, general.copy_dst)):
+            assert (a is None and b is None) or torch.equal(a, b)
+    assert short.sample_inverse is not None  # the fork
+    assert taken == [True, True, True, False]
+
+
 def _launch_key(names: list[str], fixed: set[str], args: tuple, kwargs: dict) -> tuple:
     """What Triton compiles a variant for: each specialised argument's class (a tensor's dtype and
     16-byte alignment, an int's ==1 / divisible-by-16 class), the constexprs and launch options."""

@@ -355,6 +355,10 @@ class ModelEngine:
             raise ValueError(f"copy_blocks ids must be in [1, {self.num_blocks})")
 
     def _prepare(self, batch: ScheduledBatch, prev_sampled: torch.Tensor | None = None) -> StepInputs:
+        if self._fits_graph(batch):
+            graph_step = self._prepare_graph_step(batch)
+            if graph_step is not None:
+                return graph_step
         num_seqs, num_tokens = batch.num_seqs, batch.num_tokens
         prev_rows = np.asarray(batch.prev_sample_rows, dtype=np.int64) if batch.reads_prev_samples else None
         num_new = np.asarray(batch.num_new_tokens, dtype=np.int64)
@@ -438,6 +442,48 @@ class ModelEngine:
             sample_token_idx=sample_idx_d,
             sample_inverse=None if in_order else inverse_d,
             sample_all_in_order=in_order and uniq.size == num_tokens,
+            copy_src=copy_src,
+            copy_dst=copy_dst,
+        )
+
+    def _prepare_graph_step(self, batch: ScheduledBatch) -> StepInputs | None:
+        """The common decode graph step (every row one token and one sample, in order) with only the
+        arrays the graph reads: at batch 1 the general preparation is mostly numpy calls whose results a
+        graph step does not use, and a small model's step is as much host work as GPU work. None:
+        another kind of step (e.g. forked rows sampling one sequence twice)."""
+        s = batch.num_seqs
+        sample_rows = np.asarray(batch.sample_rows)
+        if batch.num_tokens != s or sample_rows.shape != (s,) or (sample_rows != np.arange(s)).any():
+            return None
+        num_computed = np.asarray(batch.num_computed, dtype=np.int64)
+        if batch.reads_prev_samples:
+            prev_rows = np.asarray(batch.prev_sample_rows, dtype=np.int64)
+        else:
+            prev_rows = np.full(s, -1, np.int64)  # a graph always reads this row: none here
+        updates = np.asarray(batch.block_updates, dtype=np.int64).reshape(-1, 3)
+        copies = np.asarray(batch.copy_blocks, dtype=np.int64).reshape(-1, 2)
+        # the graph's [5, S] rows first (input ids, positions, slots, KV lengths, previous-sample rows):
+        # one token a row, so a row's position is its computed length and its token slot its slot
+        segments = [batch.input_ids, num_computed, batch.slots, num_computed + 1, prev_rows, np.arange(s),
+                    updates.T.reshape(-1), copies.T.reshape(-1)]  # fmt: skip
+        flat, parts = self._staging.to_device_packed(segments)
+        input_ids, positions, slots, _lens, _prev, sample_idx, updates_d, copies_d = parts
+        if updates.shape[0]:
+            upd = updates_d.view(3, -1)
+            self.block_table[upd[0], upd[1]] = upd[2].to(torch.int32)
+        copy_src = copy_dst = None
+        if copies.shape[0]:
+            cp = copies_d.view(2, -1)
+            copy_src, copy_dst = cp[0], cp[1]
+        return StepInputs(
+            input_ids=input_ids,
+            positions=positions,
+            attn=None,
+            graph_rows=flat[: 5 * s].view(5, s),
+            slots=slots,
+            sample_token_idx=sample_idx,
+            sample_inverse=None,
+            sample_all_in_order=True,
             copy_src=copy_src,
             copy_dst=copy_dst,
         )
