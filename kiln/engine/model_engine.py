@@ -356,9 +356,9 @@ class ModelEngine:
 
     def _prepare(self, batch: ScheduledBatch, prev_sampled: torch.Tensor | None = None) -> StepInputs:
         if self._fits_graph(batch):
-            graph_step = self._prepare_graph_step(batch)
-            if graph_step is not None:
-                return graph_step
+            short = self._prepare_graph_step(batch)
+            if short is not None:
+                return short
         num_seqs, num_tokens = batch.num_seqs, batch.num_tokens
         prev_rows = np.asarray(batch.prev_sample_rows, dtype=np.int64) if batch.reads_prev_samples else None
         num_new = np.asarray(batch.num_new_tokens, dtype=np.int64)
