@@ -151,6 +151,39 @@ def test_a_greedy_sample_computed_on_the_device_is_used_only_for_plain_greedy_st
         dec.sample_async(logits, make_batch(range(3), [7] * 3, inits=greedy), (tokens[:2], packed))
 
 
+def test_the_plain_greedy_plan_is_the_general_plan():
+    # the one-look plan of a step whose slots are all plain greedy equals the full look at the mirrors,
+    # and any slot that is not (logprobs, penalties, bias, min_tokens with stop ids, a draw) takes the
+    # full look
+    import dataclasses
+
+    kinds = {
+        "plain": SamplingParams(temperature=0),
+        "min_tokens_no_stops": SamplingParams(temperature=0, min_tokens=3),
+        "logprobs": SamplingParams(temperature=0, logprobs=1),
+        "penalty": SamplingParams(temperature=0, repetition_penalty=1.2),
+        "bias": SamplingParams(temperature=0, logit_bias={3: 1.0}),
+        "min_tokens": SamplingParams(temperature=0, min_tokens=3),
+        "random": SamplingParams(temperature=0.7, top_k=5),
+    }
+    plain = {"plain", "min_tokens_no_stops"}
+    for a in kinds:
+        for b in kinds:
+            dec = Decoder(4, V)
+            inits = [make_init(s, kinds[k], stop=(1,) if k in ("min_tokens", "random") else ())
+                     for s, k in enumerate((a, b))]  # fmt: skip
+            batch = make_batch([0, 1], [5, 5], num_output=[0, 0], inits=inits)
+            dec.state.apply(inits)
+            fast = dec._plan(batch)
+            dec.state.plain_greedy[:] = False
+            general = dec._plan(batch)
+            assert dataclasses.asdict(fast).keys() == dataclasses.asdict(general).keys()
+            for field in dataclasses.fields(general):
+                x, y = getattr(fast, field.name), getattr(general, field.name)
+                assert np.array_equal(x, y), (a, b, field.name, x, y)
+            assert fast.plain_greedy == ({a, b} <= plain)
+
+
 @pytest.mark.parametrize(
     "params",
     [

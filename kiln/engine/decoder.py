@@ -49,6 +49,9 @@ from kiln.engine.staging import HostStaging
 from kiln.executor.messages import ScheduledBatch, SlotInit, StepOutput
 from kiln.sampling_params import SamplingParams
 
+# (a plain greedy plan draws no row)
+_NO_ROWS = np.zeros(0, np.int64)
+
 
 @dataclass
 class _Plan:
@@ -294,6 +297,11 @@ class Decoder:
         slots = np.asarray(batch.sample_slots, np.int64)
         if slots.size and not (slots.min() >= 0 and slots.max() < s.max_batch_size):
             raise ValueError(f"sample_slots must be in [0, {s.max_batch_size}), got {slots.tolist()}")
+        if s.plain_greedy[slots].all():  # the common greedy step: one look instead of a dozen
+            return _Plan(
+                num_rows=int(slots.size), random_rows=_NO_ROWS, num_logprobs=0, bias=False, min_tokens=False,
+                penalties=False, top_k=0, top_p=False, min_p=False,
+            )  # fmt: skip
         random_rows = np.flatnonzero(s.temperature[slots] > 0).astype(np.int64)
         rs = slots[random_rows]
         top_k = s.top_k[rs]

@@ -54,6 +54,9 @@ class SamplingState:
         self.num_logprobs = np.zeros(b, np.int64)
         self.uses_penalties = np.zeros(b, bool)
         self.uses_bias = np.zeros(b, bool)
+        # argmax of the raw logits and its own logprob only, whatever the step (min_tokens masks nothing
+        # without stop ids): a step of such slots needs no other look at the mirrors
+        self.plain_greedy = np.zeros(b, bool)
         # Lazily allocated (None until a request needs them).
         self.counts: torch.Tensor | None = None  # [B, V] int32
         self.prompt_mask: torch.Tensor | None = None  # [B, V] bool
@@ -121,6 +124,13 @@ class SamplingState:
         self.num_logprobs[s] = p.logprobs or 0
         self.uses_penalties[s] = p.uses_penalties
         self.uses_bias[s] = bool(p.logit_bias)
+        self.plain_greedy[s] = (
+            greedy
+            and not p.logprobs
+            and not p.uses_penalties
+            and not p.logit_bias
+            and (p.min_tokens == 0 or not init.stop_ids)
+        )
 
     def _apply_penalties(self, inits: list[SlotInit], slots: torch.Tensor) -> None:
         users = [i for i in inits if i.params.uses_penalties]
