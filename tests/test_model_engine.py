@@ -661,17 +661,17 @@ def test_graph_steps_prepare_the_same_inputs_on_their_short_path(tiny_model, mon
             capture=False,
         )  # fmt: skip
         if not short:
-            monkeypatch.setattr(engine, "_prepare_graph_step", lambda batch: None)
+            monkeypatch.setattr(engine._inputs, "_graph_step", lambda batch: None)
         engines.append(engine)
     taken = []
-    prepare_graph_step = engines[0]._prepare_graph_step
+    prepare_graph_step = engines[0]._inputs._graph_step
 
     def counted(batch):
         out = prepare_graph_step(batch)
         taken.append(out is not None)
         return out
 
-    monkeypatch.setattr(engines[0], "_prepare_graph_step", counted)
+    monkeypatch.setattr(engines[0]._inputs, "_graph_step", counted)
     builders = [StepBuilder(BLOCK), StepBuilder(BLOCK)]
     steps = [
         dict(chunks=[Chunk(0, 1, 7, [5], decode=True), Chunk(1, 2, 15, [6], decode=True)], prev=[1, -1]),
@@ -685,7 +685,7 @@ def test_graph_steps_prepare_the_same_inputs_on_their_short_path(tiny_model, mon
             batch = builder.batch(step["chunks"], sample=step.get("sample"), copy_blocks=step.get("copy"))
             if step["prev"] is not None:
                 batch.prev_sample_rows = np.array(step["prev"], np.int32)
-            inputs.append(engine._prepare(batch))
+            inputs.append(engine._inputs.build(batch, graph_step=engine._fits_graph(batch)))
         short, general = inputs
         assert short.sample_all_in_order == ("sample" not in step)
         assert torch.equal(short.input_ids, general.input_ids)

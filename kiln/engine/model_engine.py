@@ -1,11 +1,10 @@
 """ModelEngine: runs one forward step of the model for a ScheduledBatch.
 
 It owns the model weights, the paged KV cache and the device-side block table (one row per
-persistent slot, appended to by ``batch.block_updates``). Each step it builds the packed inputs and
-the AttentionMetadata with vectorised numpy, moves them to the device in a single copy, applies the
-step's block-table updates and block copies, runs the model, and computes logits only for the rows
-that sample (and, when asked, prompt logprobs in bounded slices). With overlap scheduling, decode
-input tokens not known on the host are gathered on the device from the previous step's sampled tokens.
+persistent slot, appended to by ``batch.block_updates``). Each step it has the step's inputs built
+(step_inputs.py), applies the block copies, runs the model (a decode graph, piecewise graphs or
+eagerly), and computes logits only for the rows that sample (and, when asked, prompt logprobs in
+bounded slices).
 """
 
 from __future__ import annotations
@@ -14,13 +13,12 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from kiln.builder.loader import load_model
 from kiln.builder.model_config import ModelInfo
 from kiln.config import EngineLimits, KvCacheConfig
-from kiln.engine.attention_metadata import AttentionMetadata, FreshPrompts
+from kiln.engine.attention_metadata import AttentionMetadata
 from kiln.engine.compile import CompiledLayers, compile_decoder_layers
 from kiln.engine.cuda_graphs import DEFAULT_LOGITS_MAX_BATCH, DecodeGraphRunner, default_graph_batch_sizes
 from kiln.engine.kv_cache import (
@@ -33,6 +31,7 @@ from kiln.engine.kv_cache import (
 from kiln.engine.piecewise_graphs import PiecewiseGraphRunner, default_piecewise_sizes
 from kiln.engine.prompt_logprobs import PromptLogprobsComputer
 from kiln.engine.staging import HostStaging
+from kiln.engine.step_inputs import StepInputBuilder
 from kiln.engine.synthetic_batches import covering_shapes, profile_batch, synthetic_batch, warm_up_shapes
 from kiln.executor.messages import PromptLogprobs, ScheduledBatch
 from kiln.plugins import PluginSet
@@ -52,23 +51,6 @@ class ForwardOutput:
     prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
     # the logits' greedy sample, where a decode graph computed it (``greedy_sample``'s tokens, packed)
     greedy: tuple[torch.Tensor, torch.Tensor] | None = None
-
-
-@dataclass
-class StepInputs:
-    """Device tensors of one step (what the model and the logits gather need)."""
-
-    input_ids: torch.Tensor  # [T] int64
-    positions: torch.Tensor  # [T] int64
-    attn: AttentionMetadata | None  # None for a graph step: the graph builds its own
-    # graph step: [5, S] int64 input ids, positions, slots, KV lengths, rows of the previous step's samples
-    graph_rows: torch.Tensor | None
-    slots: torch.Tensor  # [S] int64
-    sample_token_idx: torch.Tensor  # [Ru] int64: packed index of each distinct sampling row's last token
-    sample_inverse: torch.Tensor | None  # [R] int64 into [Ru]; None when rows are distinct and in order
-    sample_all_in_order: bool  # the sampling rows are exactly the packed tokens 0..T-1, in order
-    copy_src: torch.Tensor | None  # [C] int64
-    copy_dst: torch.Tensor | None
 
 
 class ModelEngine:
@@ -110,6 +92,7 @@ class ModelEngine:
             limits.max_batch_size, self.max_blocks_per_seq, dtype=torch.int32, device=self.device
         )
         self._staging = HostStaging(self.device)
+        self._inputs = StepInputBuilder(limits, self.block_table, self.tokens_per_block, self._staging)
         self._prompt_logprobs = PromptLogprobsComputer(self.model.compute_logits, self.vocab_size)
         cfg = self.info.config
         assert cfg is not None
@@ -267,9 +250,9 @@ class ModelEngine:
         """``prev_sampled`` [R'] int64 on the device: the previous step's sampled tokens, which
         ``batch.prev_sample_rows`` index (needed only when the batch reads them)."""
         assert self.kv_cache is not None, "forward() after close()"
-        self._validate(batch, prev_sampled)
+        self._inputs.validate(batch, prev_sampled, self.num_blocks)
         self._prompt_logprobs.record_slots(batch.slot_inits)
-        step = self._prepare(batch, prev_sampled)
+        step = self._inputs.build(batch, prev_sampled, graph_step=self._fits_graph(batch))
         if step.copy_src is not None and step.copy_dst is not None:
             self.kv_cache.copy_blocks(step.copy_src, step.copy_dst)  # before this step's KV writes
         logits = greedy = None
@@ -309,183 +292,6 @@ class ModelEngine:
             self.graphs is not None
             and 0 < batch.num_seqs <= self.graphs.max_batch_size
             and batch.num_decode == batch.num_seqs
-        )
-
-    def _validate(self, batch: ScheduledBatch, prev_sampled: torch.Tensor | None) -> None:
-        lim = self.limits
-        prev_rows = np.asarray(batch.prev_sample_rows)
-        if prev_rows.size and prev_rows.size != batch.num_decode:
-            raise ValueError(
-                f"prev_sample_rows has {prev_rows.size} rows, the batch {batch.num_decode} decodes"
-            )
-        if batch.reads_prev_samples:
-            num_prev = 0 if prev_sampled is None else int(prev_sampled.shape[0])
-            if prev_rows.max() >= num_prev:
-                raise ValueError(
-                    f"prev_sample_rows reads row {int(prev_rows.max())} of the previous step's sampled "
-                    f"tokens, which has {num_prev}: pass that step's tokens as prev_sampled"
-                )
-        num_new = np.asarray(batch.num_new_tokens)
-        if batch.num_seqs > lim.max_batch_size or batch.num_tokens > lim.max_num_tokens:
-            raise ValueError(
-                f"batch of {batch.num_seqs} sequences / {batch.num_tokens} tokens exceeds the engine limits "
-                f"(max_batch_size={lim.max_batch_size}, max_num_tokens={lim.max_num_tokens})"
-            )
-        if num_new.size and (num_new.min() < 1 or int(num_new.sum()) != batch.num_tokens):
-            raise ValueError(
-                "every scheduled sequence needs >= 1 new token, and input_ids must hold all of them"
-            )
-        if num_new.size and int((np.asarray(batch.num_computed) + num_new).max()) > lim.max_seq_len:
-            raise ValueError(f"a sequence exceeds max_seq_len={lim.max_seq_len}")
-        slots = np.asarray(batch.slots)
-        if slots.size and (slots.min() < 0 or slots.max() >= lim.max_batch_size):
-            raise ValueError(f"slots must be in [0, {lim.max_batch_size})")
-        upd = np.asarray(batch.block_updates).reshape(-1, 3)
-        if upd.size and (
-            upd.min() < 0
-            or upd[:, 0].max() >= lim.max_batch_size
-            or upd[:, 1].max() >= self.max_blocks_per_seq
-            or upd[:, 2].max() >= self.num_blocks
-        ):
-            raise ValueError(
-                f"block update out of range (block index < {self.max_blocks_per_seq}, id < {self.num_blocks})"
-            )
-        cp = np.asarray(batch.copy_blocks).reshape(-1, 2)
-        if cp.size and (cp.min() < 1 or cp.max() >= self.num_blocks):
-            raise ValueError(f"copy_blocks ids must be in [1, {self.num_blocks})")
-
-    def _prepare(self, batch: ScheduledBatch, prev_sampled: torch.Tensor | None = None) -> StepInputs:
-        if self._fits_graph(batch):
-            short = self._prepare_graph_step(batch)
-            if short is not None:
-                return short
-        num_seqs, num_tokens = batch.num_seqs, batch.num_tokens
-        prev_rows = np.asarray(batch.prev_sample_rows, dtype=np.int64) if batch.reads_prev_samples else None
-        num_new = np.asarray(batch.num_new_tokens, dtype=np.int64)
-        num_computed = np.asarray(batch.num_computed, dtype=np.int64)
-        slots = np.asarray(batch.slots, dtype=np.int64)
-        query_start = np.zeros(num_seqs + 1, dtype=np.int64)
-        np.cumsum(num_new, out=query_start[1:])
-        seq_lens = num_computed + num_new
-        # position of packed token t = its sequence's first position + its offset in the chunk
-        offsets = np.repeat(num_computed - query_start[:-1], num_new)
-        positions = np.arange(num_tokens, dtype=np.int64) + offsets
-        token_slots = np.repeat(slots, num_new)
-        sample_rows = np.asarray(batch.sample_rows, dtype=np.int64)
-        uniq, inverse = np.unique(sample_rows, return_inverse=True)
-        in_order = uniq.size == sample_rows.size and bool(np.all(uniq == sample_rows))
-        sample_token_idx = query_start[1:][uniq] - 1  # last token of each distinct sampling sequence
-        updates = np.asarray(batch.block_updates, dtype=np.int64).reshape(-1, 3)
-        copies = np.asarray(batch.copy_blocks, dtype=np.int64).reshape(-1, 2)
-        graph_step = self._fits_graph(batch)
-        if graph_step and prev_rows is None:
-            prev_rows_in = np.full(num_seqs, -1, np.int64)  # a graph always reads this row: none here
-        else:
-            prev_rows_in = np.zeros(0, np.int64) if prev_rows is None else prev_rows
-        # The first five are a graph step's [5, S] input rows (one token per sequence: token slots are
-        # the slots; every row decodes), contiguous in the staged buffer: a replay copies them at once.
-        segments = [
-            np.asarray(batch.input_ids, dtype=np.int64),
-            positions,
-            token_slots,
-            seq_lens,
-            prev_rows_in,
-            slots,
-            query_start,
-            sample_token_idx,
-            inverse.reshape(-1),
-            updates.T.reshape(-1),  # slot row | block index row | block id row
-            copies.T.reshape(-1),  # src row | dst row
-        ]
-        flat, parts = self._staging.to_device_packed(segments)
-        (input_ids, positions_d, token_slots_d, seq_lens_d, prev_rows_d, slots_d, query_start_d, sample_idx_d,
-         inverse_d, updates_d, copies_d) = parts  # fmt: skip
-        if prev_rows is not None and not graph_step:  # (a graph reads the previous tokens itself)
-            assert prev_sampled is not None
-            # decode rows come first, one token each: packed token i is decode row i
-            d = prev_rows.size
-            read = prev_sampled.index_select(0, prev_rows_d.clamp(min=0))  # [D] int64
-            input_ids[:d] = torch.where(prev_rows_d >= 0, read, input_ids[:d])
-
-        if updates.shape[0]:
-            upd = updates_d.view(3, -1)
-            self.block_table[upd[0], upd[1]] = upd[2].to(torch.int32)  # vectorised index_put
-        graph_rows = attn = None
-        if graph_step:  # the graph builds the block tables and KV slots itself
-            graph_rows = flat[: 5 * num_seqs].view(5, num_seqs)
-        else:
-            block_tables = self.block_table.index_select(0, slots_d)  # [S, max_blocks] int32
-            tpb = self.tokens_per_block
-            token_blocks = self.block_table[token_slots_d, positions_d // tpb]  # [T] int32
-            slot_mapping = token_blocks.to(torch.int64) * tpb + positions_d % tpb  # [T] int64
-            attn = AttentionMetadata(
-                slot_mapping=slot_mapping,
-                block_tables=block_tables,
-                seq_lens=seq_lens_d.to(torch.int32),
-                query_start_loc=query_start_d.to(torch.int32),
-                max_query_len=int(num_new.max()) if num_seqs else 0,
-                max_seq_len=int(seq_lens.max()) if num_seqs else 0,
-                num_decode_seqs=int(batch.num_decode),
-                num_decode_tokens=int(batch.num_decode),
-                fresh_prompts=FreshPrompts.of_step(num_computed, num_new, int(batch.num_decode)),
-            )
-        copy_src = copy_dst = None
-        if copies.shape[0]:
-            cp = copies_d.view(2, -1)
-            copy_src, copy_dst = cp[0], cp[1]
-        return StepInputs(
-            input_ids=input_ids,
-            positions=positions_d,
-            attn=attn,
-            graph_rows=graph_rows,
-            slots=slots_d,
-            sample_token_idx=sample_idx_d,
-            sample_inverse=None if in_order else inverse_d,
-            sample_all_in_order=in_order and uniq.size == num_tokens,
-            copy_src=copy_src,
-            copy_dst=copy_dst,
-        )
-
-    def _prepare_graph_step(self, batch: ScheduledBatch) -> StepInputs | None:
-        """The common decode graph step (every row one token and one sample, in order) with only the
-        arrays the graph reads: at batch 1 the general preparation is mostly numpy calls whose results a
-        graph step does not use, and a small model's step is as much host work as GPU work. None:
-        another kind of step (e.g. forked rows sampling one sequence twice)."""
-        s = batch.num_seqs
-        sample_rows = np.asarray(batch.sample_rows)
-        if batch.num_tokens != s or sample_rows.shape != (s,) or (sample_rows != np.arange(s)).any():
-            return None
-        num_computed = np.asarray(batch.num_computed, dtype=np.int64)
-        if batch.reads_prev_samples:
-            prev_rows = np.asarray(batch.prev_sample_rows, dtype=np.int64)
-        else:
-            prev_rows = np.full(s, -1, np.int64)  # a graph always reads this row: none here
-        updates = np.asarray(batch.block_updates, dtype=np.int64).reshape(-1, 3)
-        copies = np.asarray(batch.copy_blocks, dtype=np.int64).reshape(-1, 2)
-        # the graph's [5, S] rows first (input ids, positions, slots, KV lengths, previous-sample rows):
-        # one token a row, so a row's position is its computed length and its token slot its slot
-        segments = [batch.input_ids, num_computed, batch.slots, num_computed + 1, prev_rows, np.arange(s),
-                    updates.T.reshape(-1), copies.T.reshape(-1)]  # fmt: skip
-        flat, parts = self._staging.to_device_packed(segments)
-        input_ids, positions, slots, _lens, _prev, sample_idx, updates_d, copies_d = parts
-        if updates.shape[0]:
-            upd = updates_d.view(3, -1)
-            self.block_table[upd[0], upd[1]] = upd[2].to(torch.int32)
-        copy_src = copy_dst = None
-        if copies.shape[0]:
-            cp = copies_d.view(2, -1)
-            copy_src, copy_dst = cp[0], cp[1]
-        return StepInputs(
-            input_ids=input_ids,
-            positions=positions,
-            attn=None,
-            graph_rows=flat[: 5 * s].view(5, s),
-            slots=slots,
-            sample_token_idx=sample_idx,
-            sample_inverse=None,
-            sample_all_in_order=True,
-            copy_src=copy_src,
-            copy_dst=copy_dst,
         )
 
     # ------------------------------------------------------------------ teardown
