@@ -649,6 +649,35 @@ def test_graph_path_matches_transformers(tiny_model, sizes, logits_max):
     assert in_graph == {0: 0, 1: 7, 4: 12}[logits_max]  # 1: the seven one-row steps
 
 
+def test_a_graph_step_reads_the_greedy_tokens_its_predecessor_left_in_the_graph(tiny_model):
+    # overlap scheduling with the greedy sample inside the graph: the graph also writes its tokens where
+    # the next graph reads its input tokens, so that replay copies nothing; the next step's logits are
+    # those of the sequence continued by the sampled token
+    path = tiny_model("LlamaForCausalLM")
+    engine = make_engine(path)
+    engine.graphs = DecodeGraphRunner(
+        engine._forward_hidden, engine.block_table, [1], LIMITS.max_seq_len, BLOCK, engine.device,
+        capture=False, compute_logits=engine.model.compute_logits, logits_max_batch=1,
+        sample_greedy=greedy_sample_reference,
+    )  # fmt: skip
+    builder = StepBuilder(BLOCK)
+    a = SEQ_A
+    prefill = [Chunk(0, 1, 0, a[0:5]), Chunk(0, 1, 5, a[5:12]), Chunk(0, 1, 12, a[12:19])]
+    for i, chunk in enumerate(prefill):
+        inits = [slot_init(1, a[:PROMPT_A], None)] if i == 0 else None
+        engine.forward(builder.batch([chunk], slot_inits=inits))
+    out = engine.forward(builder.batch([Chunk(0, 1, 19, a[19:20], decode=True)]))
+    assert out.greedy is not None
+    token = int(out.greedy[0][0])
+    assert token == int(out.logits[0].argmax())
+    nxt = builder.batch([Chunk(0, 1, 20, [token], decode=True)])
+    nxt.input_ids = np.array([-1], np.int32)  # on the device only, as overlap scheduling has it
+    nxt.prev_sample_rows = np.array([0], np.int32)
+    assert engine.graphs._tokens_in_prev is out.greedy[0]
+    follow = engine.forward(nxt, prev_sampled=out.greedy[0])
+    torch.testing.assert_close(follow.logits[0], reference(path, tuple(a[:20] + [token]))[20], **TOL)
+
+
 def test_graph_steps_prepare_the_same_inputs_on_their_short_path(tiny_model, monkeypatch):
     # a decode graph step's own preparation (only what the graph reads) against the general one: the same
     # graph rows, block-table updates and block copies; forked rows take the general path

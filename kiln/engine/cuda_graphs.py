@@ -17,7 +17,9 @@ logprobs, as ``greedy_sample`` packs them) where a greedy sampler is given: at s
 is as much host work as GPU work, and launching these from Python costs more host time than their
 kernels take (their outputs are kept per size, so only small sizes pay the memory; a step that does
 not sample greedily leaves the few microseconds of greedy kernels unused). Larger graphs leave the
-LM head to the caller, which runs it on the sampling rows only.
+LM head to the caller, which runs it on the sampling rows only. A graph that samples also leaves
+its tokens in the static copy of sampled tokens, so the next step's replay copies none when the
+step used them.
 
 Without ``capture`` (the CPU) the runner replays by calling the same function eagerly: the graph
 path's inputs and padding are then testable without a GPU.
@@ -104,6 +106,9 @@ class DecodeGraphRunner:
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)  # one token per row
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[int, GraphOutput] = {}  # by size, all B rows
+        # the greedy tokens the last replay returned, which that graph also left in prev_tokens: when
+        # the next step reads them, its replay copies nothing
+        self._tokens_in_prev: torch.Tensor | None = None
         self.capture_seconds = 0.0
 
     def _run(self, b: int) -> GraphOutput:
@@ -112,7 +117,10 @@ class DecodeGraphRunner:
             return GraphOutput(hidden)
         assert self._compute_logits is not None
         logits = self._compute_logits(hidden)
-        greedy = self._sample_greedy(logits) if self._sample_greedy is not None else None
+        if self._sample_greedy is None:
+            return GraphOutput(hidden, logits)
+        greedy = self._sample_greedy(logits)
+        self.prev_tokens[:b].copy_(greedy[0])  # where the next step reads them, should it take these
         return GraphOutput(hidden, logits, greedy)
 
     def _run_hidden(self, b: int) -> torch.Tensor:
@@ -138,6 +146,7 @@ class DecodeGraphRunner:
         if not self._capture:
             return
         t0 = time.perf_counter()
+        self._tokens_in_prev = None
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         for b in reversed(self.batch_sizes):
@@ -171,7 +180,7 @@ class DecodeGraphRunner:
         b = int(rows.shape[1])
         size = self.padded_size(b)
         assert size is not None and (size in self._graphs or not self._capture), f"no graph for {b} rows"
-        if prev_sampled is not None:
+        if prev_sampled is not None and prev_sampled is not self._tokens_in_prev:
             r = int(prev_sampled.shape[0])
             assert r <= self.prev_tokens.shape[0], f"{r} sampled rows, room for {self.prev_tokens.shape[0]}"
             self.prev_tokens[:r].copy_(prev_sampled)
@@ -183,6 +192,7 @@ class DecodeGraphRunner:
             out = self._outputs[size]
         else:
             out = self._run(size)
+        self._tokens_in_prev = out.greedy[0] if size == b and out.greedy is not None else None
         if size == b:
             return out
         return GraphOutput(out.hidden[:b], None if out.logits is None else out.logits[:b])
