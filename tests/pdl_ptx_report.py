@@ -64,7 +64,8 @@ KERNELS = {
         _gemv_kernel,
         dict(BLOCK_N=8, BLOCK_K=1024, EVEN_N=True, EVEN_K=False, PROLOGUE=2, PRE_K=1024, EVEN_PRE=True),
     ),
-    # several tiles before the wait (KILN_GEMV_PREFETCH_K), masked past K, with the norm's prologue
+    # several tiles before the wait (the default prefetch; the kinds above fetch one, KILN_GEMV_PREFETCH_K=0),
+    # masked past K, with the norm's prologue
     "gemv_prefetch": (
         _gemv_kernel,
         dict(BLOCK_N=1, BLOCK_K=512, EVEN_N=True, EVEN_K=False, PROLOGUE=1, PRE_K=4096, EVEN_PRE=False),

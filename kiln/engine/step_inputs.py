@@ -30,7 +30,6 @@ class StepInputs:
     attn: AttentionMetadata | None  # None for a graph step: the graph builds its own
     # graph step: [5, S] int64 input ids, positions, slots, KV lengths, rows of the previous step's samples
     graph_rows: torch.Tensor | None
-    slots: torch.Tensor  # [S] int64
     sample_token_idx: torch.Tensor  # [Ru] int64: packed index of each distinct sampling row's last token
     sample_inverse: torch.Tensor | None  # [R] int64 into [Ru]; None when rows are distinct and in order
     sample_all_in_order: bool  # the sampling rows are exactly the packed tokens 0..T-1, in order
@@ -174,7 +173,6 @@ class StepInputBuilder:
             positions=positions_d,
             attn=attn,
             graph_rows=graph_rows,
-            slots=slots_d,
             sample_token_idx=sample_idx_d,
             sample_inverse=None if in_order else inverse_d,
             sample_all_in_order=in_order and uniq.size == num_tokens,
@@ -203,14 +201,13 @@ class StepInputBuilder:
         segments = [batch.input_ids, num_computed, batch.slots, num_computed + 1, prev_rows, np.arange(s),
                     updates.T.reshape(-1), copies.T.reshape(-1)]  # fmt: skip
         flat, parts = self._staging.to_device_packed(segments)
-        input_ids, positions, slots, _lens, _prev, sample_idx, updates_d, copies_d = parts
+        input_ids, positions, _slots, _lens, _prev, sample_idx, updates_d, copies_d = parts
         copy_src, copy_dst = self._apply_block_changes(updates_d, copies_d)
         return StepInputs(
             input_ids=input_ids,
             positions=positions,
             attn=None,
             graph_rows=flat[: 5 * s].view(5, s),
-            slots=slots,
             sample_token_idx=sample_idx,
             sample_inverse=None,
             sample_all_in_order=True,
