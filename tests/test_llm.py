@@ -377,11 +377,12 @@ def test_step_log_has_one_line_per_step(tiny_model, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("executor", ["thread", "process"])
 def test_host_profile_records_the_engine_loop(tiny_model, tmp_path, monkeypatch, executor):
-    # KILN_HOST_PROFILE: the loop's cProfile statistics, written at shutdown, in the worker process too
+    # KILN_HOST_PROFILE: the loop's cProfile statistics, written at shutdown, in the worker process too,
+    # into a folder made for it (a missing one lost a whole run's profile)
     from kiln.executor.host_profile import ENV, report
 
     path = tiny_model("LlamaForCausalLM", tokenizer=True)
-    prof = tmp_path / "host.prof"
+    prof = tmp_path / "not" / "yet" / "host.prof"
     monkeypatch.setenv(ENV, str(prof))
     with _llm(path, executor=executor) as llm:
         out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))

@@ -34,6 +34,7 @@ def engine_loop_profile() -> Iterator[None]:
         yield
     finally:
         prof.disable()
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # the loop's end is no time to fail
         prof.dump_stats(path)
 
 
