@@ -337,6 +337,42 @@ def test_triton_backend_end_to_end(tiny_model, monkeypatch, linear, attention, p
         assert sdpa_calls == ([5, 7] if path_kind == "piecewise-split" else [5])
 
 
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+def test_sdpa_batches_fresh_prompts_of_one_length_end_to_end(tiny_model, monkeypatch):
+    """Two fresh prompts of one length (whole PAD_TOKENS, here made 8) in a step go to SDPA as one
+    batched call through the piecewise path; the next step's chunk after a cached prefix and a decode
+    row go to the Triton kernel. Every row's logits match transformers."""
+    pytest.importorskip("triton")
+    from kiln.plugins import sdpa_prefill
+
+    if not ON_GPU and tuple(int(p) for p in np.__version__.split(".")[:2]) >= (2, 4):
+        pytest.skip("Triton's interpreter needs numpy < 2.4")
+    monkeypatch.setattr(sdpa_prefill, "PAD_TOKENS", 8)
+    monkeypatch.setattr(sdpa_prefill, "MIN_SPLIT_WORK", 1)
+    calls: list[tuple[int, int]] = []
+    real = sdpa_prefill.fresh_prompt_attention
+    monkeypatch.setattr(sdpa_prefill, "fresh_prompt_attention",
+                        lambda q, *a: calls.append((a[-2], len(a[2]))) or real(q, *a))  # fmt: skip
+    path = tiny_model("Qwen3ForCausalLM", head_dim=32, num_hidden_layers=1)
+    ref = {0: reference(path, tuple(SEQ_A)), 1: reference(path, tuple(SEQ_B))}
+    plugins = PluginSet("forward", {"attention": "paged_attention_sdpa"})
+    device = "cuda" if ON_GPU else "cpu"
+    engine = ModelEngine(path, dtype="float32", device=device, limits=LIMITS, kv_config=KV, plugins=plugins)
+    use_piecewise(engine, [32])
+    a, b = SEQ_A, SEQ_B
+    steps = [
+        [Chunk(0, 1, 0, a[0:8]), Chunk(1, 2, 0, b[0:8])],
+        [Chunk(0, 1, 8, a[8:9], decode=True), Chunk(1, 2, 8, b[8:16])],
+    ]
+    builder = StepBuilder(BLOCK)
+    for chunks in steps:
+        out = engine.forward(builder.batch(chunks))
+        for row, c in enumerate(chunks):
+            expect = ref[c.seq_id][c.start + len(c.tokens) - 1]
+            torch.testing.assert_close(out.logits[row].cpu(), expect, atol=2e-4, rtol=2e-4)
+    assert calls == [(8, 2)]
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.integers(1, 512), st.integers(0, 16384), st.integers(2, 32768))
 def test_warm_up_shapes_stay_within_the_limits(max_batch, extra_tokens, max_len):

@@ -916,7 +916,7 @@ def test_sdpa_plugin_other_steps_take_the_paged_kernel(monkeypatch, seqs, window
 
 def _split_step(monkeypatch, seqs, min_work=1, extra=0, shape=(4, 2, 64, 16), dtype=torch.float32):
     """forward_into of paged_attention_sdpa with the step's FreshPrompts, against the reference;
-    -> the prompt lengths SDPA took and the sequence counts the Triton kernel saw."""
+    -> the SDPA calls (prompt length, prompts in the call) and the sequence counts the Triton kernel saw."""
     from kiln.engine.attention_metadata import FreshPrompts
     from kiln.plugins import sdpa_prefill
     from kiln.plugins.attention import PagedAttention
@@ -924,8 +924,8 @@ def _split_step(monkeypatch, seqs, min_work=1, extra=0, shape=(4, 2, 64, 16), dt
     monkeypatch.setattr(sdpa_prefill, "MIN_SPLIT_WORK", min_work)
     taken, paged = [], []
     real = sdpa_prefill.fresh_prompt_attention
-    monkeypatch.setattr(
-        sdpa_prefill, "fresh_prompt_attention", lambda q, *a: taken.append(a[-2]) or real(q, *a)
+    monkeypatch.setattr(  # a: k_cache, v_cache, block_tables (a row per prompt), length, scale
+        sdpa_prefill, "fresh_prompt_attention", lambda q, *a: taken.append((a[-2], len(a[2]))) or real(q, *a)
     )
     real_into = PagedAttention.forward_into
 
@@ -965,10 +965,32 @@ def test_sdpa_plugin_splits_off_trailing_fresh_prompts(monkeypatch):
     # to SDPA, all in one call; the last prompt's padding rows are copied (q ends with it)
     seqs = [(1, 17), (1, 33), (12, 40), (37, 37), (20, 20)]
     taken, paged = _split_step(monkeypatch, seqs)
-    assert taken == [37, 20] and paged == [3]
+    assert taken == [(37, 1), (20, 1)] and paged == [3]
     # only fresh prompts: no Triton launch at all; q rows to spare stand in as the last one's padding
     taken, paged = _split_step(monkeypatch, [(30, 30), (130, 130)], extra=200)
-    assert taken == [30, 130] and paged == []
+    assert taken == [(30, 1), (130, 1)] and paged == []
+
+
+@pytest.mark.parametrize("block_size", [16, 48])
+def test_sdpa_plugin_batches_fresh_prompts_of_one_length(monkeypatch, block_size):
+    # equal prompts of whole 128-token lengths go to SDPA together (one call, q rows read in place, the
+    # pages of all gathered at once); other lengths alone; a cache of NaN past the prompts (block 48: a
+    # prompt's last page runs past its 128 tokens) reaches no row
+    seqs = [(1, 40), (30, 90)] + [(128, 128)] * 3 + [(50, 50), (256, 256), (256, 256)]
+    taken, paged = _split_step(monkeypatch, seqs, shape=(4, 2, 64, block_size))
+    assert taken == [(128, 3), (50, 1), (256, 2)] and paged == [2]
+    taken, _ = _split_step(monkeypatch, [(128, 128)] * 8)
+    assert taken == [(128, 8)]
+
+
+def test_sdpa_runs():
+    from kiln.plugins.sdpa_prefill import sdpa_runs
+
+    # 8B rows (4,096 wide): 512 tokens and up are worth batching; 384 is not, nor 1,000 (not whole 128s);
+    # at most 8 a call
+    assert sdpa_runs((2048, 2048, 2048, 1700), 4096) == [(0, 3), (3, 1)]
+    assert sdpa_runs((384, 384, 1000, 1000), 4096) == [(0, 1), (1, 1), (2, 1), (3, 1)]
+    assert sdpa_runs((512,) * 9 + (1024, 1024), 4096) == [(0, 8), (8, 1), (9, 2)]
 
 
 def test_sdpa_plugin_leaves_many_or_short_fresh_prompts_to_the_paged_kernel(monkeypatch):
@@ -990,7 +1012,7 @@ def test_gpu_sdpa_split_bf16(monkeypatch):
     taken, paged = _split_step(
         monkeypatch, seqs, min_work=1 << 21, shape=(32, 8, 128, 32), dtype=torch.bfloat16
     )
-    assert taken == [2048, 2048, 900] and paged == [7]
+    assert taken == [(2048, 2), (900, 1)] and paged == [7]
 
 
 def test_sdpa_variants_follow_the_split(monkeypatch):
@@ -1008,7 +1030,7 @@ def test_sdpa_variants_follow_the_split(monkeypatch):
     assert eager_only(computed, new) == variants_of(computed, new) and eager_only([0], [3000]) == set()
 
 
-def test_sdpa_plugin_warm_up_runs_every_padded_length(monkeypatch):
+def test_sdpa_plugin_warm_up_runs_every_shape_a_step_gives_it(monkeypatch):
     from kiln.plugins import sdpa_prefill
 
     shapes = []
@@ -1022,13 +1044,23 @@ def test_sdpa_plugin_warm_up_runs_every_padded_length(monkeypatch):
         "causal_sdpa",
         lambda q, k, v, s: shapes.append((layout(q), layout(k))) or real(q, k, v, s),
     )
+    # each padded length alone; below the work floor (4 heads x 64 wide: 8,192 tokens) nothing batched
     assert sdpa_prefill.warm_up(4, 2, 64, 0.125, torch.float32, DEVICE, 300, 16) == 3
-    assert [(q[0], k[0]) for q, k in shapes] == [((n, 4, 64), (n, 2, 64)) for n in (128, 256, 384)]
+    assert [(q[0], k[0]) for q, k in shapes] == [((1, n, 4, 64), (1, n, 2, 64)) for n in (128, 256, 384)]
     # a prompt of 300 tokens then runs at a warmed-up shape, with the same strides (cuDNN's plan key)
     warmed = shapes[-1]
     shapes.clear()
     _check_sdpa_plugin(monkeypatch, [(300, 300)], 4, 2, 64, 16, torch.float32)
     assert shapes == [warmed]
+    # lengths the step batches: n of them at a time wherever n x length fits the step
+    monkeypatch.setattr(sdpa_prefill, "MIN_SPLIT_WORK", 1)
+    shapes.clear()
+    assert sdpa_prefill.warm_up(4, 2, 64, 0.125, torch.float32, DEVICE, 300, 16) == 4
+    assert [q[0][:2] for q, _ in shapes] == [(1, 128), (2, 128), (1, 256), (1, 384)]
+    warmed = shapes[1]
+    shapes.clear()  # two 128-token prompts after a decode row: one call, at the warmed-up strides
+    taken, _ = _split_step(monkeypatch, [(1, 9), (128, 128), (128, 128)])
+    assert taken == [(128, 2)] and shapes == [warmed]
 
 
 @gpu

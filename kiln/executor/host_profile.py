@@ -34,7 +34,8 @@ def engine_loop_profile() -> Iterator[None]:
         yield
     finally:
         prof.disable()
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # the loop's end is no time to fail
+        # the loop's end is no time to fail on a missing folder
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         prof.dump_stats(path)
 
 

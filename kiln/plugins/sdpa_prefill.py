@@ -10,8 +10,9 @@ such prompts (scripts/bench_attention.py, 2026-11-27). Two cases take it:
   48.4-48.6 to 46.8-47.6 ms on an H100 (benchmarks/RESULTS.md);
 - in ``forward_into`` (called eagerly, e.g. between piecewise graphs), a step whose trailing
   sequences are a few long fresh prompts (``sdpa_takes``), known from the step's host-side
-  ``FreshPrompts``: those go to SDPA one by one, the leading sequences (decode rows, chunks with a
-  cached prefix) to the Triton kernel as a smaller batch of the same layout.
+  ``FreshPrompts``: those go to SDPA, consecutive prompts of one length (in whole ``PAD_TOKENS``) in
+  one batched call (``sdpa_runs``), the others one by one; the leading sequences (decode rows, chunks
+  with a cached prefix) go to the Triton kernel as a smaller batch of the same layout.
 
 Everything else (a sliding window, many short prompts) goes to the Triton kernel, so the plugin keeps
 the ``attention`` kind's contract everywhere. The default attention plugin; ``paged_attention`` is
@@ -19,8 +20,9 @@ the Triton kernel alone.
 
 Shapes: cuDNN builds an execution plan per shape (and strides), so the prompt is padded to a
 multiple of ``PAD_TOKENS`` (a bounded set of plans). Padded keys sit after every real query, which
-the causal mask hides from them. The engine's start-up runs every padded length once (``warm_up``),
-on inputs laid out as a step's, so the plans exist before the first request.
+the causal mask hides from them. The engine's start-up runs every shape once (``warm_up``: each
+padded length alone, and n at a time for the lengths that are batched), on inputs laid out as a
+step's, so the plans exist before the first request.
 """
 
 from __future__ import annotations
@@ -60,38 +62,61 @@ def is_lone_fresh_prompt(q: torch.Tensor, seq_lens: torch.Tensor, max_query_len:
 
 
 def fresh_prompt_attention(
-    q: torch.Tensor,  # [T >= L, Hq, D] from the prompt's first row; rows past L are other tokens or padding
+    q: torch.Tensor,  # [T >= n x L, Hq, D] from the first prompt's first row; rows past them: others, padding
     k_cache: torch.Tensor,  # [num_blocks, page, Hkv, D]
     v_cache: torch.Tensor,
-    block_table: torch.Tensor,  # [max_blocks] int32: the sequence's row
-    length: int,  # L: the prompt's tokens, all new
+    block_tables: torch.Tensor,  # [n, max_blocks] int32: the prompts' rows
+    length: int,  # L: each prompt's tokens, all new
     scale: float,
 ) -> torch.Tensor:
-    """Causal attention of a prompt to itself through SDPA -> [L, Hq, D].
+    """Causal attention of ``n`` consecutive fresh prompts of ``length`` tokens each to themselves, in
+    one SDPA call -> [n, L, Hq, D]. Several only when L is a multiple of ``PAD_TOKENS`` (``sdpa_runs``).
 
-    Few copies: SDPA reads q where it lies (the rows after the prompt stand in as its padding queries;
-    copied only when q has too few of them) and K/V as the prompt's pages gathered in order (one
-    index_select each), both through strided [1, H, L, D] views. Keys past the prompt are zeroed:
-    only padding queries see them, but a stale NaN there would still reach real rows through P @ V."""
-    page = k_cache.shape[1]
+    Few copies: SDPA reads q where it lies (the rows after a lone prompt stand in as its padding queries;
+    copied only when q has too few of them) and K/V as the prompts' pages gathered in order (one
+    index_select each), both through strided [n, H, L, D] views. Keys past a prompt are zeroed: only
+    padding queries see them, but a stale NaN there would still reach real rows through P @ V."""
+    n, page = block_tables.shape[0], k_cache.shape[1]
     padded = padded_length(length)
-    if q.shape[0] >= padded:
-        qp = q[:padded]
+    assert n == 1 or padded == length, "prompts batched in one call need a length of whole PAD_TOKENS"
+    if q.shape[0] >= n * padded:
+        qp = q[: n * padded]
     else:
         qp = q.new_empty((padded, *q.shape[1:]))
         qp[:length] = q[:length]
         qp[length:].zero_()
-    own_pages = -(-length // page)
-    pages = block_table[:own_pages].long()
+    own_pages, pages_each = -(-length // page), -(-padded // page)
+    pages = block_tables[:, :own_pages]  # int32 indices: index_select takes them as they are
+    pages = pages[0] if n == 1 else pages.reshape(-1)
 
-    def gather(cache: torch.Tensor) -> torch.Tensor:  # [padded, Hkv, D]
-        buf = cache.new_empty((-(-padded // page), *cache.shape[1:]))
-        torch.index_select(cache, 0, pages, out=buf[:own_pages])
-        rows = buf.flatten(0, 1)
-        rows[length:].zero_()
-        return rows[:padded]
+    def gather(cache: torch.Tensor) -> torch.Tensor:  # [n, padded, Hkv, D]
+        buf = cache.new_empty((n, pages_each, *cache.shape[1:]))
+        # n > 1: every prompt fills its pages_each pages (padded == length), so one index_select
+        torch.index_select(cache, 0, pages, out=buf[0, :own_pages] if n == 1 else buf.flatten(0, 1))
+        rows = buf.flatten(1, 2)
+        rows[:, length:].zero_()
+        return rows[:, :padded]
 
-    return causal_sdpa(qp, gather(k_cache), gather(v_cache), scale)[:length]
+    return causal_sdpa(qp.unflatten(0, (n, padded)), gather(k_cache), gather(v_cache), scale)[:, :length]
+
+
+def sdpa_runs(lengths: tuple[int, ...], width: int) -> list[tuple[int, int]]:
+    """The SDPA calls for a step's fresh prompts: (first prompt, how many), in order, for query rows
+    ``width`` = heads x head dim wide. Consecutive prompts of one length L go as one batched call when
+    L is a multiple of ``PAD_TOKENS`` and each is long enough to be worth a call of its own
+    (``MIN_SPLIT_WORK``), at most ``MAX_SPLIT_PROMPTS`` a call: their q rows are then a [n, L, H, D]
+    view whose strides depend on L alone, so cuDNN's plans (one per shape and strides) stay a set
+    that start-up builds (``warm_up``). On an H100, four 2,048-token prompts took 263 us in one call
+    against ~85 us each alone (benchmarks/NOTES.md). Any other prompt is a call of its own."""
+    runs, i = [], 0
+    while i < len(lengths):
+        length, j = lengths[i], i + 1
+        if length % PAD_TOKENS == 0 and length * width >= MIN_SPLIT_WORK:
+            while j < len(lengths) and j - i < MAX_SPLIT_PROMPTS and lengths[j] == length:
+                j += 1
+        runs.append((i, j - i))
+        i = j
+    return runs
 
 
 def sdpa_takes(fresh: FreshPrompts, width: int) -> bool:
@@ -107,35 +132,44 @@ def sdpa_takes(fresh: FreshPrompts, width: int) -> bool:
 
 
 def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """One sequence, packed rows: q [L, Hq, D], k/v [L, Hkv, D] -> [L, Hq, D] contiguous; cuDNN first.
-    SDPA sees [1, H, L, D] views of the rows as they lie (cuDNN takes the strides)."""
+    """Prompts of one length, packed rows: q [n, L, Hq, D], k/v [n, L, Hkv, D] -> [n, L, Hq, D]
+    contiguous; cuDNN first. SDPA sees [n, H, L, D] views of the rows as they lie (cuDNN takes the
+    strides)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                 SDPBackend.MATH]  # fmt: skip
 
     def heads_first(t: torch.Tensor) -> torch.Tensor:
-        return t.unsqueeze(0).transpose(1, 2)
+        return t.transpose(1, 2)
 
     with sdpa_kernel(backends, set_priority=True):
         o = F.scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v), is_causal=True,
                                            scale=scale, enable_gqa=True)  # fmt: skip
     # a view when SDPA wrote rows in q's layout (cuDNN); a copy when it wrote heads first (the others)
-    return o.transpose(1, 2).reshape(q.shape).contiguous()
+    return o.transpose(1, 2).contiguous()
 
 
 def warm_up(num_heads: int, num_kv_heads: int, head_dim: int, scale: float, dtype: torch.dtype,
             device: torch.device, max_tokens: int, page: int) -> int:  # fmt: skip
-    """Run SDPA once at every padded length of a prompt of up to ``max_tokens`` tokens, on inputs laid
-    out as a step's (q rows, K/V gathered from pages), so cuDNN builds each plan at start-up rather
-    than in a request's step; returns how many lengths ran."""
-    lengths = range(PAD_TOKENS, padded_length(max_tokens) + 1, PAD_TOKENS)
-    for length in lengths:
-        q = torch.zeros(length, num_heads, head_dim, dtype=dtype, device=device)
-        pages = torch.zeros(-(-length // page), page, num_kv_heads, head_dim, dtype=dtype, device=device)
-        kv = pages.flatten(0, 1)[:length]
+    """Run SDPA once for every shape a step of up to ``max_tokens`` tokens can give it (each padded
+    length alone; the lengths ``sdpa_runs`` batches, n at a time for every n that fits), on inputs
+    laid out as a step's (q rows, K/V gathered from pages), so cuDNN builds each plan at start-up
+    rather than in a request's step; returns how many shapes ran."""
+    shapes = []
+    for length in range(PAD_TOKENS, padded_length(max_tokens) + 1, PAD_TOKENS):
+        batched = length * num_heads * head_dim >= MIN_SPLIT_WORK
+        shapes += [
+            (n, length)
+            for n in range(1, MAX_SPLIT_PROMPTS + 1)
+            if n == 1 or batched and n * length <= max_tokens
+        ]
+    for n, length in shapes:
+        q = torch.zeros(n * length, num_heads, head_dim, dtype=dtype, device=device).unflatten(0, (n, length))
+        pages = torch.zeros(n, -(-length // page), page, num_kv_heads, head_dim, dtype=dtype, device=device)
+        kv = pages.flatten(1, 2)[:, :length]
         causal_sdpa(q, kv, kv, scale)
-    return len(lengths)
+    return len(shapes)
 
 
 def without_fresh_prompts(
@@ -168,7 +202,7 @@ class PagedAttentionSdpa(PagedAttention):
     def forward(self, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                 max_query_len, max_seq_len, scale, sliding_window):  # fmt: skip
         if is_lone_fresh_prompt(q, seq_lens, max_query_len, max_seq_len, sliding_window):
-            rows = fresh_prompt_attention(q, k_cache, v_cache, block_tables[0], max_query_len, scale)
+            rows = fresh_prompt_attention(q, k_cache, v_cache, block_tables[:1], max_query_len, scale)[0]
             if q.shape[0] == max_query_len:
                 return rows
             out = torch.empty_like(q)  # padding rows past the prompt: left unwritten
@@ -195,6 +229,8 @@ class PagedAttentionSdpa(PagedAttention):
             super().forward_into(out[:t0], q[:t0], k_cache, v_cache, block_tables[:first], seq_lens[:first],
                                  query_start_loc[: first + 1], fresh.rest_max_query_len,
                                  fresh.rest_max_seq_len, scale, sliding_window)  # fmt: skip
-        for i, (start, length) in enumerate(zip(fresh.starts, fresh.lengths, strict=True)):
-            rows = fresh_prompt_attention(q[start:], k_cache, v_cache, block_tables[first + i], length, scale)
-            out[start : start + length].copy_(rows)
+        for i, n in sdpa_runs(fresh.lengths, q.shape[1] * q.shape[2]):
+            start, length = fresh.starts[i], fresh.lengths[i]
+            tables = block_tables[first + i : first + i + n]
+            rows = fresh_prompt_attention(q[start:], k_cache, v_cache, tables, length, scale)
+            out[start : start + n * length].unflatten(0, (n, length)).copy_(rows)
