@@ -31,6 +31,8 @@
 #               engine, in turns, VARIANT_MODELS at batch VARIANT_BATCH, context VARIANT_ISL (~1-2 min a model)
 #   hostprof    bs-1 latency of HOSTPROF_MODELS (default llama-3.2-1b) with the engine loop under cProfile
 #               (--host-profile): where a step's host time goes, printed by own and cumulative time (~1.5 min)
+#   pgemm       scripts/bench_prefill_gemm.py: a layer's projections on cuBLAS at mixed-step sizes (PGEMM_ROWS,
+#               default 8150 8192 8320 8448 8580 8712 rows): whether a token budget of whole waves pays (~1 min)
 #   mlp         scripts/bench_mlp_chunks.py: an 8,192-token step's gated MLP whole vs in token chunks (~1 min)
 #   attn        scripts/bench_attention.py: paged attention's prefill launch configurations swept on 8B heads
 #               (prefill, chunk and mixed steps), torch SDPA backends as peers (~2-3 min)
@@ -229,6 +231,13 @@ profile() {
   done
 }
 
+pgemm() {
+  note "prefill-sized projections on cuBLAS, llama-3.1-8b shapes"
+  timeout --kill-after=30 "$BENCH_TIMEOUT" "$PY" scripts/bench_prefill_gemm.py --preset llama-3.1-8b \
+    ${PGEMM_ROWS:+--rows $PGEMM_ROWS} --json "$OUT/prefill_gemm.json" 2>&1 | tee "$OUT/prefill_gemm.log"
+  printf 'prefill_gemm\t%s\tsee prefill_gemm.log\n' "${PIPESTATUS[0]}" >>"$STATUS_FILE"
+}
+
 gemm() {
   for m in ${GEMM_PRESETS-llama-3.2-1b llama-3.1-8b}; do
     note "skinny GEMM and GEMV vs cuBLAS, $m shapes"
@@ -414,8 +423,8 @@ groups=("$@")
 [ ${#groups[@]} -eq 0 ] && groups=(tests)
 for g in "${groups[@]}"; do
   case "$g" in
-    env | tiny | tests | smoke | profile | latency | throughput | workloads | ttft | nano | gemm | ab | variants | hostprof | mlp | attn | serve | all) ;;
-    *) echo "unknown group '$g'; use env, tiny, tests, smoke, profile, latency, throughput, workloads, ttft, nano, gemm, ab, variants, hostprof, mlp, attn, serve or all" >&2
+    env | tiny | tests | smoke | profile | latency | throughput | workloads | ttft | nano | gemm | pgemm | ab | variants | hostprof | mlp | attn | serve | all) ;;
+    *) echo "unknown group '$g'; use env, tiny, tests, smoke, profile, latency, throughput, workloads, ttft, nano, gemm, pgemm, ab, variants, hostprof, mlp, attn, serve or all" >&2
        exit 2 ;;
   esac
 done
@@ -433,6 +442,7 @@ for g in "${groups[@]}"; do
     ttft) ttft ;;
     nano) nano ;;
     gemm) gemm ;;
+    pgemm) pgemm ;;
     ab) ab ;;
     variants) variants ;;
     hostprof) hostprof ;;

@@ -1,0 +1,23 @@
+"""scripts/bench_prefill_gemm.py on the CPU: the script itself (its figures count only on a GPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_prefill_gemm_times_every_projection_at_every_row_count(tmp_path):
+    report = tmp_path / "gemm.json"
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_prefill_gemm.py"), "--preset", "tiny-llama",
+           "--device", "cpu", "--rows", "16", "48", "--iters", "2", "--json", str(report)]  # fmt: skip
+    done = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(report.read_text())["rows"]
+    assert [r["rows"] for r in rows] == [16, 48]
+    assert all(set(r["us"]) == {"qkv", "o", "gate_up", "down"} and r["tflops"] > 0 for r in rows)
