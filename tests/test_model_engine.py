@@ -541,8 +541,10 @@ def test_warm_up_builds_sdpa_plans_only_for_the_sdpa_attention(tiny_model, monke
     calls = []
     monkeypatch.setattr(sdpa_prefill, "warm_up", lambda *a: calls.append(a) or 1)
     path = tiny_model("Qwen3ForCausalLM", head_dim=32, num_hidden_layers=1)  # a head dim the kernel takes
-    make_engine(path).warm_up_steps()
-    assert calls == []
+    plain = make_engine(path)
+    assert plain.warm_up_seconds == 0.0
+    plain.warm_up_steps()
+    assert calls == [] and plain.warm_up_seconds > 0.0  # timed for the start-up summary
     make_engine(path, plugins=PluginSet("forward", {"attention": "paged_attention_sdpa"})).warm_up_steps()
     ((heads, kv_heads, head_dim, scale, dtype, _device, max_tokens, page),) = calls
     assert (heads, kv_heads, dtype, max_tokens, page) == (4, 2, torch.float32, LIMITS.max_num_tokens, BLOCK)

@@ -10,6 +10,7 @@ bounded slices).
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -111,6 +112,7 @@ class ModelEngine:
                 self.model, self.kv_spec, self.max_blocks_per_seq, strict=compile is not None
             )
         self.compile_seconds = self.compiled.seconds if self.compiled is not None else 0.0
+        self.warm_up_seconds = 0.0  # warm_up_steps: first-use steps and SDPA plans (GPU only)
         num_blocks = self._plan_num_blocks()
         self.kv_cache = KvCache(self.kv_spec, num_blocks, self.device)
         self.num_blocks = num_blocks
@@ -218,6 +220,7 @@ class ModelEngine:
     def warm_up_steps(self) -> None:
         """Run the steps of ``warm_up_shapes`` on the (still empty) KV pool, so their first-use work
         is done at start-up; the block-table rows they used are cleared afterwards."""
+        start = time.perf_counter()
         for computed, new in self.warm_up_shapes():
             batch, blocks = synthetic_batch(computed, new, self.tokens_per_block)
             if blocks <= self.num_blocks:
@@ -227,6 +230,7 @@ class ModelEngine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.block_table.zero_()
+        self.warm_up_seconds = time.perf_counter() - start
 
     def _warm_up_sdpa_plans(self) -> int:
         """paged_attention_sdpa: every padded prompt length's SDPA plan, built now (see its module);

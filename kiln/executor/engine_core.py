@@ -134,6 +134,7 @@ class EngineCore:
             "compile_seconds": float(self.engine.compile_seconds),
             "cuda_graph_capture_seconds": float(getattr(self.engine.graphs, "capture_seconds", 0.0))
             + float(getattr(self.engine.pieces, "capture_seconds", 0.0)),
+            "warm_up_seconds": float(self.engine.warm_up_seconds),
         }
 
     def add_request(self, req: Request) -> list[SequenceUpdate]:
