@@ -100,6 +100,11 @@ def fresh_prompt_attention(
     return causal_sdpa(qp.unflatten(0, (n, padded)), gather(k_cache), gather(v_cache), scale)[:, :length]
 
 
+def batchable(length: int, width: int) -> bool:
+    """Whether prompts of ``length`` tokens may share an SDPA call (see ``sdpa_runs``)."""
+    return length % PAD_TOKENS == 0 and length * width >= MIN_SPLIT_WORK
+
+
 def sdpa_runs(lengths: tuple[int, ...], width: int) -> list[tuple[int, int]]:
     """The SDPA calls for a step's fresh prompts: (first prompt, how many), in order, for query rows
     ``width`` = heads x head dim wide. Consecutive prompts of one length L go as one batched call when
@@ -111,7 +116,7 @@ def sdpa_runs(lengths: tuple[int, ...], width: int) -> list[tuple[int, int]]:
     runs, i = [], 0
     while i < len(lengths):
         length, j = lengths[i], i + 1
-        if length % PAD_TOKENS == 0 and length * width >= MIN_SPLIT_WORK:
+        if batchable(length, width):
             while j < len(lengths) and j - i < MAX_SPLIT_PROMPTS and lengths[j] == length:
                 j += 1
         runs.append((i, j - i))
@@ -158,7 +163,7 @@ def warm_up(num_heads: int, num_kv_heads: int, head_dim: int, scale: float, dtyp
     rather than in a request's step; returns how many shapes ran."""
     shapes = []
     for length in range(PAD_TOKENS, padded_length(max_tokens) + 1, PAD_TOKENS):
-        batched = length * num_heads * head_dim >= MIN_SPLIT_WORK
+        batched = batchable(length, num_heads * head_dim)
         shapes += [
             (n, length)
             for n in range(1, MAX_SPLIT_PROMPTS + 1)
