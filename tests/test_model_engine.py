@@ -294,7 +294,7 @@ def test_triton_backend_end_to_end(tiny_model, monkeypatch, linear, attention, p
     sdpa_calls: list[int] = []
     real_sdpa = sdpa_prefill.fresh_prompt_attention
     monkeypatch.setattr(sdpa_prefill, "fresh_prompt_attention",
-                        lambda q, *a: sdpa_calls.append(a[-2]) or real_sdpa(q, *a))  # fmt: skip
+                        lambda q, *a: sdpa_calls.append(a[3]) or real_sdpa(q, *a))  # fmt: skip
     if path_kind == "piecewise-split":
         monkeypatch.setattr(sdpa_prefill, "MIN_SPLIT_WORK", 1)
     if not ON_GPU and tuple(int(p) for p in np.__version__.split(".")[:2]) >= (2, 4):
@@ -338,9 +338,11 @@ def test_triton_backend_end_to_end(tiny_model, monkeypatch, linear, attention, p
 
 
 @pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
-def test_sdpa_batches_fresh_prompts_of_one_length_end_to_end(tiny_model, monkeypatch):
+@pytest.mark.parametrize("layout", ["in-place", "gathered"])
+def test_sdpa_batches_fresh_prompts_of_one_length_end_to_end(tiny_model, monkeypatch, layout):
     """Two fresh prompts of one length (whole PAD_TOKENS, here made 8) in a step go to SDPA as one
-    batched call through the piecewise path; the next step's chunk after a cached prefix and a decode
+    batched call through the piecewise path, their K/V read where they lie when their blocks are one
+    run of ids ("in-place"), else gathered; the next step's chunk after a cached prefix and a decode
     row go to the Triton kernel. Every row's logits match transformers."""
     pytest.importorskip("triton")
     from kiln.plugins import sdpa_prefill
@@ -349,10 +351,10 @@ def test_sdpa_batches_fresh_prompts_of_one_length_end_to_end(tiny_model, monkeyp
         pytest.skip("Triton's interpreter needs numpy < 2.4")
     monkeypatch.setattr(sdpa_prefill, "PAD_TOKENS", 8)
     monkeypatch.setattr(sdpa_prefill, "MIN_SPLIT_WORK", 1)
-    calls: list[tuple[int, int]] = []
+    calls: list[tuple[int, int, int]] = []  # length, prompts, first block read in place (-1: gathered)
     real = sdpa_prefill.fresh_prompt_attention
     monkeypatch.setattr(sdpa_prefill, "fresh_prompt_attention",
-                        lambda q, *a: calls.append((a[-2], len(a[2]))) or real(q, *a))  # fmt: skip
+                        lambda q, *a: calls.append((a[3], len(a[2]), a[5])) or real(q, *a))  # fmt: skip
     path = tiny_model("Qwen3ForCausalLM", head_dim=32, num_hidden_layers=1)
     ref = {0: reference(path, tuple(SEQ_A)), 1: reference(path, tuple(SEQ_B))}
     plugins = PluginSet("forward", {"attention": "paged_attention_sdpa"})
@@ -365,12 +367,21 @@ def test_sdpa_batches_fresh_prompts_of_one_length_end_to_end(tiny_model, monkeyp
         [Chunk(0, 1, 8, a[8:9], decode=True), Chunk(1, 2, 8, b[8:16])],
     ]
     builder = StepBuilder(BLOCK)
+    if layout == "gathered":  # a block left out after each allocation: B's page does not follow A's
+        allocate = builder.allocate
+
+        def spaced(slot: int, num_tokens: int) -> list[tuple[int, int, int]]:
+            updates = allocate(slot, num_tokens)
+            builder.next_block += 1
+            return updates
+
+        monkeypatch.setattr(builder, "allocate", spaced)
     for chunks in steps:
         out = engine.forward(builder.batch(chunks))
         for row, c in enumerate(chunks):
             expect = ref[c.seq_id][c.start + len(c.tokens) - 1]
             torch.testing.assert_close(out.logits[row].cpu(), expect, atol=2e-4, rtol=2e-4)
-    assert calls == [(8, 2)]
+    assert calls == [(8, 2, 1 if layout == "in-place" else -1)]
 
 
 @settings(max_examples=200, deadline=None)

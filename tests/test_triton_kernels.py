@@ -475,13 +475,18 @@ def test_decode_inputs_kernel_matches_the_torch_ops(max_blocks, tpb):
 # ----------------------------------------------------------------------------- paged attention
 
 
-def _paged_batch(seqs, num_q_heads, num_kv_heads, head_dim, block_size, dtype, extra_tokens=0):
-    """seqs: [(q_len, kv_len)] in packed order. Builds shuffled block tables over a NaN-filled
-    cache (only the first kv_len positions of each sequence hold data, so any read past them, or of
-    another sequence's blocks, poisons the result) and returns the attention arguments."""
+def _paged_batch(
+    seqs, num_q_heads, num_kv_heads, head_dim, block_size, dtype, extra_tokens=0, in_order=False
+):
+    """seqs: [(q_len, kv_len)] in packed order. Builds shuffled block tables (``in_order``: the ids
+    1, 2, ... in packed order) over a NaN-filled cache (only the first kv_len positions of each
+    sequence hold data, so any read past them, or of another sequence's blocks, poisons the result)
+    and returns the attention arguments."""
     need = [-(-kv // block_size) for _, kv in seqs]
     num_blocks = sum(need) + 2
-    perm = torch.randperm(num_blocks, device=DEVICE).to(torch.int32)
+    perm = torch.arange(1, num_blocks + 1) if in_order else torch.randperm(num_blocks)
+    perm = perm.to(device=DEVICE, dtype=torch.int32)
+    num_blocks += in_order  # the last id in order
     # unused table entries point far out of the cache: a kernel that reads them faults or fails
     tables = torch.full((len(seqs), max(need) + 2), 1 << 30, dtype=torch.int32, device=DEVICE)
     k_cache = torch.full((num_blocks, block_size, num_kv_heads, head_dim), float("nan"), dtype=dtype,
@@ -914,18 +919,23 @@ def test_sdpa_plugin_other_steps_take_the_paged_kernel(monkeypatch, seqs, window
     assert _check_sdpa_plugin(monkeypatch, seqs, 4, 2, 64, 16, torch.float32, window=window) == 0
 
 
-def _split_step(monkeypatch, seqs, min_work=1, extra=0, shape=(4, 2, 64, 16), dtype=torch.float32):
+def _split_step(monkeypatch, seqs, min_work=1, extra=0, shape=(4, 2, 64, 16), dtype=torch.float32,
+                in_order=False, in_place=None):  # fmt: skip
     """forward_into of paged_attention_sdpa with the step's FreshPrompts, against the reference;
-    -> the SDPA calls (prompt length, prompts in the call) and the sequence counts the Triton kernel saw."""
+    -> the SDPA calls (prompt length, prompts in the call) and the sequence counts the Triton kernel saw.
+    ``in_order``: blocks given in packed order, and the step's block updates tell FreshPrompts so;
+    ``in_place`` (a list) collects each call's first block read in place (-1: gathered)."""
     from kiln.engine.attention_metadata import FreshPrompts
     from kiln.plugins import sdpa_prefill
     from kiln.plugins.attention import PagedAttention
 
     monkeypatch.setattr(sdpa_prefill, "MIN_SPLIT_WORK", min_work)
-    taken, paged = [], []
+    taken, paged, seen = [], [], in_place if in_place is not None else []
     real = sdpa_prefill.fresh_prompt_attention
-    monkeypatch.setattr(  # a: k_cache, v_cache, block_tables (a row per prompt), length, scale
-        sdpa_prefill, "fresh_prompt_attention", lambda q, *a: taken.append((a[-2], len(a[2]))) or real(q, *a)
+    monkeypatch.setattr(  # a: k_cache, v_cache, block_tables (a row per prompt), length, scale[, first block]
+        sdpa_prefill,
+        "fresh_prompt_attention",
+        lambda q, *a: taken.append((a[3], len(a[2]))) or seen.append(a[5]) or real(q, *a),
     )
     real_into = PagedAttention.forward_into
 
@@ -934,11 +944,16 @@ def _split_step(monkeypatch, seqs, min_work=1, extra=0, shape=(4, 2, 64, 16), dt
         real_into(self, out, q, k_cache, v_cache, block_tables, seq_lens, *rest)
 
     monkeypatch.setattr(PagedAttention, "forward_into", counted_into)
-    args = _paged_batch(seqs, *shape, dtype, extra_tokens=extra)
+    args = _paged_batch(seqs, *shape, dtype, extra_tokens=extra, in_order=in_order)
     computed = np.array([kv - q for q, kv in seqs])
     new = np.array([q for q, _ in seqs])
     num_decode = next((i for i, (q, kv) in enumerate(seqs) if q != 1 or kv == 1), len(seqs))
-    fresh = FreshPrompts.of_step(computed, new, num_decode)
+    block = shape[3]
+    tables = args[3].cpu().numpy()
+    updates = np.array(
+        [(s, j, tables[s, j]) for s, (_, kv) in enumerate(seqs) for j in range(-(-kv // block))]
+    )
+    fresh = FreshPrompts.of_step(computed, new, num_decode, np.arange(len(seqs)), updates, block)
     out = torch.full_like(args[0], float("nan"))
     get_plugin("paged_attention_sdpa").into_impl(out, *args, 0, fresh_prompts=fresh)
     n = int(new.sum())
@@ -983,6 +998,44 @@ def test_sdpa_plugin_batches_fresh_prompts_of_one_length(monkeypatch, block_size
     assert taken == [(128, 8)]
 
 
+def test_sdpa_plugin_reads_fresh_prompts_in_place_when_their_blocks_run_in_order(monkeypatch):
+    # blocks given in packed order: equal prompts of whole pages and whole PAD_TOKENS are read where they
+    # lie, one view for the run; a prompt with padding keys (50) or a run whose blocks do not follow is
+    # gathered. The NaN-filled cache past the prompts makes any wrong row show.
+    seqs = [(1, 40), (30, 90)] + [(128, 128)] * 3 + [(50, 50), (256, 256)]
+    seen: list[int] = []
+    taken, paged = _split_step(monkeypatch, seqs, in_order=True, in_place=seen)
+    assert taken == [(128, 3), (50, 1), (256, 1)] and paged == [2]
+    first = 1 + sum(-(-kv // 16) for _, kv in seqs[:2])  # the first fresh prompt's block
+    assert seen == [first, -1, first + 3 * 8 + 4]
+    monkeypatch.undo()
+    shuffled: list[int] = []
+    _split_step(monkeypatch, seqs, in_place=shuffled)  # shuffled blocks: all gathered
+    assert shuffled == [-1, -1, -1]
+
+
+def test_in_place_block():
+    from kiln.plugins.sdpa_prefill import in_place_block
+
+    blocks = (5, 9, 13, 40)
+    assert in_place_block(blocks, 0, 3, 128, 32) == 5  # 4 pages each, in a row
+    assert in_place_block(blocks, 1, 3, 128, 32) == -1  # 13 -> 40 breaks the run
+    assert in_place_block(blocks, 3, 1, 128, 32) == 40
+    assert in_place_block(blocks, 0, 1, 100, 32) == -1  # padding keys past the prompt: gathered
+    assert in_place_block(blocks, 0, 1, 128, 48) == -1  # not whole pages
+    assert in_place_block((), 0, 1, 128, 32) == -1 and in_place_block((-1,), 0, 1, 128, 32) == -1
+
+
+def test_consecutive_first_blocks():
+    from kiln.engine.attention_metadata import consecutive_first_blocks
+
+    # slot 3: blocks 7, 8, 9 at indices 0-2; slot 5: 20, 22 (a gap); slot 6: index 0 missing this step
+    updates = np.array([(3, 0, 7), (3, 1, 8), (3, 2, 9), (5, 0, 20), (5, 1, 22), (6, 1, 30), (8, 0, 10)])
+    got = consecutive_first_blocks(np.array([3, 5, 6, 8, 3]), np.array([3, 2, 1, 2, 2]), updates)
+    assert got == (7, -1, -1, -1, 7)  # slot 8 has one block of the two it needs
+    assert consecutive_first_blocks(np.array([1]), np.array([1]), np.zeros((0, 3))) == (-1,)
+
+
 def test_sdpa_runs():
     from kiln.plugins.sdpa_prefill import sdpa_runs
 
@@ -1005,14 +1058,18 @@ def test_sdpa_plugin_leaves_many_or_short_fresh_prompts_to_the_paged_kernel(monk
 
 @gpu
 @pytest.mark.gpu
-def test_gpu_sdpa_split_bf16(monkeypatch):
+@pytest.mark.parametrize("in_order", [False, True], ids=["gathered", "in-place"])
+def test_gpu_sdpa_split_bf16(monkeypatch, in_order):
     # a 2048/128-like mixed step at Llama-3.1-8B's shapes: decodes at ~2k, a chunk after its prefix,
-    # two whole prompts and a partial one, with the default work floor
+    # two whole prompts (one cuDNN call; with blocks in order, K/V read where they lie) and a partial one,
+    # with the default work floor
     seqs = [(1, 2100)] * 6 + [(700, 1500), (2048, 2048), (2048, 2048), (900, 900)]
-    taken, paged = _split_step(
-        monkeypatch, seqs, min_work=1 << 21, shape=(32, 8, 128, 32), dtype=torch.bfloat16
-    )
+    seen: list[int] = []
+    shape, bf16 = (32, 8, 128, 32), torch.bfloat16
+    taken, paged = _split_step(monkeypatch, seqs, min_work=1 << 21, shape=shape, dtype=bf16,
+                               in_order=in_order, in_place=seen)  # fmt: skip
     assert taken == [(2048, 2), (900, 1)] and paged == [7]
+    assert (seen[0] > 0) == in_order and seen[1] == -1
 
 
 def test_sdpa_variants_follow_the_split(monkeypatch):
@@ -1058,9 +1115,12 @@ def test_sdpa_plugin_warm_up_runs_every_shape_a_step_gives_it(monkeypatch):
     assert sdpa_prefill.warm_up(4, 2, 64, 0.125, torch.float32, DEVICE, 300, 16) == 4
     assert [q[0][:2] for q, _ in shapes] == [(1, 128), (2, 128), (1, 256), (1, 384)]
     warmed = shapes[1]
-    shapes.clear()  # two 128-token prompts after a decode row: one call, at the warmed-up strides
+    shapes.clear()  # two 128-token prompts after a decode row: one call, at the warmed-up strides,
     taken, _ = _split_step(monkeypatch, [(1, 9), (128, 128), (128, 128)])
     assert taken == [(128, 2)] and shapes == [warmed]
+    shapes.clear()  # and so when their K/V are read in place
+    _split_step(monkeypatch, [(1, 9), (128, 128), (128, 128)], in_order=True, in_place=(seen := []))
+    assert seen[-1] > 0 and shapes == [warmed]
 
 
 @gpu

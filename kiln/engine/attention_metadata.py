@@ -20,10 +20,23 @@ class FreshPrompts:
     lengths: tuple[int, ...]  # and its token count
     rest_max_query_len: int  # max_query_len / max_seq_len of the leading sequences (0 if none)
     rest_max_seq_len: int
+    # each fresh sequence's first KV block when its pages are the ids b, b+1, ... in order, else -1
+    # (its K/V then lie in the cache as one run of rows); () when the step did not say
+    first_blocks: tuple[int, ...] = ()
 
     @staticmethod
-    def of_step(num_computed: np.ndarray, num_new: np.ndarray, num_decode: int) -> FreshPrompts | None:
-        """The trailing fresh run of a step's sequences (decode rows are never part of it), or None."""
+    def of_step(
+        num_computed: np.ndarray,
+        num_new: np.ndarray,
+        num_decode: int,
+        slots: np.ndarray | None = None,
+        block_updates: np.ndarray | None = None,
+        tokens_per_block: int = 0,
+    ) -> FreshPrompts | None:
+        """The trailing fresh run of a step's sequences (decode rows are never part of it), or None.
+        With the step's ``slots`` and ``block_updates`` ([k, 3]: slot | block index | block id, the
+        blocks given this step: a fresh sequence's every block is among them) it also finds each fresh
+        sequence's ``first_blocks``."""
         fresh = num_computed == 0
         fresh[:num_decode] = False
         if not fresh.size or not fresh[-1]:
@@ -31,13 +44,41 @@ class FreshPrompts:
         first = int(fresh.size - np.argmin(fresh[::-1])) if not fresh.all() else 0
         starts = np.cumsum(num_new) - num_new
         rest_len = num_computed[:first] + num_new[:first]
+        first_blocks: tuple[int, ...] = ()
+        if slots is not None and block_updates is not None and tokens_per_block:
+            pages = -(-num_new[first:] // tokens_per_block)
+            first_blocks = consecutive_first_blocks(slots[first:], pages, block_updates)
         return FreshPrompts(
             first_seq=first,
             starts=tuple(starts[first:].tolist()),
             lengths=tuple(num_new[first:].tolist()),
             rest_max_query_len=int(num_new[:first].max()) if first else 0,
             rest_max_seq_len=int(rest_len.max()) if first else 0,
+            first_blocks=first_blocks,
         )
+
+
+def consecutive_first_blocks(
+    slots: np.ndarray, num_pages: np.ndarray, updates: np.ndarray
+) -> tuple[int, ...]:
+    """For each sequence (its slot, how many pages it uses): the block id b when ``updates`` ([k, 3]:
+    slot | block index | block id) give it blocks b, b+1, ..., b+n-1 at indices 0..n-1 in consecutive
+    rows, else -1. One pass over the updates, whatever the number of sequences."""
+    upd = np.asarray(updates, dtype=np.int64).reshape(-1, 3)
+    if not upd.shape[0]:
+        return (-1,) * len(slots)
+    slot, index, block = upd[:, 0], upd[:, 1], upd[:, 2]
+    follows = np.zeros(upd.shape[0], dtype=bool)  # row r continues row r - 1's run
+    follows[1:] = (slot[1:] == slot[:-1]) & (index[1:] == index[:-1] + 1) & (block[1:] == block[:-1] + 1)
+    run = np.cumsum(~follows) - 1
+    run_last = np.flatnonzero(np.append(~follows[1:], True))  # each run's last row
+    rows_left = run_last[run] - np.arange(upd.shape[0]) + 1  # rows from r to its run's end
+    start_row = {int(slot[r]): int(r) for r in np.flatnonzero(index == 0)}
+    out = []
+    for s, n in zip(slots.tolist(), num_pages.tolist(), strict=True):
+        r = start_row.get(s)
+        out.append(int(block[r]) if r is not None and rows_left[r] >= n else -1)
+    return tuple(out)
 
 
 @dataclass

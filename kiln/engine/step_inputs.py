@@ -166,7 +166,9 @@ class StepInputBuilder:
                 max_seq_len=int(seq_lens.max()) if num_seqs else 0,
                 num_decode_seqs=int(batch.num_decode),
                 num_decode_tokens=int(batch.num_decode),
-                fresh_prompts=FreshPrompts.of_step(num_computed, num_new, int(batch.num_decode)),
+                fresh_prompts=FreshPrompts.of_step(
+                    num_computed, num_new, int(batch.num_decode), slots, updates, tpb
+                ),
             )
         return StepInputs(
             input_ids=input_ids,

@@ -11,8 +11,9 @@ such prompts (scripts/bench_attention.py, 2026-11-27). Two cases take it:
 - in ``forward_into`` (called eagerly, e.g. between piecewise graphs), a step whose trailing
   sequences are a few long fresh prompts (``sdpa_takes``), known from the step's host-side
   ``FreshPrompts``: those go to SDPA, consecutive prompts of one length (in whole ``PAD_TOKENS``) in
-  one batched call (``sdpa_runs``), the others one by one; the leading sequences (decode rows, chunks
-  with a cached prefix) go to the Triton kernel as a smaller batch of the same layout.
+  one batched call (``sdpa_runs``), the others one by one, their K/V read in place when their pages
+  are one run of blocks (``in_place_block``); the leading sequences (decode rows, chunks with a
+  cached prefix) go to the Triton kernel as a smaller batch of the same layout.
 
 Everything else (a sliding window, many short prompts) goes to the Triton kernel, so the plugin keeps
 the ``attention`` kind's contract everywhere. The default attention plugin; ``paged_attention`` is
@@ -68,6 +69,7 @@ def fresh_prompt_attention(
     block_tables: torch.Tensor,  # [n, max_blocks] int32: the prompts' rows
     length: int,  # L: each prompt's tokens, all new
     scale: float,
+    first_block: int = -1,  # >= 0: the prompts' pages are the blocks first_block, first_block + 1, ...
 ) -> torch.Tensor:
     """Causal attention of ``n`` consecutive fresh prompts of ``length`` tokens each to themselves, in
     one SDPA call -> [n, L, Hq, D]. Several only when L is a multiple of ``PAD_TOKENS`` (``sdpa_runs``).
@@ -75,7 +77,9 @@ def fresh_prompt_attention(
     Few copies: SDPA reads q where it lies (the rows after a lone prompt stand in as its padding queries;
     copied only when q has too few of them) and K/V as the prompts' pages gathered in order (one
     index_select each), both through strided [n, H, L, D] views. Keys past a prompt are zeroed: only
-    padding queries see them, but a stale NaN there would still reach real rows through P @ V."""
+    padding queries see them, but a stale NaN there would still reach real rows through P @ V.
+    With ``first_block`` (``in_place_block``: L in whole pages and whole ``PAD_TOKENS``, so no key
+    past a prompt is read) K/V are read where they lie too, as the same [n, L, Hkv, D] layout."""
     n, page = block_tables.shape[0], k_cache.shape[1]
     padded = padded_length(length)
     assert n == 1 or padded == length, "prompts batched in one call need a length of whole PAD_TOKENS"
@@ -90,6 +94,8 @@ def fresh_prompt_attention(
     pages = pages[0] if n == 1 else pages.reshape(-1)
 
     def gather(cache: torch.Tensor) -> torch.Tensor:  # [n, padded, Hkv, D]
+        if first_block >= 0:  # strides as the gathered buffer's below: the same cuDNN plan
+            return cache[first_block : first_block + n * pages_each].view(n, padded, *cache.shape[2:])
         buf = cache.new_empty((n, pages_each, *cache.shape[1:]))
         # n > 1: every prompt fills its pages_each pages (padded == length), so one index_select
         torch.index_select(cache, 0, pages, out=buf[0, :own_pages] if n == 1 else buf.flatten(0, 1))
@@ -98,6 +104,18 @@ def fresh_prompt_attention(
         return rows[:, :padded]
 
     return causal_sdpa(qp.unflatten(0, (n, padded)), gather(k_cache), gather(v_cache), scale)[:, :length]
+
+
+def in_place_block(first_blocks: tuple[int, ...], i: int, n: int, length: int, page: int) -> int:
+    """The first KV block of prompts ``i .. i + n - 1`` (``FreshPrompts.first_blocks``) when their K/V
+    can be read where they lie: each of ``length`` tokens in whole pages and whole ``PAD_TOKENS`` (no
+    padding key to zero), their pages one run of block ids; else -1 (gathered)."""
+    if not first_blocks or length % page or length != padded_length(length):
+        return -1
+    first, pages = first_blocks[i], length // page
+    if first < 0 or any(first_blocks[i + j] != first + j * pages for j in range(1, n)):
+        return -1
+    return first
 
 
 def batchable(length: int, width: int) -> bool:
@@ -237,5 +255,6 @@ class PagedAttentionSdpa(PagedAttention):
         for i, n in sdpa_runs(fresh.lengths, q.shape[1] * q.shape[2]):
             start, length = fresh.starts[i], fresh.lengths[i]
             tables = block_tables[first + i : first + i + n]
-            rows = fresh_prompt_attention(q[start:], k_cache, v_cache, tables, length, scale)
+            in_place = in_place_block(fresh.first_blocks, i, n, length, k_cache.shape[1])
+            rows = fresh_prompt_attention(q[start:], k_cache, v_cache, tables, length, scale, in_place)
             out[start : start + n * length].unflatten(0, (n, length)).copy_(rows)
