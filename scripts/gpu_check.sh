@@ -38,7 +38,7 @@
 #               (prefill, chunk and mixed steps), torch SDPA backends as peers (~2-3 min)
 #   serve       `kiln serve` llama-3.1-8b + `kiln bench serve` ISL/OSL 1024, Poisson rates 2 4 6 (~5-7 min;
 #               SERVE_MODEL, SERVE_ISL, SERVE_OSL, SERVE_RATES, SERVE_REQUESTS change it);
-#               the server's packages come as wheels in .whl/ (see docs/benchmarks.md) when not installed
+#               the server's packages come as wheels in .whl/ (see benchmarks/README.md) when not installed
 #   all         every group above, in that order (longer than one call: use it on a long lease)
 #
 # Reports go to $OUT (./out when unset): one JSON and one log per benchmark, pytest's log, and
