@@ -286,8 +286,10 @@ def test_triton_backend_end_to_end(tiny_model, monkeypatch, linear, attention, p
     """The same paged schedule through the Triton plugins: compiled on a GPU, else Triton's interpreter.
     (The schedule starts with a lone fresh prompt: paged_attention_sdpa's SDPA path.) "piecewise": the
     attention writes straight into the pieces' static output rows (its plugin's forward_into).
-    "piecewise-split": with no work floor on the fresh prompts SDPA takes, the second step's fresh
-    prompt B goes to SDPA while A's chunk (a cached prefix) goes to the Triton kernel, in one call."""
+    "piecewise-split": with no work floor on the fresh prompts SDPA takes, chunks with nothing or little
+    cached go to SDPA (the second step's A chunk after 5 cached tokens and B's first; the third step's B
+    chunk after 7) while A's third chunk (12 cached, more than 1.25x its 7) goes to the Triton kernel
+    with the decode row, in one call."""
     pytest.importorskip("triton")
     from kiln.plugins import sdpa_prefill
 
@@ -333,8 +335,8 @@ def test_triton_backend_end_to_end(tiny_model, monkeypatch, linear, attention, p
         assert gemv_prologues[-45:] == ([0, 0, 1, 2] + [1, 0, 1, 2] + [0]) * 5
     else:
         assert set(gemv_prologues) <= {0}
-    if attention == "paged_attention_sdpa":  # prompt lengths SDPA took: A's first chunk, then B's
-        assert sdpa_calls == ([5, 7] if path_kind == "piecewise-split" else [5])
+    if attention == "paged_attention_sdpa":  # keys of each SDPA call: A's first chunk, then as above
+        assert sdpa_calls == ([5, 12, 7, 16] if path_kind == "piecewise-split" else [5])
 
 
 @pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
@@ -342,8 +344,8 @@ def test_triton_backend_end_to_end(tiny_model, monkeypatch, linear, attention, p
 def test_sdpa_batches_fresh_prompts_of_one_length_end_to_end(tiny_model, monkeypatch, layout):
     """Two fresh prompts of one length (whole PAD_TOKENS, here made 8) in a step go to SDPA as one
     batched call through the piecewise path, their K/V read where they lie when their blocks are one
-    run of ids ("in-place"), else gathered; the next step's chunk after a cached prefix and a decode
-    row go to the Triton kernel. Every row's logits match transformers."""
+    run of ids ("in-place"), else gathered; in the next step B's chunk (its prefix and chunk more than
+    the step's tokens) and A's decode row go to the Triton kernel. Every row's logits match transformers."""
     pytest.importorskip("triton")
     from kiln.plugins import sdpa_prefill
 

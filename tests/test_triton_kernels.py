@@ -967,12 +967,20 @@ def test_fresh_prompts_of_a_step():
     # decodes, a chunk with a cached prefix, then two fresh prompts: the trailing run is the last two
     f = FreshPrompts.of_step(np.array([16, 7, 30, 0, 0]), np.array([1, 1, 12, 40, 9]), 2)
     assert f == FreshPrompts(first_seq=3, starts=(14, 54), lengths=(40, 9), rest_max_query_len=12,
-                             rest_max_seq_len=42)  # fmt: skip
-    # a fresh prompt before a chunk with a prefix is not trailing; decode rows never count
+                             rest_max_seq_len=42, prefixes=(0, 0))  # fmt: skip
+    # a fresh prompt before a chunk with a long prefix is not trailing; decode rows never count
     assert FreshPrompts.of_step(np.array([0, 5]), np.array([8, 3]), 0) is None
     assert FreshPrompts.of_step(np.array([0, 0]), np.array([1, 1]), 2) is None
     every = FreshPrompts.of_step(np.array([0, 0]), np.array([5, 6]), 0)
-    assert every == FreshPrompts(0, (0, 5), (5, 6), 0, 0)
+    assert every == FreshPrompts(0, (0, 5), (5, 6), 0, 0, prefixes=(0, 0))
+    # a chunk after a short cached prefix (at most 1.25x the chunk) joins the run: 10 after 12 does
+    short = FreshPrompts.of_step(np.array([16, 12, 0]), np.array([1, 10, 12]), 1)
+    assert short == FreshPrompts(1, (1, 11), (10, 12), 1, 17, prefixes=(12, 0))
+    assert FreshPrompts.of_step(np.array([16, 13, 0]), np.array([1, 10, 12]), 1).first_seq == 2
+    # a one-token row after one cached token is never taken (it may be a decode row)
+    assert FreshPrompts.of_step(np.array([1, 0]), np.array([1, 9]), 0).first_seq == 1
+    # prefix + chunk past the step's 16 tokens (a shape start-up did not build): the paged kernel
+    assert FreshPrompts.of_step(np.array([16, 8, 0]), np.array([1, 10, 5]), 1).first_seq == 2
 
 
 def test_sdpa_plugin_splits_off_trailing_fresh_prompts(monkeypatch):
@@ -1046,6 +1054,20 @@ def test_sdpa_runs():
     assert sdpa_runs((512,) * 9 + (1024, 1024), 4096) == [(0, 8), (8, 1), (9, 2)]
 
 
+def test_sdpa_plugin_takes_chunks_after_a_short_prefix(monkeypatch):
+    # a chunk of 40 after 36 cached tokens: SDPA over all 76 keys, the 36 q rows before the chunk (decode
+    # rows' queries) standing in for the prefix's; the fresh prompts after it as before
+    seqs = [(1, 9)] * 40 + [(40, 76), (128, 128), (128, 128)]
+    taken, paged = _split_step(monkeypatch, seqs)
+    assert taken == [(76, 1), (128, 2)] and paged == [40]
+    # nothing before the chunk to stand in: its queries are copied after zero rows
+    taken, paged = _split_step(monkeypatch, [(40, 50), (30, 30)])
+    assert taken == [(50, 1), (30, 1)] and paged == []
+    # a prefix longer than 1.25x the chunk: the paged kernel, with the decode rows
+    taken, paged = _split_step(monkeypatch, [(1, 9), (40, 91), (30, 30)])
+    assert taken == [(30, 1)] and paged == [2]
+
+
 def test_sdpa_plugin_leaves_many_or_short_fresh_prompts_to_the_paged_kernel(monkeypatch):
     # the default work floor (here 4 heads x 64 wide: 8,192 tokens a prompt on average) and the count
     # cap (8): one Triton call for all
@@ -1060,16 +1082,16 @@ def test_sdpa_plugin_leaves_many_or_short_fresh_prompts_to_the_paged_kernel(monk
 @pytest.mark.gpu
 @pytest.mark.parametrize("in_order", [False, True], ids=["gathered", "in-place"])
 def test_gpu_sdpa_split_bf16(monkeypatch, in_order):
-    # a 2048/128-like mixed step at Llama-3.1-8B's shapes: decodes at ~2k, a chunk after its prefix,
-    # two whole prompts (one cuDNN call; with blocks in order, K/V read where they lie) and a partial one,
-    # with the default work floor
+    # a 2048/128-like mixed step at Llama-3.1-8B's shapes: decodes at ~2k, a chunk of 700 after 800
+    # cached (SDPA over all 1,500 keys), two whole prompts (one cuDNN call; with blocks in order, K/V read
+    # where they lie) and a partial one, with the default work floor
     seqs = [(1, 2100)] * 6 + [(700, 1500), (2048, 2048), (2048, 2048), (900, 900)]
     seen: list[int] = []
     shape, bf16 = (32, 8, 128, 32), torch.bfloat16
     taken, paged = _split_step(monkeypatch, seqs, min_work=1 << 21, shape=shape, dtype=bf16,
                                in_order=in_order, in_place=seen)  # fmt: skip
-    assert taken == [(2048, 2), (900, 1)] and paged == [7]
-    assert (seen[0] > 0) == in_order and seen[1] == -1
+    assert taken == [(1500, 1), (2048, 2), (900, 1)] and paged == [6]
+    assert seen[0] == -1 and (seen[1] > 0) == in_order and seen[2] == -1
 
 
 def test_sdpa_variants_follow_the_split(monkeypatch):

@@ -7,13 +7,20 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+# A context chunk of c tokens after a cached prefix of p is plain causal attention over the p + c rows
+# once the prefix rows stand in as queries whose outputs are dropped: (p + c)^2 / 2 of work against the
+# c * p + c^2 / 2 needed, at most 1.45x for p <= 1.25 c, which cuDNN's ~1.9x speed over the paged
+# kernel on long prompts (benchmarks/NOTES.md) more than repays. Longer prefixes stay on the paged kernel.
+MAX_PREFIX_RATIO = 1.25
+
 
 @dataclass(frozen=True)
 class FreshPrompts:
-    """Host facts about the step's trailing run of *fresh* sequences: context chunks whose new tokens
-    are all of their KV (nothing cached before them), i.e. plain causal attention over themselves.
-    An attention plugin may hand those to another kernel (``paged_attention_sdpa`` does), and the
-    leading sequences ``[0, first_seq)`` to the paged kernel with the bounds given here."""
+    """Host facts about the step's trailing run of *fresh* sequences: context chunks with nothing
+    cached before them, or a short prefix (at most ``MAX_PREFIX_RATIO`` times the chunk, and prefix
+    plus chunk no more than the step's tokens), i.e. plain causal attention over the prefix and the
+    chunk. An attention plugin may hand those to another kernel (``paged_attention_sdpa`` does), and
+    the leading sequences ``[0, first_seq)`` to the paged kernel with the bounds given here."""
 
     first_seq: int
     starts: tuple[int, ...]  # each fresh sequence's first packed token
@@ -23,6 +30,10 @@ class FreshPrompts:
     # each fresh sequence's first KV block when its pages are the ids b, b+1, ... in order, else -1
     # (its K/V then lie in the cache as one run of rows); () when the step did not say
     first_blocks: tuple[int, ...] = ()
+    prefixes: tuple[int, ...] = ()  # each fresh sequence's cached tokens before its chunk; (): none
+
+    def prefix(self, i: int) -> int:
+        return self.prefixes[i] if self.prefixes else 0
 
     @staticmethod
     def of_step(
@@ -35,9 +46,12 @@ class FreshPrompts:
     ) -> FreshPrompts | None:
         """The trailing fresh run of a step's sequences (decode rows are never part of it), or None.
         With the step's ``slots`` and ``block_updates`` ([k, 3]: slot | block index | block id, the
-        blocks given this step: a fresh sequence's every block is among them) it also finds each fresh
-        sequence's ``first_blocks``."""
-        fresh = num_computed == 0
+        blocks given this step: a sequence with nothing cached has every block among them) it also
+        finds each fresh sequence's ``first_blocks``."""
+        # a short prefix: chunks of 2+ tokens (never a decode row, whatever num_decode says), prefix +
+        # chunk within the step's token count (SDPA's shapes stay those start-up built)
+        short = (num_new > 1) & (num_computed <= MAX_PREFIX_RATIO * num_new)
+        fresh = (num_computed == 0) | short & (num_computed + num_new <= num_new.sum())
         fresh[:num_decode] = False
         if not fresh.size or not fresh[-1]:
             return None
@@ -46,7 +60,7 @@ class FreshPrompts:
         rest_len = num_computed[:first] + num_new[:first]
         first_blocks: tuple[int, ...] = ()
         if slots is not None and block_updates is not None and tokens_per_block:
-            pages = -(-num_new[first:] // tokens_per_block)
+            pages = -(-(num_computed[first:] + num_new[first:]) // tokens_per_block)
             first_blocks = consecutive_first_blocks(slots[first:], pages, block_updates)
         return FreshPrompts(
             first_seq=first,
@@ -55,6 +69,7 @@ class FreshPrompts:
             rest_max_query_len=int(num_new[:first].max()) if first else 0,
             rest_max_seq_len=int(rest_len.max()) if first else 0,
             first_blocks=first_blocks,
+            prefixes=tuple(num_computed[first:].tolist()),
         )
 
 

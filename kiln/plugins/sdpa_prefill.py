@@ -9,7 +9,8 @@ such prompts (scripts/bench_attention.py, 2026-11-27). Two cases take it:
   the custom op (compiled or captured code) takes it too. It cut the 8B's TTFT at ISL 2,048 from
   48.4-48.6 to 46.8-47.6 ms on an H100 (benchmarks/RESULTS.md);
 - in ``forward_into`` (called eagerly, e.g. between piecewise graphs), a step whose trailing
-  sequences are a few long fresh prompts (``sdpa_takes``), known from the step's host-side
+  sequences are a few long fresh prompts (``sdpa_takes``; a chunk after a short cached prefix counts,
+  its prefix's queries played by the q rows before it), known from the step's host-side
   ``FreshPrompts``: those go to SDPA, consecutive prompts of one length (in whole ``PAD_TOKENS``) in
   one batched call (``sdpa_runs``), the others one by one, their K/V read in place when their pages
   are one run of blocks (``in_place_block``); the leading sequences (decode rows, chunks with a
@@ -123,19 +124,25 @@ def batchable(length: int, width: int) -> bool:
     return length % PAD_TOKENS == 0 and length * width >= MIN_SPLIT_WORK
 
 
-def sdpa_runs(lengths: tuple[int, ...], width: int) -> list[tuple[int, int]]:
+def sdpa_runs(lengths: tuple[int, ...], width: int, prefixes: tuple[int, ...] = ()) -> list[tuple[int, int]]:
     """The SDPA calls for a step's fresh prompts: (first prompt, how many), in order, for query rows
-    ``width`` = heads x head dim wide. Consecutive prompts of one length L go as one batched call when
-    L is a multiple of ``PAD_TOKENS`` and each is long enough to be worth a call of its own
-    (``MIN_SPLIT_WORK``), at most ``MAX_SPLIT_PROMPTS`` a call: their q rows are then a [n, L, H, D]
-    view whose strides depend on L alone, so cuDNN's plans (one per shape and strides) stay a set
-    that start-up builds (``warm_up``). On an H100, four 2,048-token prompts took 263 us in one call
-    against ~85 us each alone (benchmarks/NOTES.md). Any other prompt is a call of its own."""
+    ``width`` = heads x head dim wide. Consecutive prompts of one length L with nothing cached
+    (``prefixes``) go as one batched call when L is a multiple of ``PAD_TOKENS`` and each is long
+    enough to be worth a call of its own (``MIN_SPLIT_WORK``), at most ``MAX_SPLIT_PROMPTS`` a call:
+    their q rows are then a [n, L, H, D] view whose strides depend on L alone, so cuDNN's plans (one
+    per shape and strides) stay a set that start-up builds (``warm_up``). On an H100, four 2,048-token
+    prompts took 263 us in one call against ~85 us each alone (benchmarks/NOTES.md). Any other prompt
+    is a call of its own."""
+
+    def alone(k: int) -> bool:
+        return bool(prefixes) and prefixes[k] > 0
+
     runs, i = [], 0
     while i < len(lengths):
         length, j = lengths[i], i + 1
-        if batchable(length, width):
-            while j < len(lengths) and j - i < MAX_SPLIT_PROMPTS and lengths[j] == length:
+        if not alone(i) and batchable(length, width):
+            while (j < len(lengths) and j - i < MAX_SPLIT_PROMPTS and lengths[j] == length
+                   and not alone(j)):  # fmt: skip
                 j += 1
         runs.append((i, j - i))
         i = j
@@ -252,9 +259,17 @@ class PagedAttentionSdpa(PagedAttention):
             super().forward_into(out[:t0], q[:t0], k_cache, v_cache, block_tables[:first], seq_lens[:first],
                                  query_start_loc[: first + 1], fresh.rest_max_query_len,
                                  fresh.rest_max_seq_len, scale, sliding_window)  # fmt: skip
-        for i, n in sdpa_runs(fresh.lengths, q.shape[1] * q.shape[2]):
-            start, length = fresh.starts[i], fresh.lengths[i]
+        for i, n in sdpa_runs(fresh.lengths, q.shape[1] * q.shape[2], fresh.prefixes):
+            start, length, prefix = fresh.starts[i], fresh.lengths[i], fresh.prefix(i)
             tables = block_tables[first + i : first + i + n]
-            in_place = in_place_block(fresh.first_blocks, i, n, length, k_cache.shape[1])
-            rows = fresh_prompt_attention(q[start:], k_cache, v_cache, tables, length, scale, in_place)
-            out[start : start + n * length].unflatten(0, (n, length)).copy_(rows)
+            # a chunk after a cached prefix: causal attention over prefix + chunk, whose first rows (the
+            # q rows before the chunk, other tokens' queries) stand in for the prefix's and are dropped
+            total = prefix + length
+            if start >= prefix:
+                rows_q = q[start - prefix :]
+            else:
+                rows_q = q.new_zeros((total, *q.shape[1:]))
+                rows_q[prefix:] = q[start : start + length]
+            in_place = in_place_block(fresh.first_blocks, i, n, total, k_cache.shape[1])
+            rows = fresh_prompt_attention(rows_q, k_cache, v_cache, tables, total, scale, in_place)
+            out[start : start + n * length].unflatten(0, (n, length)).copy_(rows[:, prefix:])
