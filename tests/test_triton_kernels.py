@@ -19,6 +19,8 @@ if not ON_GPU:
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install 'kiln[test]')")
 if not ON_GPU and tuple(int(p) for p in np.__version__.split(".")[:2]) >= (2, 4):
@@ -1066,6 +1068,29 @@ def test_sdpa_plugin_takes_chunks_after_a_short_prefix(monkeypatch):
     # a prefix longer than 1.25x the chunk: the paged kernel, with the decode rows
     taken, paged = _split_step(monkeypatch, [(1, 9), (40, 91), (30, 30)])
     assert taken == [(30, 1)] and paged == [2]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    decode=st.lists(st.integers(1, 40), max_size=3),
+    chunk=st.one_of(
+        st.none(), st.tuples(st.sampled_from([2, 7, 16, 32]), st.sampled_from([0, 5, 16, 20, 48]))
+    ),
+    prompts=st.lists(st.sampled_from([16, 32, 20]), min_size=1, max_size=4),
+    in_order=st.booleans(),
+    extra=st.sampled_from([0, 40]),
+)
+def test_sdpa_plugin_split_matches_the_reference_on_any_step(decode, chunk, prompts, in_order, extra):
+    # any mix of decode rows, a chunk after a prefix (short or long), fresh prompts (batchable or not,
+    # here with 16-token padding), blocks in order or shuffled: the same output as the reference
+    from kiln.plugins import sdpa_prefill
+
+    seqs = [(1, kv) for kv in decode] + ([(chunk[0], chunk[0] + chunk[1])] if chunk else [])
+    seqs += [(n, n) for n in prompts]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sdpa_prefill, "PAD_TOKENS", 16)
+        taken, _ = _split_step(mp, seqs, extra=extra, in_order=in_order)
+    assert sum(n for _, n in taken) >= 1  # the last prompt is always SDPA's
 
 
 def test_sdpa_plugin_leaves_many_or_short_fresh_prompts_to_the_paged_kernel(monkeypatch):
