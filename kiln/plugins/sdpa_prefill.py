@@ -68,7 +68,7 @@ def fresh_prompt_attention(
     k_cache: torch.Tensor,  # [num_blocks, page, Hkv, D]
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,  # [n, max_blocks] int32: the prompts' rows
-    length: int,  # L: each prompt's tokens, all new
+    length: int,  # L: each prompt's KV positions 0..L-1, one q row each (a prefix's rows: stand-ins)
     scale: float,
     first_block: int = -1,  # >= 0: the prompts' pages are the blocks first_block, first_block + 1, ...
 ) -> torch.Tensor:
