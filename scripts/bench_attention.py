@@ -59,12 +59,15 @@ def causal_flops(seqs: list[tuple[int, int]]) -> int:
     return 4 * NUM_Q_HEADS * HEAD_DIM * sum(q * (kv - q) + q * (q + 1) // 2 for q, kv in seqs)
 
 
-def paged_batch(seqs: list[tuple[int, int]], page: int, device: torch.device) -> tuple:
+def paged_batch(
+    seqs: list[tuple[int, int]], page: int, device: torch.device, in_order: bool = False
+) -> tuple:
     """The attention arguments (without sliding_window) for ``seqs``: every sequence's pages are drawn
-    from one shuffled pool, so consecutive pages of a sequence are scattered through the cache."""
+    from one shuffled pool, so consecutive pages of a sequence are scattered through the cache
+    (``in_order``: the pages are the blocks 0, 1, 2, ... in packed order, as a fresh pool gives them)."""
     need = [-(-kv // page) for _, kv in seqs]
     num_blocks = sum(need)
-    perm = torch.randperm(num_blocks, device=device).to(torch.int32)
+    perm = (torch.arange(num_blocks) if in_order else torch.randperm(num_blocks)).to(device, torch.int32)
     tables = torch.zeros((len(seqs), max(need)), dtype=torch.int32, device=device)
     used = 0
     for s, n in enumerate(need):
@@ -565,6 +568,10 @@ def run_decode(args: argparse.Namespace) -> None:
 SPLIT_CASES: dict[str, tuple[str, list[tuple[int, int]]]] = {
     "mixed2048x128": ("2048/128 mixed: 150 decode @2.1k + 3x2048 + 1x1500",
                       [(1, 2100)] * 150 + [(2048, 2048)] * 3 + [(1500, 1500)]),
+    "budget8192": ("8,192-token step: 180 decode @2.1k + 182 after 1,866 + 3x2048 + 1x1686",
+                   [(1, 2100)] * 180 + [(182, 2048)] + [(2048, 2048)] * 3 + [(1686, 1686)]),
+    "budget8448": ("8,448-token step: 180 decode @2.1k + 1,972 after 76 + 3x2048 + 1x152",
+                   [(1, 2100)] * 180 + [(1972, 2048)] + [(2048, 2048)] * 3 + [(152, 152)]),
     "mixed2048x2048": ("2048/2048 mixed: 100 decode @3k + 1x2048", [(1, 3000)] * 100 + [(2048, 2048)]),
     "chunked": ("a chunk after its prefix + 2x2048", [(1000, 3048)] + [(2048, 2048)] * 2),
 }  # fmt: skip
@@ -574,12 +581,14 @@ def run_split(args: argparse.Namespace) -> None:
     """paged_attention_sdpa's forward_into with the step's FreshPrompts (the leading sequences to the
     Triton kernel, the trailing fresh prompts to cuDNN) against the Triton kernel alone on the same
     step; CUDA-graph replays of one call (the split's Python launches cost nothing in the figure,
-    as they do not in a step whose GPU work outlasts them)."""
+    as they do not in a step whose GPU work outlasts them). The split three ways: "split" (equal
+    prompts batched, K/V gathered), "in-place" (K/V read where they lie: the pages run in order here,
+    as on a fresh pool) and "one-by-one" (every prompt its own call, gathered: the earlier plugin)."""
     import numpy as np
     import triton
 
     from kiln.engine.attention_metadata import FreshPrompts
-    from kiln.plugins import get_plugin
+    from kiln.plugins import get_plugin, sdpa_prefill
 
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -590,13 +599,21 @@ def run_split(args: argparse.Namespace) -> None:
     print(f"fresh-prompt split on {gpu}: torch {torch.__version__}, triton {triton.__version__}, bf16, "
           f"Hq {NUM_Q_HEADS} Hkv {NUM_KV_HEADS} D {HEAD_DIM}, page {args.page_size}")  # fmt: skip
     rows: list[dict] = []
+    one_by_one_runs = lambda lengths, *_: [(i, 1) for i in range(len(lengths))]  # noqa: E731
+    batched_runs = sdpa_prefill.sdpa_runs
     for key, (title, seqs) in SPLIT_CASES.items():
-        batch = paged_batch(seqs, args.page_size, dev)
+        batch = paged_batch(seqs, args.page_size, dev, in_order=True)
         ref = reference(*(t.float() for t in batch[:3]), *batch[3:], 0)
         computed = np.array([kv - q for q, kv in seqs])
         new = np.array([q for q, _ in seqs])
         num_decode = int(np.sum((new == 1) & (computed > 0)))
         fresh = FreshPrompts.of_step(computed, new, num_decode)
+        tables = batch[3].cpu().numpy()
+        updates = np.array([(s, j, tables[s, j]) for s, (_, kv) in enumerate(seqs)
+                            for j in range(-(-kv // args.page_size))])  # fmt: skip
+        placed = FreshPrompts.of_step(
+            computed, new, num_decode, np.arange(len(seqs)), updates, args.page_size
+        )
         out = torch.empty_like(batch[0])
         times = {}
 
@@ -604,9 +621,19 @@ def run_split(args: argparse.Namespace) -> None:
             triton_into(out, *batch, 0)
 
         def split(out=out, batch=batch, fresh=fresh):
+            sdpa_prefill.sdpa_runs = batched_runs
             split_into(out, *batch, 0, fresh_prompts=fresh)
 
-        for name, fn in (("triton", alone), ("split", split)):
+        def in_place(out=out, batch=batch, fresh=placed):
+            sdpa_prefill.sdpa_runs = batched_runs
+            split_into(out, *batch, 0, fresh_prompts=fresh)
+
+        def one_by_one(out=out, batch=batch, fresh=fresh):
+            sdpa_prefill.sdpa_runs = one_by_one_runs
+            split_into(out, *batch, 0, fresh_prompts=fresh)
+
+        variants = (("triton", alone), ("split", split), ("in-place", in_place), ("one-by-one", one_by_one))
+        for name, fn in variants:
             try:
                 fn()
                 torch.cuda.synchronize()
@@ -617,9 +644,12 @@ def run_split(args: argparse.Namespace) -> None:
                 times[name] = time_us(fn, args.reps, args.warmup, not args.eager)
             except Exception as e:  # noqa: BLE001 - e.g. a backend that cannot be captured here
                 print(f"  {title}: {name} skip: {short_reason(e)}")
-        if len(times) == 2:
-            print(f"{title}: Triton {times['triton']:.1f} us, split {times['split']:.1f} us "
-                  f"({times['triton'] / times['split']:.2f}x)", flush=True)  # fmt: skip
+        sdpa_prefill.sdpa_runs = batched_runs
+        if "triton" in times:
+            others = ", ".join(
+                f"{k} {v:.1f} us ({times['triton'] / v:.2f}x)" for k, v in times.items() if k != "triton"
+            )
+            print(f"{title}: Triton {times['triton']:.1f} us, {others}", flush=True)
         rows.append(dict(case=key, title=title, **{f"{k}_us": v for k, v in times.items()}))
     if args.json:
         with open(args.json, "w") as f:
