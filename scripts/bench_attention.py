@@ -581,14 +581,16 @@ def run_split(args: argparse.Namespace) -> None:
     """paged_attention_sdpa's forward_into with the step's FreshPrompts (the leading sequences to the
     Triton kernel, the trailing fresh prompts to cuDNN) against the Triton kernel alone on the same
     step; CUDA-graph replays of one call (the split's Python launches cost nothing in the figure,
-    as they do not in a step whose GPU work outlasts them). The split three ways: "split" (equal
+    as they do not in a step whose GPU work outlasts them). The split four ways: "split" (equal
     prompts batched, K/V gathered), "in-place" (K/V read where they lie: the pages run in order here,
-    as on a fresh pool) and "one-by-one" (every prompt its own call, gathered: the earlier plugin)."""
+    as on a fresh pool), "one-by-one" (every prompt its own call, gathered: the earlier plugin) and
+    "overlap" (in place, the decode rows on a side stream: KILN_ATTENTION_OVERLAP=1)."""
     import numpy as np
     import triton
 
     from kiln.engine.attention_metadata import FreshPrompts
     from kiln.plugins import get_plugin, sdpa_prefill
+    from kiln.plugins.triton import paged_attention as triton_attention
 
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -601,6 +603,7 @@ def run_split(args: argparse.Namespace) -> None:
     rows: list[dict] = []
     one_by_one_runs = lambda lengths, *_: [(i, 1) for i in range(len(lengths))]  # noqa: E731
     batched_runs = sdpa_prefill.sdpa_runs
+    overlap_default = triton_attention.OVERLAP_PASSES
     for key, (title, seqs) in SPLIT_CASES.items():
         batch = paged_batch(seqs, args.page_size, dev, in_order=True)
         ref = reference(*(t.float() for t in batch[:3]), *batch[3:], 0)
@@ -632,7 +635,16 @@ def run_split(args: argparse.Namespace) -> None:
             sdpa_prefill.sdpa_runs = one_by_one_runs
             split_into(out, *batch, 0, fresh_prompts=fresh)
 
-        variants = (("triton", alone), ("split", split), ("in-place", in_place), ("one-by-one", one_by_one))
+        def overlap(out=out, batch=batch, fresh=placed):  # in place, the decode rows on a side stream
+            sdpa_prefill.sdpa_runs = batched_runs
+            triton_attention.OVERLAP_PASSES = True
+            try:
+                split_into(out, *batch, 0, fresh_prompts=fresh)
+            finally:
+                triton_attention.OVERLAP_PASSES = overlap_default
+
+        variants = (("triton", alone), ("split", split), ("in-place", in_place), ("one-by-one", one_by_one),
+                    ("overlap", overlap))  # fmt: skip
         for name, fn in variants:
             try:
                 fn()

@@ -1105,11 +1105,16 @@ def test_sdpa_plugin_leaves_many_or_short_fresh_prompts_to_the_paged_kernel(monk
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("overlap", [False, True], ids=["one-stream", "overlap"])
 @pytest.mark.parametrize("in_order", [False, True], ids=["gathered", "in-place"])
-def test_gpu_sdpa_split_bf16(monkeypatch, in_order):
+def test_gpu_sdpa_split_bf16(monkeypatch, in_order, overlap):
     # a 2048/128-like mixed step at Llama-3.1-8B's shapes: decodes at ~2k, a chunk of 700 after 800
     # cached (SDPA over all 1,500 keys), two whole prompts (one cuDNN call; with blocks in order, K/V read
     # where they lie) and a partial one, with the default work floor
+    # (KILN_ATTENTION_OVERLAP: the decode rows on a side stream beside the SDPA calls)
+    from kiln.plugins.triton import paged_attention as triton_attention
+
+    monkeypatch.setattr(triton_attention, "OVERLAP_PASSES", overlap)
     seqs = [(1, 2100)] * 6 + [(700, 1500), (2048, 2048), (2048, 2048), (900, 900)]
     seen: list[int] = []
     shape, bf16 = (32, 8, 128, 32), torch.bfloat16

@@ -29,6 +29,7 @@ step's, so the plans exist before the first request.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Hashable
 
 import numpy as np
@@ -224,6 +225,22 @@ def without_fresh_prompts(
     return triton_variants
 
 
+def _overlap_stream(q: torch.Tensor) -> torch.cuda.Stream | None:
+    """``KILN_ATTENTION_OVERLAP=1`` (off by default, until measured): the stream for a split step's
+    leading part (decode rows, bound by K/V bandwidth) beside the SDPA calls (bound by the MMAs), so
+    the two can share the SMs; None otherwise. It starts after everything queued so far (this step's
+    K/V writes); the caller's stream waits for it before anything after the attention."""
+    if not q.is_cuda:
+        return None
+    from kiln.plugins.triton import paged_attention as triton_attention
+
+    if not triton_attention.OVERLAP_PASSES:
+        return None
+    side = triton_attention._side_stream(q.device)
+    side.wait_stream(torch.cuda.current_stream(q.device))
+    return side
+
+
 @plugin("paged_attention_sdpa", kind="attention")
 class PagedAttentionSdpa(PagedAttention):
     """``paged_attention`` (same contract, fake and reference), with fresh prompts through SDPA: a lone
@@ -254,11 +271,13 @@ class PagedAttentionSdpa(PagedAttention):
                                  max_query_len, max_seq_len, scale, sliding_window)  # fmt: skip
             return
         first = fresh.first_seq
+        side = _overlap_stream(q) if first else None
         if first:  # the leading sequences are a packed batch of their own: a prefix of every argument
-            t0 = fresh.starts[0]
-            super().forward_into(out[:t0], q[:t0], k_cache, v_cache, block_tables[:first], seq_lens[:first],
-                                 query_start_loc[: first + 1], fresh.rest_max_query_len,
-                                 fresh.rest_max_seq_len, scale, sliding_window)  # fmt: skip
+            t0, lead = fresh.starts[0], slice(0, first)
+            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                super().forward_into(out[:t0], q[:t0], k_cache, v_cache, block_tables[lead], seq_lens[lead],
+                                     query_start_loc[: first + 1], fresh.rest_max_query_len,
+                                     fresh.rest_max_seq_len, scale, sliding_window)  # fmt: skip
         for i, n in sdpa_runs(fresh.lengths, q.shape[1] * q.shape[2], fresh.prefixes):
             start, length, prefix = fresh.starts[i], fresh.lengths[i], fresh.prefix(i)
             tables = block_tables[first + i : first + i + n]
@@ -273,3 +292,5 @@ class PagedAttentionSdpa(PagedAttention):
             in_place = in_place_block(fresh.first_blocks, i, n, total, k_cache.shape[1])
             rows = fresh_prompt_attention(rows_q, k_cache, v_cache, tables, total, scale, in_place)
             out[start : start + n * length].unflatten(0, (n, length)).copy_(rows[:, prefix:])
+        if side is not None:
+            torch.cuda.current_stream(q.device).wait_stream(side)
