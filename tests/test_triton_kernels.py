@@ -19,7 +19,7 @@ if not ON_GPU:
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from hypothesis import given, settings  # noqa: E402
+from hypothesis import assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install 'kiln[test]')")
@@ -1091,6 +1091,40 @@ def test_sdpa_plugin_split_matches_the_reference_on_any_step(decode, chunk, prom
         mp.setattr(sdpa_prefill, "PAD_TOKENS", 16)
         taken, _ = _split_step(mp, seqs, extra=extra, in_order=in_order)
     assert sum(n for _, n in taken) >= 1  # the last prompt is always SDPA's
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    decode=st.lists(st.integers(1, 30), max_size=3),
+    chunk=st.one_of(st.none(), st.tuples(st.integers(2, 20), st.integers(0, 25))),
+    prompts=st.lists(st.sampled_from([8, 16, 5, 24]), min_size=1, max_size=4),
+)
+def test_sdpa_plugin_steps_use_only_shapes_the_warm_up_built(decode, chunk, prompts):
+    # cuDNN builds a plan per shape and strides: every SDPA call a step of up to 64 tokens makes must
+    # have the shape and strides of one of warm_up's calls (8-token padding, batching from 8 tokens)
+    from kiln.plugins import sdpa_prefill
+
+    seqs = [(1, kv) for kv in decode] + ([(chunk[0], chunk[0] + chunk[1])] if chunk else [])
+    seqs += [(n, n) for n in prompts]
+    assume(sum(q for q, _ in seqs) <= 64)
+    warmed: set[tuple] = set()
+    used: set[tuple] = set()
+    into = [warmed]  # where the calls go: the warm-up's, then the steps'
+    real = sdpa_prefill.causal_sdpa
+
+    def recorded(q, k, v, scale):
+        into[0].add((q.shape, q.stride(), k.shape, k.stride()))
+        return real(q, k, v, scale)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sdpa_prefill, "PAD_TOKENS", 8)
+        mp.setattr(sdpa_prefill, "MIN_SPLIT_WORK", 8 * 4 * 64)
+        mp.setattr(sdpa_prefill, "causal_sdpa", recorded)
+        sdpa_prefill.warm_up(4, 2, 64, 0.125, torch.float32, DEVICE, 64, 16)
+        into[0] = used
+        for in_order in (False, True):
+            _split_step(mp, seqs, in_order=in_order)
+    assert used and used <= warmed
 
 
 def test_sdpa_plugin_leaves_many_or_short_fresh_prompts_to_the_paged_kernel(monkeypatch):
