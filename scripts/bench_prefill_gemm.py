@@ -20,15 +20,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from kiln.bench.presets import get_preset
-
 
 def layer_shapes(name: str) -> dict[str, tuple[int, int]]:
-    """(N, K) of each fused linear layer of the preset's decoder layer."""
-    c = get_preset(f"preset:{name}").config
-    h, i, nh = c["hidden_size"], c["intermediate_size"], c["num_attention_heads"]
-    kv, d = c.get("num_key_value_heads", nh), c.get("head_dim") or c["hidden_size"] // nh
-    return {"qkv": ((nh + 2 * kv) * d, h), "o": (h, nh * d), "gate_up": (2 * i, h), "down": (h, i)}
+    """(N, K) of each fused linear layer of the preset's decoder layer (bench_skinny_gemm's, without the
+    LM head: a mixed step runs it on its sampling rows only)."""
+    from bench_skinny_gemm import shapes  # (this script's folder is on the path)
+
+    return {k: v for k, v in shapes(name).items() if k != "lm_head"}
 
 
 def time_rows(

@@ -72,13 +72,20 @@ class StepInputBuilder:
             )
         if num_new.size and (num_new.min() < 1 or int(num_new.sum()) != batch.num_tokens):
             raise ValueError(
-                "every scheduled sequence needs >= 1 new token, and input_ids must hold all of them"
+                "every scheduled sequence needs >= 1 new token, and input_ids must hold all of them: got "
+                f"new tokens from {int(num_new.min())} per sequence, {int(num_new.sum())} in all, "
+                f"{batch.num_tokens} input ids"
             )
-        if num_new.size and int((np.asarray(batch.num_computed) + num_new).max()) > lim.max_seq_len:
-            raise ValueError(f"a sequence exceeds max_seq_len={lim.max_seq_len}")
+        if (
+            num_new.size
+            and (longest := int((np.asarray(batch.num_computed) + num_new).max())) > lim.max_seq_len
+        ):
+            raise ValueError(f"a sequence reaches {longest} tokens, past max_seq_len={lim.max_seq_len}")
         slots = np.asarray(batch.slots)
         if slots.size and (slots.min() < 0 or slots.max() >= lim.max_batch_size):
-            raise ValueError(f"slots must be in [0, {lim.max_batch_size})")
+            raise ValueError(
+                f"slots must be in [0, {lim.max_batch_size}), got {int(slots.min())}..{int(slots.max())}"
+            )
         upd = np.asarray(batch.block_updates).reshape(-1, 3)
         if upd.size and (
             upd.min() < 0
@@ -87,11 +94,15 @@ class StepInputBuilder:
             or upd[:, 2].max() >= num_blocks
         ):
             raise ValueError(
-                f"block update out of range (block index < {self.max_blocks_per_seq}, id < {num_blocks})"
+                f"block update out of range: rows are (slot < {lim.max_batch_size}, block index < "
+                f"{self.max_blocks_per_seq}, block id < {num_blocks}), none negative; got maxima "
+                f"{upd.max(axis=0).tolist()} and minimum {int(upd.min())}"
             )
         cp = np.asarray(batch.copy_blocks).reshape(-1, 2)
         if cp.size and (cp.min() < 1 or cp.max() >= num_blocks):
-            raise ValueError(f"copy_blocks ids must be in [1, {num_blocks})")
+            raise ValueError(
+                f"copy_blocks ids must be in [1, {num_blocks}), got {int(cp.min())}..{int(cp.max())}"
+            )
 
     def build(
         self, batch: ScheduledBatch, prev_sampled: torch.Tensor | None = None, graph_step: bool = False

@@ -236,7 +236,7 @@ def _overlap_stream(q: torch.Tensor) -> torch.cuda.Stream | None:
 
     if not triton_attention.OVERLAP_PASSES:
         return None
-    side = triton_attention._side_stream(q.device)
+    side = triton_attention.side_stream(q.device)
     side.wait_stream(torch.cuda.current_stream(q.device))
     return side
 
@@ -287,8 +287,8 @@ class PagedAttentionSdpa(PagedAttention):
             if start >= prefix:
                 rows_q = q[start - prefix :]
             else:
-                rows_q = q.new_zeros((total, *q.shape[1:]))
-                rows_q[prefix:] = q[start : start + length]
+                rows_q = q.new_zeros((padded_length(total), *q.shape[1:]))  # padded: copied once
+                rows_q[prefix:total] = q[start : start + length]
             in_place = in_place_block(fresh.first_blocks, i, n, total, k_cache.shape[1])
             rows = fresh_prompt_attention(rows_q, k_cache, v_cache, tables, total, scale, in_place)
             out[start : start + n * length].unflatten(0, (n, length)).copy_(rows[:, prefix:])

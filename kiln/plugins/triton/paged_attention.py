@@ -56,7 +56,7 @@ OVERLAP_PASSES = os.environ.get("KILN_ATTENTION_OVERLAP", "0") == "1"
 _side_streams: dict[int, torch.cuda.Stream] = {}
 
 
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
+def side_stream(device: torch.device) -> torch.cuda.Stream:
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _side_streams:
         _side_streams[index] = torch.cuda.Stream(device=index)
@@ -381,7 +381,7 @@ def paged_attention(
     block_d = next_pow2(head_dim)
     search_steps = num_seqs.bit_length()
     overlap = OVERLAP_PASSES if overlap_passes is None else overlap_passes
-    side = _side_stream(q.device) if overlap and len(passes) == 2 and q.is_cuda else None
+    side = side_stream(q.device) if overlap and len(passes) == 2 and q.is_cuda else None
     if side is not None:
         # The passes write disjoint rows of out and of the partials. The side stream starts after
         # everything queued so far (this step's K/V writes) and the main stream waits for it before
