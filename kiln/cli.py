@@ -52,7 +52,13 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
         "--device", default=None, help="device kind the engine is for: cpu or cuda (default: cuda if present)"
     )
     p.add_argument("--max-batch-size", type=int, default=256, help="most sequences per step (default: 256)")
-    p.add_argument("--max-num-tokens", type=int, default=8192, help="most tokens per step (default: 8192)")
+    p.add_argument(
+        "--max-num-tokens",
+        type=int,
+        default=None,
+        help="most tokens per step (default: 64 x the GPU's SMs nearest 8,192, i.e. 8,448 on an H100; "
+        "8,192 without a GPU)",
+    )
     p.add_argument(
         "--max-seq-len", type=int, default=None, help="longest sequence (default: max_position_embeddings)"
     )

@@ -389,7 +389,10 @@ for name, rc, why in rows:
         table.append((name, "-", "-", f"rc={rc}", "-", "-", "-", why[:60]))
         continue
     r = json.load(open(path))
-    key = {"throughput": "output_tok_s", "latency": "decode_tok_s"}[r["kind"]]
+    key = {"throughput": "output_tok_s", "latency": "decode_tok_s"}.get(r.get("kind"))
+    if key is None:  # a script's own report (pgemm, ...), not a bench run: its log holds the figures
+        table.append((name, "-", "-", f"rc={rc}", "-", "-", "-", why[:60]))
+        continue
     res = r["results"]
 
     def fig(b):
