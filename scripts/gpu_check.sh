@@ -33,6 +33,8 @@
 #               (--host-profile): where a step's host time goes, printed by own and cumulative time (~1.5 min)
 #   pgemm       scripts/bench_prefill_gemm.py: a layer's projections on cuBLAS at mixed-step sizes (PGEMM_ROWS,
 #               default 8150 8192 8320 8448 8580 8712 rows): whether a token budget of whole waves pays (~1 min)
+#   gsilu       scripts/bench_gemm_silu_mul.py: the gate|up GEMM with SiLU-and-mul in its epilogue against cuBLAS
+#               + silu_and_mul, 1B and 8B shapes at 2,048-8,448 rows (GSILU_ARGS, default --sweep; ~1-2 min)
 #   mlp         scripts/bench_mlp_chunks.py: an 8,192-token step's gated MLP whole vs in token chunks (~1 min)
 #   attn        scripts/bench_attention.py: paged attention's prefill launch configurations swept on 8B heads
 #               (prefill, chunk and mixed steps), torch SDPA backends as peers (~2-3 min)
@@ -194,8 +196,10 @@ workloads() {
 }
 
 ttft() {
-  # time to first token of one 2,048-token prompt (target 48 ms on an H100; bound 41 ms)
-  bench ttft_llama8b_2048 latency --model preset:llama-3.1-8b --isl 2048 --osl 16 --batch-size 1 --backend kiln
+  # time to first token of one 2,048-token prompt (target 48 ms on an H100; bound 41 ms); TTFT_ARGS: extra
+  # options for the first run, e.g. "--plugin linear_silu_mul=gemm_silu_mul"
+  bench ttft_llama8b_2048 latency --model preset:llama-3.1-8b --isl 2048 --osl 16 --batch-size 1 --backend kiln \
+    ${TTFT_ARGS:-}
   # the same with the Triton attention kernel alone (the default sends a lone fresh prompt to cuDNN)
   bench ttft_llama8b_2048_triton_attention latency --model preset:llama-3.1-8b --isl 2048 --osl 16 --batch-size 1 \
     --backend kiln --plugin attention=paged_attention
@@ -231,7 +235,14 @@ profile() {
   done
 }
 
-pgemm() {
+pgsilu() {
+  note "gate|up GEMM with SiLU-and-mul in its epilogue vs cuBLAS + silu_and_mul"
+  timeout --kill-after=30 "$BENCH_TIMEOUT" "$PY" scripts/bench_gemm_silu_mul.py ${GSILU_ARGS:---sweep} \
+    --json "$OUT/gemm_silu_mul.json" 2>&1 | tee "$OUT/gemm_silu_mul.log"
+  printf 'gemm_silu_mul\t%s\tsee gemm_silu_mul.log\n' "${PIPESTATUS[0]}" >>"$STATUS_FILE"
+}
+
+gemm() {
   note "prefill-sized projections on cuBLAS, llama-3.1-8b shapes"
   timeout --kill-after=30 "$BENCH_TIMEOUT" "$PY" scripts/bench_prefill_gemm.py --preset llama-3.1-8b \
     ${PGEMM_ROWS:+--rows $PGEMM_ROWS} --json "$OUT/prefill_gemm.json" 2>&1 | tee "$OUT/prefill_gemm.log"
@@ -385,7 +396,7 @@ head = ("run", "kind", "model", "kiln", "transformers", "bound", "kiln/bound", "
 table = [head]
 for name, rc, why in rows:
     path = os.path.join(out, f"{name}.json")
-    if name == "pytest-gpu" or name.startswith(("serve", "gemm", "attention", "mlp", "variants")) or not os.path.isfile(path):
+    if name == "pytest-gpu" or name.startswith(("serve", "gemm", "attention", "mlp", "variants", "prefill")) or not os.path.isfile(path):
         table.append((name, "-", "-", f"rc={rc}", "-", "-", "-", why[:60]))
         continue
     r = json.load(open(path))
@@ -426,8 +437,8 @@ groups=("$@")
 [ ${#groups[@]} -eq 0 ] && groups=(tests)
 for g in "${groups[@]}"; do
   case "$g" in
-    env | tiny | tests | smoke | profile | latency | throughput | workloads | ttft | nano | gemm | pgemm | ab | variants | hostprof | mlp | attn | serve | all) ;;
-    *) echo "unknown group '$g'; use env, tiny, tests, smoke, profile, latency, throughput, workloads, ttft, nano, gemm, pgemm, ab, variants, hostprof, mlp, attn, serve or all" >&2
+    env | tiny | tests | smoke | profile | latency | throughput | workloads | ttft | nano | gemm | pgemm | gsilu | ab | variants | hostprof | mlp | attn | serve | all) ;;
+    *) echo "unknown group '$g'; use env, tiny, tests, smoke, profile, latency, throughput, workloads, ttft, nano, gemm, pgemm, gsilu, ab, variants, hostprof, mlp, attn, serve or all" >&2
        exit 2 ;;
   esac
 done
@@ -446,6 +457,7 @@ for g in "${groups[@]}"; do
     nano) nano ;;
     gemm) gemm ;;
     pgemm) pgemm ;;
+    gsilu) gsilu ;;
     ab) ab ;;
     variants) variants ;;
     hostprof) hostprof ;;

@@ -258,6 +258,8 @@ def test_kv_cache_sizing(tiny_model):
 
 
 def _linear_choice(linear: str) -> dict[str, str]:
+    if linear == "gemm_silu_mul":  # gate|up with SiLU-and-mul in the GEMM's epilogue
+        return {"linear_silu_mul": linear}
     if not linear.endswith("_fused"):
         return {"linear": linear}
     kernel = linear.removesuffix("_fused")  # skinny or gemv, with the norm and SiLU-and-mul as prologues
@@ -276,6 +278,7 @@ def _linear_choice(linear: str) -> dict[str, str]:
         ("skinny_linear", "paged_attention", "eager"),
         ("skinny_fused", "paged_attention", "eager"),  # + the norm and SiLU-and-mul as GEMM prologues
         ("gemv_fused", "paged_attention", "eager"),  # all 14 steps: the last five decode one row
+        ("gemm_silu_mul", "paged_attention", "eager"),  # from 2 rows here (1,024 by default)
         ("linear", "paged_attention_sdpa", "eager"),
         ("linear", "paged_attention", "piecewise"),
         ("linear", "paged_attention_sdpa", "piecewise"),
@@ -308,6 +311,15 @@ def test_triton_backend_end_to_end(tiny_model, monkeypatch, linear, attention, p
     real_launch = gemv._launch
     monkeypatch.setattr(gemv, "_launch", lambda x, w, prologue, **kw: gemv_prologues.append(prologue)
                         or real_launch(x, w, prologue, **kw))  # fmt: skip
+    gemm_rows: list[int] = []
+    if linear == "gemm_silu_mul":
+        from kiln.plugins import linear as linear_mod
+        from kiln.plugins.triton import gemm_silu_mul as gemm_mod
+
+        monkeypatch.setattr(linear_mod, "GEMM_SILU_MUL_MIN_ROWS", 2)
+        real_gemm = gemm_mod.gemm_silu_mul
+        monkeypatch.setattr(gemm_mod, "gemm_silu_mul", lambda x, w, *a: gemm_rows.append(x.shape[0])
+                            or real_gemm(x, w, *a))  # fmt: skip
     layers = 2 if linear.endswith("_fused") else 1
     path = tiny_model("Qwen3ForCausalLM", head_dim=32, num_hidden_layers=layers)
     ref = {0: reference(path, tuple(SEQ_A)), 1: reference(path, tuple(SEQ_B))}
@@ -335,6 +347,8 @@ def test_triton_backend_end_to_end(tiny_model, monkeypatch, linear, attention, p
         assert gemv_prologues[-45:] == ([0, 0, 1, 2] + [1, 0, 1, 2] + [0]) * 5
     else:
         assert set(gemv_prologues) <= {0}
+    if linear == "gemm_silu_mul":  # every step of 2+ rows (all six here), once a layer
+        assert len(gemm_rows) == 6 and min(gemm_rows) >= 2
     if attention == "paged_attention_sdpa":  # keys of each SDPA call: A's first chunk, then as above
         assert sdpa_calls == ([5, 12, 7, 16] if path_kind == "piecewise-split" else [5])
 

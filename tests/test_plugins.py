@@ -66,15 +66,33 @@ def test_fused_projection_kinds_are_used_only_when_chosen(tiny_model):
     path = tiny_model("Qwen2ForCausalLM", tokenizer=True)  # q|k|v biases: added after the fused op
     sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     fused = {"add_rms_norm_linear": "skinny_add_rms_norm_linear", "silu_mul_linear": "skinny_silu_mul_linear"}
+    epilogue = {"linear_silu_mul": "gemm_silu_mul"}  # gate|up and SiLU-and-mul in one op
     outs = {}
-    for name, plugins in (("apart", None), ("fused", fused)):
+    for name, plugins in (("apart", None), ("fused", fused), ("epilogue", epilogue)):
         with LLM(path, max_batch_size=4, max_num_tokens=64, max_seq_len=128, plugins=plugins,
                  executor="thread") as llm:  # fmt: skip
             layers = llm._executor._core.engine.model.model.layers
-            assert all((layer.norm_linear_op is None) == (plugins is None) for layer in layers)
-            assert all((layer.mlp.silu_mul_linear_op is None) == (plugins is None) for layer in layers)
+            assert all((layer.norm_linear_op is None) == (name != "fused") for layer in layers)
+            assert all((layer.mlp.silu_mul_linear_op is None) == (name != "fused") for layer in layers)
+            assert all((layer.mlp.linear_silu_mul_op is None) == (name != "epilogue") for layer in layers)
             outs[name] = llm.generate([[1, 2, 3, 4], [5, 6]], sp, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in outs["apart"]] == [o.outputs[0].token_ids for o in outs["fused"]]
+    tokens = {name: [o.outputs[0].token_ids for o in out] for name, out in outs.items()}
+    assert tokens["apart"] == tokens["fused"] == tokens["epilogue"]
+
+
+def test_linear_silu_mul_is_refused_for_an_mlp_with_biases():
+    """A gated MLP with biases keeps gate|up and SiLU-and-mul apart: the fused op has no bias."""
+    from kiln.layers.mlp import GatedMLP
+
+    plugins = PluginSet("reference", {"linear_silu_mul": "gemm_silu_mul"})
+    assert GatedMLP(16, 32, bias=False, plugins=plugins).linear_silu_mul_op is not None
+    mlp = GatedMLP(16, 32, bias=True, plugins=plugins)
+    assert mlp.linear_silu_mul_op is None
+    for param in mlp.parameters():  # built without initialising its weights
+        torch.nn.init.normal_(param)
+    x = torch.randn(3, 16)
+    gate, up = mlp.gate_up_proj(x).chunk(2, dim=-1)
+    torch.testing.assert_close(mlp(x), mlp.down_proj(torch.nn.functional.silu(gate) * up))
 
 
 def test_forward_launches_triton_kernels_directly():

@@ -18,8 +18,13 @@ class GatedMLP(nn.Module):
         self.silu_and_mul_op = plugins.silu_and_mul
         # a chosen silu_mul_linear plugin takes SiLU-and-mul and the down projection together
         self.silu_mul_linear_op = plugins.silu_mul_linear if plugins.overridden("silu_mul_linear") else None
+        # a chosen linear_silu_mul plugin takes the gate|up projection and SiLU-and-mul together (no bias)
+        chosen = plugins.overridden("linear_silu_mul") and not bias
+        self.linear_silu_mul_op = plugins.linear_silu_mul if chosen else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.linear_silu_mul_op is not None:
+            return self.down_proj(self.linear_silu_mul_op(x, self.gate_up_proj.weight))  # [T, I] -> [T, H]
         return self.from_gate_up(self.gate_up_proj(x))
 
     def from_gate_up(self, gate_up: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,10 @@ Two kinds fuse the op before a projection into it: ``add_rms_norm_linear`` (the 
 RMSNorm before q|k|v and gate|up) and ``silu_mul_linear`` (SiLU-and-mul before down). Their defaults
 are the ops apart, and layers then call the ops apart directly, without the fused kind's op; the
 ``skinny_`` plugins apply the first op as the skinny GEMM's prologue at up to ``MAX_ROWS`` rows, the
-``gemv_`` ones as the GEMV's prologue at one row.
+``gemv_`` ones as the GEMV's prologue at one row. One kind fuses the op after a projection:
+``linear_silu_mul`` (the gate|up projection and SiLU-and-mul); ``gemm_silu_mul`` applies it in a
+Triton GEMM's epilogue from ``GEMM_SILU_MUL_MIN_ROWS`` rows (prefill and mixed steps), so the
+[T, 2I] projection output never goes through memory.
 """
 
 from __future__ import annotations
@@ -44,11 +47,7 @@ class GemvOrCublasLinear(_Linear):
     """cuBLAS, and the GEMV for one row."""
 
     def forward(self, x, weight):
-        if not _gemv_serves(x, weight):
-            return F.linear(x, weight)
-        from kiln.plugins.triton.gemv import gemv
-
-        return gemv(x.contiguous(), weight)
+        return _cublas_or_gemv(x, weight)
 
 
 @plugin("cublas_linear", kind="linear")
@@ -65,6 +64,14 @@ class SkinnyLinear(_Linear):
         from kiln.plugins.triton.skinny_gemm import skinny_gemm
 
         return skinny_gemm(x.contiguous(), weight)
+
+
+def _cublas_or_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    if not _gemv_serves(x, weight):
+        return F.linear(x, weight)
+    from kiln.plugins.triton.gemv import gemv
+
+    return gemv(x.contiguous(), weight)
 
 
 def _gemv_serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -164,3 +171,43 @@ class GemvSiluMulLinear(SiluMulLinear):
         from kiln.plugins.triton.gemv import silu_mul_gemv
 
         return silu_mul_gemv(gate_up.contiguous(), weight)
+
+
+GEMM_SILU_MUL_MIN_ROWS = 1024  # below, cuBLAS's skinny tiles and the op apart (decode batches)
+
+
+@plugin("linear_silu_mul", kind="linear_silu_mul")
+class LinearSiluMul(Plugin):
+    """x [T, K], weight [2I, K] (gate | up) -> silu(x @ gate^T) * (x @ up^T), [T, I]: the default
+    linear (cuBLAS, the GEMV at one row), then ``silu_and_mul``."""
+
+    schema = "(Tensor x, Tensor weight) -> Tensor"
+
+    def shape_dtype_inference(self, x, weight):
+        return x.new_empty(*x.shape[:-1], weight.shape[0] // 2)
+
+    def forward(self, x, weight):
+        from kiln.plugins.triton.activation import silu_and_mul
+
+        return silu_and_mul(_cublas_or_gemv(x, weight))
+
+    def reference(self, x, weight):
+        gate, up = F.linear(x, weight).chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
+@plugin("gemm_silu_mul", kind="linear_silu_mul")
+class GemmSiluMul(LinearSiluMul):
+    """SiLU-and-mul in a Triton GEMM's epilogue from ``GEMM_SILU_MUL_MIN_ROWS`` rows; the ops apart below."""
+
+    def forward(self, x, weight):
+        if (
+            x.dim() != 2
+            or x.shape[0] < GEMM_SILU_MUL_MIN_ROWS
+            or weight.stride(1) != 1
+            or x.dtype != weight.dtype
+        ):
+            return super().forward(x, weight)
+        from kiln.plugins.triton.gemm_silu_mul import gemm_silu_mul
+
+        return gemm_silu_mul(x.contiguous(), weight)

@@ -172,6 +172,7 @@ DEFAULT_PLUGINS = {
     "linear": "linear",
     "add_rms_norm_linear": "add_rms_norm_linear",
     "silu_mul_linear": "silu_mul_linear",
+    "linear_silu_mul": "linear_silu_mul",
 }
 
 
