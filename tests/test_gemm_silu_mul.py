@@ -15,19 +15,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
-# The interpreter must be chosen before triton is first imported (kernels are decorated at import).
-ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
-if not ON_GPU:
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import torch
+from triton_env import INTERPRETER_SKIP_REASON, INTERPRETER_UNUSABLE, ON_GPU  # first: picks the interpreter
 
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install 'kiln[test]')")
-if not ON_GPU and tuple(int(p) for p in np.__version__.split(".")[:2]) >= (2, 4):
-    pytest.skip("Triton's interpreter needs numpy < 2.4 (its loops fail)", allow_module_level=True)
+if INTERPRETER_UNUSABLE:
+    pytest.skip(INTERPRETER_SKIP_REASON, allow_module_level=True)
 
 from kiln.plugins.triton.gemm_silu_mul import (  # noqa: E402
     GemmSiluMulConfig,

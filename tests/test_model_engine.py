@@ -5,34 +5,29 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 
+import numpy as np
+import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from step_builder import Chunk, StepBuilder
+from test_models import ARCH_CASES
+from tiny_models import hf_logits
 
-# Without CUDA the Triton plugins run through Triton's interpreter, which must be chosen before triton
-# is first imported (as in test_triton_kernels.py).
-ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
-if not ON_GPU:
-    os.environ["TRITON_INTERPRET"] = "1"
+# the Triton plugins run compiled on a GPU, else in Triton's interpreter (tests/triton_env.py)
+from triton_env import INTERPRETER_SKIP_REASON, INTERPRETER_UNUSABLE, ON_GPU
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from step_builder import Chunk, StepBuilder  # noqa: E402
-from test_models import ARCH_CASES  # noqa: E402
-from tiny_models import hf_logits  # noqa: E402
-
-from kiln.config import EngineLimits, KvCacheConfig  # noqa: E402
-from kiln.engine.cuda_graphs import DecodeGraphRunner  # noqa: E402
-from kiln.engine.kv_cache import CPU_DEFAULT_CAP_BYTES, KvCacheSpec, cpu_default_num_blocks  # noqa: E402
-from kiln.engine.model_engine import ModelEngine  # noqa: E402
-from kiln.engine.piecewise_graphs import PiecewiseGraphRunner, default_piecewise_sizes  # noqa: E402
-from kiln.engine.sampling_math import greedy_sample_reference  # noqa: E402
-from kiln.engine.synthetic_batches import covering_shapes, synthetic_batch, warm_up_shapes  # noqa: E402
-from kiln.executor.messages import SlotInit  # noqa: E402
-from kiln.plugins import PluginSet  # noqa: E402
-from kiln.sampling_params import SamplingParams  # noqa: E402
+from kiln.config import EngineLimits, KvCacheConfig
+from kiln.engine.cuda_graphs import DecodeGraphRunner
+from kiln.engine.kv_cache import CPU_DEFAULT_CAP_BYTES, KvCacheSpec, cpu_default_num_blocks
+from kiln.engine.model_engine import ModelEngine
+from kiln.engine.piecewise_graphs import PiecewiseGraphRunner, default_piecewise_sizes
+from kiln.engine.sampling_math import greedy_sample_reference
+from kiln.engine.synthetic_batches import covering_shapes, synthetic_batch, warm_up_shapes
+from kiln.executor.messages import SlotInit
+from kiln.plugins import PluginSet
+from kiln.sampling_params import SamplingParams
 
 BLOCK = 8
 LIMITS = EngineLimits(max_batch_size=4, max_num_tokens=64, max_seq_len=64)
@@ -302,8 +297,8 @@ def test_triton_backend_end_to_end(tiny_model, monkeypatch, linear, attention, p
                         lambda q, *a: sdpa_calls.append(a[3]) or real_sdpa(q, *a))  # fmt: skip
     if path_kind == "piecewise-split":
         monkeypatch.setattr(sdpa_prefill, "MIN_SPLIT_WORK", 1)
-    if not ON_GPU and tuple(int(p) for p in np.__version__.split(".")[:2]) >= (2, 4):
-        pytest.skip("Triton's interpreter needs numpy < 2.4")
+    if INTERPRETER_UNUSABLE:
+        pytest.skip(INTERPRETER_SKIP_REASON)
     # two layers where the projections are fused: the second layer's input norm is the first to fuse
     from kiln.plugins.triton import gemv
 
@@ -363,8 +358,8 @@ def test_sdpa_batches_fresh_prompts_of_one_length_end_to_end(tiny_model, monkeyp
     pytest.importorskip("triton")
     from kiln.plugins import sdpa_prefill
 
-    if not ON_GPU and tuple(int(p) for p in np.__version__.split(".")[:2]) >= (2, 4):
-        pytest.skip("Triton's interpreter needs numpy < 2.4")
+    if INTERPRETER_UNUSABLE:
+        pytest.skip(INTERPRETER_SKIP_REASON)
     monkeypatch.setattr(sdpa_prefill, "PAD_TOKENS", 8)
     monkeypatch.setattr(sdpa_prefill, "MIN_SPLIT_WORK", 1)
     calls: list[tuple[int, int, int]] = []  # length, prompts, first block read in place (-1: gathered)
@@ -819,8 +814,8 @@ def test_random_steps_launch_only_triton_variants_start_up_launched(tiny_model, 
     import inspect
 
     pytest.importorskip("triton")
-    if not ON_GPU and tuple(int(p) for p in np.__version__.split(".")[:2]) >= (2, 4):
-        pytest.skip("Triton's interpreter needs numpy < 2.4")
+    if INTERPRETER_UNUSABLE:
+        pytest.skip(INTERPRETER_SKIP_REASON)
     from kiln.plugins.triton import activation, norms, paged_attention, rope_kv_write
 
     launches: list[tuple] = []

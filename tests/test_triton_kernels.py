@@ -8,23 +8,17 @@ large shapes, CUDA-graph replay and torch.compile.
 from __future__ import annotations
 
 import inspect
-import os
-
-import torch
-
-# The interpreter must be chosen before triton is first imported (kernels are decorated at import).
-ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
-if not ON_GPU:
-    os.environ["TRITON_INTERPRET"] = "1"
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import torch
 from hypothesis import assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from triton_env import INTERPRETER_SKIP_REASON, INTERPRETER_UNUSABLE, ON_GPU  # first: picks the interpreter
 
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install 'kiln[test]')")
-if not ON_GPU and tuple(int(p) for p in np.__version__.split(".")[:2]) >= (2, 4):
-    pytest.skip("Triton's interpreter needs numpy < 2.4 (its loops fail)", allow_module_level=True)
+if INTERPRETER_UNUSABLE:
+    pytest.skip(INTERPRETER_SKIP_REASON, allow_module_level=True)
 
 from kiln.engine.sampling_math import greedy_sample_reference  # noqa: E402
 from kiln.plugins import get_plugin  # noqa: E402
