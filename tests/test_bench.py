@@ -480,6 +480,9 @@ def test_end_to_end_throughput_and_latency_on_cpu(tmp_path, capsys):
     assert k["iterations"] == 2 and k["wrong_lengths"] == 0
     assert k["decode_tok_s"] == pytest.approx(1e3 / k["tpot_ms"]) and k["effective_gb_s"] > 0
     assert len(k["step_split_ms"]) == 4
+    queued, prefill, rest = k["ttft_split_ms"]  # one prompt of 8: one prefill step, before its first token
+    assert queued >= 0 and prefill > 0 and queued + prefill + rest == pytest.approx(k["ttft_ms"])
+    assert "of it queued / prefill steps / the rest (ms)" in capsys.readouterr().out
 
 
 @pytest.mark.gpu

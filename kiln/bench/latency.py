@@ -43,10 +43,21 @@ def _prompt_sets(model: BenchModel, opts: LatencyOptions) -> list[list[list[int]
     ]
 
 
+def _ttft_split(ttft_s: float, queued_s: float, run: Any) -> list[float]:
+    """TTFT in ms as (queued: arrival to admission, i.e. the pipe to the engine and its loop's wake-up;
+    the engine's prefill steps, the iteration's steps that are not decode-only, all of them before the
+    first tokens here, each timed as an engine step (with overlap: its wait plus the next step's launch);
+    the rest: the step's scheduling and launch, the results' way back to the caller)."""
+    (_, _), (n_mixed, mixed_ms) = run.step_kinds
+    prefill_ms = n_mixed * mixed_ms
+    queued_ms, total_ms = queued_s * 1e3, ttft_s * 1e3
+    return [queued_ms, prefill_ms, total_ms - queued_ms - prefill_ms]
+
+
 def _kiln_latency(model: BenchModel, opts: LatencyOptions, engine: EngineSettings) -> dict[str, Any]:
     from kiln.bench.workloads import Workload
 
-    ttfts, tpots, step_ms, host_ms, splits = [], [], [], [], []
+    ttfts, tpots, step_ms, host_ms, splits, ttft_splits = [], [], [], [], [], []
     wrong = 0
     with open_llm(model.path, engine) as llm:
         _say(f"kiln: engine ready ({llm.engine_info})")
@@ -54,19 +65,24 @@ def _kiln_latency(model: BenchModel, opts: LatencyOptions, engine: EngineSetting
             run = run_workload(llm, Workload("latency", prompts, [opts.osl] * len(prompts)))
             if i < opts.warmup:
                 continue
-            it_ttft, it_tpot = [], []
+            it_ttft, it_tpot, it_queued = [], [], []
             for out in run.outputs:
                 wrong += len(out.outputs[0].token_ids) != opts.osl
                 ttft, _, tpot = request_times(out)
                 if ttft is not None and tpot is not None:
                     it_ttft.append(ttft)
                     it_tpot.append(tpot)
+                    m = out.metrics
+                    if m is not None and m.first_scheduled_time is not None:
+                        it_queued.append(m.first_scheduled_time - m.arrival_time)
             if it_tpot:
                 ttfts.append(statistics.mean(it_ttft))
                 tpots.append(statistics.mean(it_tpot))
                 step_ms.append(run.mean_step_ms)
                 host_ms.append(run.mean_host_ms)
                 splits.append(run.step_split_ms)
+                if it_queued and run.step_kinds:
+                    ttft_splits.append(_ttft_split(statistics.mean(it_ttft), statistics.mean(it_queued), run))
         info = dict(llm.engine_info)
     if not tpots:
         raise RuntimeError("no iteration produced timings (request metrics are missing)")
@@ -83,6 +99,7 @@ def _kiln_latency(model: BenchModel, opts: LatencyOptions, engine: EngineSetting
         "step_host_ms": [statistics.median(step_ms), statistics.median(host_ms)],
         "step_split_ms": [statistics.median(col) for col in zip(*splits, strict=True)],
         "ttft_ms": statistics.median(ttfts) * 1e3,
+        "ttft_split_ms": [statistics.median(col) for col in zip(*ttft_splits, strict=True)],
         "per_iteration_decode_tok_s": [1.0 / t for t in tpots],
         "wrong_lengths": wrong,
         "engine_info": info,
