@@ -77,10 +77,14 @@ def resolve_engine_config(
                 "kiln build --tokens-per-block"
             )
         plugins = plan.plugins if plugins is None else plugins
+        budget_from_device = False  # the plan's budget, chosen when it was built
     else:
+        budget_from_device = max_num_tokens is None
+        batch = 256 if max_batch_size is None else max_batch_size
         limits = EngineLimits(
-            max_batch_size=256 if max_batch_size is None else max_batch_size,
-            max_num_tokens=8192 if max_num_tokens is None else max_num_tokens,
+            max_batch_size=batch,
+            # no budget given: 8,192 stands in until the engine picks its card's (engine/token_budget.py)
+            max_num_tokens=max(8192, batch) if max_num_tokens is None else max_num_tokens,
             max_seq_len=files.max_position_embeddings if max_seq_len is None else max_seq_len,
         )
     if plugins:  # names and kinds checked here, before any engine is built
@@ -101,6 +105,7 @@ def resolve_engine_config(
         piecewise_graphs=piecewise_graphs,
         compile=compile,
         overlap_scheduling=overlap,
+        budget_from_device=budget_from_device,
     )
     use_process = executor == "process" or (executor == "auto" and device.startswith("cuda"))
     return cfg, use_process

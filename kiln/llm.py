@@ -42,8 +42,9 @@ class LLM:
 
     ``model`` is a Hugging Face checkpoint directory or an engine directory built by ``kiln build``;
     an engine's plan.json gives the defaults of the limits, dtype, tokens_per_block and plugins, and
-    limits above the built ones are refused. Without a plan: max_batch_size 256, max_num_tokens 8192,
-    max_seq_len = max_position_embeddings.
+    limits above the built ones are refused. Without a plan: max_batch_size 256, max_seq_len =
+    max_position_embeddings, and max_num_tokens whole GEMM waves of the GPU near 8,192 (8,448 on an
+    H100; ``kiln/engine/token_budget.py``), 8,192 on the CPU.
 
     On a GPU the executor runs in a worker process; on the CPU in a thread (``executor`` picks).
     ``overlap_scheduling`` (default: on for CUDA) schedules and launches each step while the device
@@ -118,6 +119,8 @@ class LLM:
         self._executor = (ProcessExecutor if use_process else ThreadExecutor)(cfg, self._on_output)
         self.vocab_size: int = int(self._executor.info["vocab_size"])
         self.engine_info: dict[str, Any] = dict(self._executor.info)
+        # the engine may have picked the token budget (its card's, when none was given)
+        self.limits = replace(limits, max_num_tokens=int(self.engine_info["max_num_tokens"]))
         self.engine_info["startup_seconds"] = time.perf_counter() - t_start
         log.info("engine ready: %s", self.startup_summary())
 

@@ -22,7 +22,6 @@ from kiln.builder.engine_dir import (
     EnginePlanError,
 )
 from kiln.builder.loader import load_model, read_model_info
-from kiln.builder.token_budget import default_max_num_tokens, whole_wave_budget
 from kiln.cli import main as cli_main
 from kiln.engine import compile as compile_mod
 from kiln.layers.linear import MergedLinear
@@ -162,26 +161,6 @@ def test_plan_defaults_for_kv_blocks_and_plugins(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="max_seq_len .* exceeds the model's max_position_embeddings"):
         build_engine(src, str(tmp_path / "bad"), device="cpu", max_seq_len=10_000)
     assert not os.path.exists(str(tmp_path / "bad"))  # nothing written for a refused build
-
-
-@pytest.mark.parametrize(
-    ("sm_count", "budget"),
-    [(132, 8448), (114, 7296), (108, 6912), (78, 9984), (170, 10880), (1, 8192), (200, 12800)],
-)
-def test_default_token_budget_is_whole_waves_near_8192(sm_count, budget):
-    assert whole_wave_budget(sm_count) == budget
-    assert budget % (64 * sm_count) == 0  # half a 128-row tile an SM: whole waves of row tiles
-
-
-def test_default_token_budget_without_a_gpu(tiny_model, tmp_path, monkeypatch):
-    assert default_max_num_tokens(torch.device("cpu")) == 8192
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # built for CUDA on a machine without one
-    assert default_max_num_tokens(torch.device("cuda")) == 8192
-    with pytest.raises(ValueError, match="sm_count must be >= 1"):
-        whole_wave_budget(0)
-    src = tiny_model("LlamaForCausalLM", tokenizer=True)
-    plan = build_engine(src, str(tmp_path / "e"), device="cpu", max_seq_len=128).plan
-    assert plan.max_num_tokens == 8192
 
 
 def _edit_plan(engine_dir: str, **changes) -> None:

@@ -32,8 +32,8 @@ from kiln.builder.engine_dir import (
 )
 from kiln.builder.loader import build_meta_model, checkpoint_files, runtime_state_dict
 from kiln.builder.model_config import read_hf_config, resolve_dtype
-from kiln.builder.token_budget import default_max_num_tokens
 from kiln.config import EngineLimits, KvCacheConfig
+from kiln.engine.token_budget import default_max_num_tokens
 from kiln.models.registry import parse_model_config
 from kiln.plugins import PluginSet
 
@@ -83,7 +83,7 @@ def build_engine(
     ``device`` is the kind of device the engine is for ("cpu", "cuda"; default: cuda if present): it
     decides what dtype="auto" means (the checkpoint's dtype on a GPU, float32 on the CPU) and is
     recorded in the plan. The conversion itself runs on the CPU. ``max_num_tokens`` defaults to whole GEMM
-    waves of the GPU present (``token_budget.py``: 8,448 on an H100), else 8,192.
+    waves of the GPU present (``kiln/engine/token_budget.py``: 8,448 on an H100), else 8,192.
     """
     t0 = time.perf_counter()
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -105,7 +105,7 @@ def build_engine(
             f"({cfg.max_position_embeddings})"
         )
     if max_num_tokens is None:
-        max_num_tokens = default_max_num_tokens(target)
+        max_num_tokens = default_max_num_tokens(target, max_batch_size)
     limits = EngineLimits(
         max_batch_size=max_batch_size, max_num_tokens=max_num_tokens, max_seq_len=max_seq_len
     )

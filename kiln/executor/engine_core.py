@@ -20,13 +20,14 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kiln.config import EngineLimits, KvCacheConfig, SchedulerConfig
 from kiln.engine.late_compiles import LateCompileWatch
+from kiln.engine.token_budget import default_max_num_tokens
 from kiln.executor.gc_policy import GcPauses, IdleFullCollections
 from kiln.executor.host_profile import engine_loop_profile
 from kiln.executor.messages import PromptLogprobs, Request, ScheduledBatch, SequenceUpdate
@@ -53,6 +54,8 @@ class EngineCoreConfig:
     piecewise_graphs: bool = True  # prefill / mixed steps through piecewise graphs (with cuda_graphs)
     overlap_scheduling: bool = False  # schedule and launch step N+1 while the device runs step N
     compile: bool | None = None  # torch.compile the decoder layers; None = on CUDA only
+    # no max_num_tokens was given: the engine picks its card's (whole GEMM waves) in place of the limits'
+    budget_from_device: bool = False
 
 
 @dataclass
@@ -77,6 +80,9 @@ class EngineCore:
         from kiln.executor.scheduler import Scheduler
         from kiln.plugins import PluginSet
 
+        if cfg.budget_from_device:  # asked here, in the engine's process: the front end opens no CUDA context
+            budget = default_max_num_tokens(torch.device(cfg.device), cfg.limits.max_batch_size)
+            cfg = replace(cfg, limits=replace(cfg.limits, max_num_tokens=budget), budget_from_device=False)
         self.cfg = cfg
         warmed: list[Decoder] = []
 
@@ -135,6 +141,7 @@ class EngineCore:
             "cuda_graph_capture_seconds": float(getattr(self.engine.graphs, "capture_seconds", 0.0))
             + float(getattr(self.engine.pieces, "capture_seconds", 0.0)),
             "warm_up_seconds": float(self.engine.warm_up_seconds),
+            "max_num_tokens": int(self.cfg.limits.max_num_tokens),
         }
 
     def add_request(self, req: Request) -> list[SequenceUpdate]:

@@ -1,4 +1,8 @@
-"""The token budget a built engine gets when ``kiln build`` is not given one: whole GEMM waves of the card.
+"""The default token budget of a step on a GPU: whole GEMM waves of the card.
+
+An engine built or started with no ``max_num_tokens`` gets it: ``kiln build`` asks the GPU beside it and
+records it in the plan; ``LLM`` on a checkpoint (and ``kiln serve``) asks in the engine's own process,
+so the front end never opens a CUDA context, and learns it from the engine's start-up info.
 
 A prefill or mixed step's projections are cuBLAS GEMMs over the step's rows, tiled 128 rows by up to 256
 columns, one tile an SM at a time. 64 x SMs rows make half as many row tiles as the card has SMs, so a
@@ -24,9 +28,12 @@ def whole_wave_budget(sm_count: int, base: int = BASE_TOKENS) -> int:
     return unit * max(1, round(base / unit))
 
 
-def default_max_num_tokens(target: torch.device) -> int:
-    """The default budget of an engine built for ``target``: whole waves when that GPU is here."""
+def default_max_num_tokens(target: torch.device, max_batch_size: int = 1) -> int:
+    """The default budget of an engine for ``target``: whole waves when that GPU is here, else 8,192;
+    never below ``max_batch_size`` (every running sequence decodes in one step)."""
     if target.type != "cuda" or not torch.cuda.is_available():
-        return BASE_TOKENS
+        return max(BASE_TOKENS, max_batch_size)
     index = target.index if target.index is not None else torch.cuda.current_device()
-    return whole_wave_budget(torch.cuda.get_device_properties(index).multi_processor_count)
+    sms = torch.cuda.get_device_properties(index).multi_processor_count
+    unit = ROWS_PER_SM * sms
+    return max(whole_wave_budget(sms), -(-max_batch_size // unit) * unit)
