@@ -246,7 +246,8 @@ class LLM:
         """One line: start-up time and where it went (load, compile, CUDA-graph capture, warm-up steps)."""
         i = self.engine_info
         return (
-            f"{self.model_name} on {i['device']} ({i['dtype']}), {i['num_blocks']} KV blocks; ready in "
+            f"{self.model_name} on {i['device']} ({i['dtype']}), {i['num_blocks']} KV blocks, "
+            f"{self.limits.max_num_tokens} tokens a step; ready in "
             f"{i['startup_seconds']:.1f} s (torch.compile {i.get('compile_seconds', 0.0):.1f} s, "
             f"CUDA graphs {i.get('cuda_graph_capture_seconds', 0.0):.1f} s, "
             f"warm-up steps {i.get('warm_up_seconds', 0.0):.1f} s)"

@@ -63,6 +63,7 @@ def test_llm_on_a_checkpoint_takes_the_engines_budget(tiny_model, monkeypatch):
     monkeypatch.setattr(engine_core, "default_max_num_tokens", lambda dev, batch: picked.append(batch) or 96)
     with LLM(path, max_batch_size=4, max_seq_len=64, executor="thread") as llm:
         assert picked == [4] and llm.limits.max_num_tokens == 96
+        assert ", 96 tokens a step; ready in " in llm.startup_summary()
         assert llm._executor._core.scheduler.limits.max_num_tokens == 96
         prompts = [list(range(1, 61)), list(range(1, 51))]  # 110 prompt tokens: two steps at 96
         out = llm.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
