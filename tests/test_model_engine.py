@@ -265,6 +265,7 @@ def _linear_choice(linear: str) -> dict[str, str]:
     return fused | ({"linear": "skinny_linear"} if kernel == "skinny" else {})  # the default has the GEMV
 
 
+@pytest.mark.gpu  # and on the CPU through Triton's interpreter
 @pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 @pytest.mark.parametrize(
     "linear,attention,path_kind",
@@ -348,6 +349,7 @@ def test_triton_backend_end_to_end(tiny_model, monkeypatch, linear, attention, p
         assert sdpa_calls == ([5, 12, 7, 16] if path_kind == "piecewise-split" else [5])
 
 
+@pytest.mark.gpu  # and on the CPU through Triton's interpreter
 @pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 @pytest.mark.parametrize("layout", ["in-place", "gathered"])
 def test_sdpa_batches_fresh_prompts_of_one_length_end_to_end(tiny_model, monkeypatch, layout):
