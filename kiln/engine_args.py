@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from kiln.config import EngineLimits, KvCacheConfig, SchedulerConfig
+from kiln.engine.token_budget import BASE_TOKENS
 from kiln.executor.engine_core import EngineCoreConfig
 from kiln.model_files import ModelFiles
 
@@ -84,7 +85,7 @@ def resolve_engine_config(
         limits = EngineLimits(
             max_batch_size=batch,
             # no budget given: 8,192 stands in until the engine picks its card's (engine/token_budget.py)
-            max_num_tokens=max(8192, batch) if max_num_tokens is None else max_num_tokens,
+            max_num_tokens=max(BASE_TOKENS, batch) if max_num_tokens is None else max_num_tokens,
             max_seq_len=files.max_position_embeddings if max_seq_len is None else max_seq_len,
         )
     if plugins:  # names and kinds checked here, before any engine is built

@@ -198,3 +198,16 @@ def test_default_linear_takes_one_row_through_its_op_only_on_the_triton_backend_
     assert Linear(8, 4, bias=True, plugins=PluginSet("forward")).one_row_op is None
     chosen = Linear(8, 4, plugins=PluginSet("forward", {"linear": "cublas_linear"}))
     assert chosen.one_row_op is None and chosen.linear_op is not None
+
+
+def test_gemm_silu_mul_takes_the_ops_apart_for_a_weight_it_cannot_read(monkeypatch):
+    """A weight whose rows are not contiguous (a column slice) goes to cuBLAS + SiLU-and-mul, not to the
+    kernel, which would refuse it."""
+    from kiln.plugins import linear as linear_mod
+
+    monkeypatch.setattr(linear_mod, "GEMM_SILU_MUL_MIN_ROWS", 2)
+    x = torch.randn(4, 16)
+    weight = torch.randn(32, 24)[:, :16]  # rows of 16 with a stride of 24
+    op = get_plugin("gemm_silu_mul").forward_op
+    gate, up = torch.nn.functional.linear(x, weight).chunk(2, dim=-1)
+    torch.testing.assert_close(op(x, weight), torch.nn.functional.silu(gate) * up)

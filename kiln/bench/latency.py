@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, replace
 from functools import partial
 from typing import Any
 
-from kiln.bench.kiln_backend import EngineSettings, open_llm, request_times, run_workload
+from kiln.bench.kiln_backend import EngineSettings, KilnRun, open_llm, request_times, run_workload
 from kiln.bench.report import guarded, new_report
 from kiln.bench.roofline import serial_bound
 from kiln.bench.setup import BenchModel, roofline_summary
@@ -43,7 +43,7 @@ def _prompt_sets(model: BenchModel, opts: LatencyOptions) -> list[list[list[int]
     ]
 
 
-def _ttft_split(ttft_s: float, queued_s: float, run: Any) -> list[float]:
+def _ttft_split(ttft_s: float, queued_s: float, run: KilnRun) -> list[float]:
     """TTFT in ms as (queued: arrival to admission, i.e. the pipe to the engine and its loop's wake-up;
     the engine's prefill steps, the iteration's steps that are not decode-only, all of them before the
     first tokens here, each timed as an engine step (with overlap: its wait plus the next step's launch);
