@@ -235,14 +235,14 @@ profile() {
   done
 }
 
-pgsilu() {
+gsilu() {
   note "gate|up GEMM with SiLU-and-mul in its epilogue vs cuBLAS + silu_and_mul"
   timeout --kill-after=30 "$BENCH_TIMEOUT" "$PY" scripts/bench_gemm_silu_mul.py ${GSILU_ARGS:---sweep} \
     --json "$OUT/gemm_silu_mul.json" 2>&1 | tee "$OUT/gemm_silu_mul.log"
   printf 'gemm_silu_mul\t%s\tsee gemm_silu_mul.log\n' "${PIPESTATUS[0]}" >>"$STATUS_FILE"
 }
 
-gemm() {
+pgemm() {
   note "prefill-sized projections on cuBLAS, llama-3.1-8b shapes"
   timeout --kill-after=30 "$BENCH_TIMEOUT" "$PY" scripts/bench_prefill_gemm.py --preset llama-3.1-8b \
     ${PGEMM_ROWS:+--rows $PGEMM_ROWS} --json "$OUT/prefill_gemm.json" 2>&1 | tee "$OUT/prefill_gemm.log"

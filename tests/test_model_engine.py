@@ -76,6 +76,11 @@ def schedule() -> list[list[Chunk]]:
     return steps
 
 
+# Tests that count a kernel's Python calls run it on every step: on a GPU that means no decode graphs
+# (their replays skip Python) and no torch.compile (which traces a spy once); the kernels still compile.
+SPIED_PATHS = {"cuda_graphs": False, "compile": False}
+
+
 def use_piecewise(engine: ModelEngine, sizes: list[int]) -> list[int]:
     """Route the engine's steps through a piecewise runner replayed eagerly (the CPU stand-in for the
     captured pieces); returns a list that records each run's token count."""
@@ -326,7 +331,10 @@ def test_triton_backend_end_to_end(tiny_model, monkeypatch, linear, attention, p
         limits=LIMITS,
         kv_config=KV,
         plugins=PluginSet("forward", _linear_choice(linear) | {"attention": attention}),
+        **SPIED_PATHS,
     )
+    for spied in (sdpa_calls, gemv_prologues, gemm_rows):  # the KV-sizing warm-up's calls
+        spied.clear()
     runs = use_piecewise(engine, [16]) if path_kind.startswith("piecewise") else []
     builder = StepBuilder(BLOCK)
     steps = schedule() if linear == "gemv_fused" else schedule()[:6]
@@ -372,7 +380,9 @@ def test_sdpa_batches_fresh_prompts_of_one_length_end_to_end(tiny_model, monkeyp
     ref = {0: reference(path, tuple(SEQ_A)), 1: reference(path, tuple(SEQ_B))}
     plugins = PluginSet("forward", {"attention": "paged_attention_sdpa"})
     device = "cuda" if ON_GPU else "cpu"
-    engine = ModelEngine(path, dtype="float32", device=device, limits=LIMITS, kv_config=KV, plugins=plugins)
+    engine = ModelEngine(path, dtype="float32", device=device, limits=LIMITS, kv_config=KV, plugins=plugins,
+                         **SPIED_PATHS)  # fmt: skip
+    calls.clear()  # the KV-sizing warm-up's calls
     use_piecewise(engine, [32])
     a, b = SEQ_A, SEQ_B
     steps = [
