@@ -55,7 +55,7 @@ def sweep_configs() -> list[Any]:
     return [
         base,
         r(base, num_stages=4),
-        r(base, flatten=False),
+        r(base, flatten=True),
         r(base, persistent=False),
         r(base, persistent=False, num_stages=4),
         r(base, tma=False),
