@@ -448,6 +448,8 @@ def test_end_to_end_throughput_and_latency_on_cpu(tmp_path, capsys):
     # 8 prompts of 16 in one prefill step, then 7 decode-only steps (the 8th token comes from the 7th)
     (n_dec, dec_ms), (n_mixed, mixed_ms) = k["step_kinds"]
     assert n_dec + n_mixed == k["steps"] and n_dec >= 6 and n_mixed >= 1 and dec_ms > 0 and mixed_ms > 0
+    # one step at a time on the CPU: a mixed step's span (scheduling to results) lies inside its step
+    assert 0 < k["mixed_span_ms"] <= mixed_ms
     host_ms, wait_ms, io_ms, gc_ms = k["step_split_ms"]
     assert host_ms > 0 and wait_ms >= 0 and io_ms > 0 and gc_ms >= 0
     assert r["roofline"]["bound"] > 0 and r["workload"]["output_tokens"] == 64

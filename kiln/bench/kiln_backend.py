@@ -68,6 +68,9 @@ class KilnRun:
     mean_host_ms: float = 0.0  # of which host work (scheduling, updating) per step
     # decode-only (graph) steps against mixed / prefill steps: [count, mean ms] each
     step_kinds: list[list[float]] = field(default_factory=list)
+    # a mixed / prefill step from its scheduling to its results applied (ms, mean): with overlap its
+    # launch and its results fall in two engine steps
+    mixed_span_ms: float = 0.0
     # per step: host work, waiting on the device, engine-loop I/O, garbage collection (ms); a wait
     # near 0 means host-bound
     step_split_ms: list[float] = field(default_factory=list)
@@ -129,6 +132,7 @@ def run_workload(llm: LLM, workload: Workload) -> KilnRun:
     mixed_s = after.step_time_total - before.step_time_total - dec_s
     return KilnRun(
         step_kinds=[[dec, _per_step_ms(dec_s, dec)], [steps - dec, _per_step_ms(mixed_s, steps - dec)]],
+        mixed_span_ms=_per_step_ms(after.mixed_step_span_total - before.mixed_step_span_total, steps - dec),
         step_split_ms=[
             _per_step_ms(after.host_time_total - before.host_time_total, steps),
             _per_step_ms(after.device_wait_total - before.device_wait_total, steps),

@@ -46,10 +46,10 @@ def _prompt_sets(model: BenchModel, opts: LatencyOptions) -> list[list[list[int]
 def _ttft_split(ttft_s: float, queued_s: float, run: KilnRun) -> list[float]:
     """TTFT in ms as (queued: arrival to admission, i.e. the pipe to the engine and its loop's wake-up;
     the engine's prefill steps, the iteration's steps that are not decode-only, all of them before the
-    first tokens here, each timed as an engine step (with overlap: its wait plus the next step's launch);
-    the rest: the step's scheduling and launch, the results' way back to the caller)."""
-    (_, _), (n_mixed, mixed_ms) = run.step_kinds
-    prefill_ms = n_mixed * mixed_ms
+    first tokens here, each from its scheduling to its results applied (launch and device time: the
+    device runs while the host launches); the rest: the results' way back to the caller)."""
+    n_mixed = run.step_kinds[1][0]
+    prefill_ms = n_mixed * run.mixed_span_ms
     queued_ms, total_ms = queued_s * 1e3, ttft_s * 1e3
     return [queued_ms, prefill_ms, total_ms - queued_ms - prefill_ms]
 

@@ -108,6 +108,7 @@ def kiln_figures(run: KilnRun, workload: Workload) -> dict[str, Any]:
         "steps": run.steps,
         "step_host_ms": [run.mean_step_ms, run.mean_host_ms],
         "step_kinds": run.step_kinds,
+        "mixed_span_ms": run.mixed_span_ms,
         "step_split_ms": run.step_split_ms,
         "preemptions": run.num_preemptions,
         "late_kernel_compiles": run.late_kernel_compiles,

@@ -67,6 +67,7 @@ class _Launched:
     prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
     schedule_time: float = 0.0
     launch_time: float = 0.0  # host time to enqueue the forward and the sampling
+    started: float = 0.0  # perf_counter when its scheduling began
 
 
 class EngineCore:
@@ -194,7 +195,7 @@ class EngineCore:
             fwd = self.engine.forward(batch)
         sampled = self.decoder.sample_async(fwd.logits, batch, fwd.greedy)
         self._launched.append(
-            _Launched(batch, sampled, fwd.prompt_logprobs, t1 - t0, time.perf_counter() - t1)
+            _Launched(batch, sampled, fwd.prompt_logprobs, t1 - t0, time.perf_counter() - t1, t0)
         )
         return True
 
@@ -205,7 +206,7 @@ class EngineCore:
         t1 = time.perf_counter()
         updates = self.scheduler.update(step.batch, out)
         t2 = time.perf_counter()
-        self._record(step, updates, t2 - t0, step.schedule_time + (t2 - t1), t1 - tw)
+        self._record(step, updates, t2 - t0, step.schedule_time + (t2 - t1), t1 - tw, t2 - step.started)
         return updates
 
     def refresh_stats(self) -> EngineStats:
@@ -223,6 +224,7 @@ class EngineCore:
         step_time: float,
         host_time: float,
         wait_time: float,
+        span: float,
     ) -> None:
         batch = step.batch
         s = self.refresh_stats()
@@ -241,6 +243,8 @@ class EngineCore:
         if batch.num_decode == batch.num_seqs:
             s.decode_steps += 1
             s.decode_step_time_total += step_time
+        else:
+            s.mixed_step_span_total += span
         s.last_batch_size, s.last_num_tokens = batch.num_seqs, batch.num_tokens
         if self._step_log is not None:
             self._step_log.write(

@@ -24,6 +24,9 @@ class EngineStats:
     device_wait_total: float = 0.0  # of which waiting for the device's results (~0: the host is the limit)
     decode_steps: int = 0  # steps with generation rows only (the CUDA-graph steps)
     decode_step_time_total: float = 0.0  # their share of step_time_total
+    # the other steps (with prompt tokens), each from its scheduling to its results applied: with
+    # overlap a step's launch and its results fall in two loop steps, so this is not their step time
+    mixed_step_span_total: float = 0.0
     loop_io_time_total: float = 0.0  # engine loop, outside steps: receiving requests, sending updates
     gc_time_total: float = 0.0  # Python's cyclic garbage collector, inside steps and out
     late_kernel_compiles: int = 0  # Triton kernels compiled after start-up (each stalls a step)
