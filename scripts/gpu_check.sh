@@ -214,13 +214,15 @@ profile() {
   # PROFILE_RUNS: "preset:batch ..." decode steps, "preset:batch:isl" prefill steps of batch x isl tokens,
   # "preset:batch:isl:eager" without piecewise graphs (isl 0: decode) (default: 1B and 8B decode, batch 1 and 64;
   # "" runs none); PROFILE_MIXED="D:C:P:L ...": 8B mixed steps of D decode rows at context ~C and P fresh prompts of
-  # L tokens (150:2048:4:2000 is a 2048/128 run's mixed step)
+  # L tokens (150:2048:4:2000 is a 2048/128 run's mixed step); PROFILE_SEQUENCE=START:COUNT also lists those
+  # kernels of a prefill in device order with the idle gap before each (--sequence)
   for run in ${PROFILE_RUNS-llama-3.2-1b:1 llama-3.2-1b:64 llama-3.1-8b:1 llama-3.1-8b:64}; do
     local m b isl mode extra=() name
     IFS=: read -r m b isl mode <<<"$run"
     name="profile_${m}_bs$b"
     [ -n "$isl" ] && [ "$isl" != 0 ] && extra=(--prefill --isl "$isl") && name="${name}_prefill$isl"
     [ "$mode" = eager ] && extra+=(--no-piecewise-graphs) && name="${name}_no_piecewise"
+    [ -n "${PROFILE_SEQUENCE:-}" ] && extra+=(--sequence "$PROFILE_SEQUENCE")
     note "profile $m batch $b ${isl:+prefill $isl}: scripts/profile_step.py"
     timeout --kill-after=30 "$BENCH_TIMEOUT" "$PY" scripts/profile_step.py --model "preset:$m" --batch-size "$b" \
       "${extra[@]}" "${CACHE_ARGS[@]}" 2>&1 | tee "$OUT/$name.log"

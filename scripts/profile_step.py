@@ -40,12 +40,22 @@ def main() -> None:
         help="profile mixed steps: D sequences decoding at a context of ~C tokens, plus P fresh prompts of L "
         "tokens each step (as in a 2048/128 throughput run)",
     )
+    ap.add_argument(
+        "--sequence",
+        default=None,
+        metavar="START:COUNT",
+        help="also list the profiled kernels START..START+COUNT-1 of the first profiled step in device "
+        "order, each with the idle gap before it (e.g. one decoder layer: which kernels and hand-overs "
+        "the gaps sit at)",
+    )
     ap.add_argument("--no-graphs", action="store_true")
     ap.add_argument("--no-piecewise-graphs", action="store_true", help="prefill and mixed steps eagerly")
     ap.add_argument("--no-overlap", action="store_true", help="one step at a time (GPU default: overlapped)")
     ap.add_argument("--preset-cache", default=None, metavar="DIR", help="where presets are materialised")
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu, to check the script itself")
     args = ap.parse_args()
+    if args.sequence:
+        _parse_sequence(args.sequence)  # a bad spec fails before the engine is built
 
     from kiln.bench.presets import resolve_model
     from kiln.config import EngineLimits, KvCacheConfig, SchedulerConfig
@@ -138,6 +148,8 @@ def profile_prefill(
     rate = tokens / statistics.median(times)
     print(f"  prefill + first token  {_ms(times):7.3f} ms   -> {rate:,.0f} prompt tok/s")
     _print_tables(prof, n_prof, "prefill")
+    if args.sequence:
+        print_sequence(prof, *_parse_sequence(args.sequence))
 
 
 def _parse_mixed(spec: str) -> tuple[int, int, int, int]:
@@ -253,6 +265,41 @@ def _profiled(fn, on_gpu: bool, sync):
         fn()
         sync()
     return prof
+
+
+def _parse_sequence(spec: str) -> tuple[int, int]:
+    try:
+        start, count = (int(v) for v in spec.split(":"))
+    except ValueError:
+        raise SystemExit(f"--sequence takes START:COUNT, two integers (40:30), got {spec!r}") from None
+    if start < 0 or count < 1:
+        raise SystemExit(f"--sequence needs START >= 0 and COUNT >= 1, got {spec!r}")
+    return start, count
+
+
+def kernel_sequence(
+    kernels: list[tuple[float, float, str]], start: int, count: int
+) -> list[tuple[float, float, str]]:
+    """(start, end, name) sorted by start -> (idle gap before, duration, name) of kernels start..start +
+    count - 1; the gap runs from the latest end among the kernels before it (0 where they overlap)."""
+    rows: list[tuple[float, float, str]] = []
+    busy_end: float | None = None
+    for i, (lo, hi, name) in enumerate(kernels[: start + count]):
+        if i >= start:
+            rows.append((max(0.0, lo - busy_end) if busy_end is not None else 0.0, hi - lo, name))
+        busy_end = hi if busy_end is None else max(busy_end, hi)
+    return rows
+
+
+def print_sequence(prof, start: int, count: int) -> None:
+    """The profile's kernels in device order (the first profiled step's, when START lies within it)."""
+    from torch.autograd import DeviceType
+
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                     if e.device_type == DeviceType.CUDA)  # fmt: skip
+    print(f"\n== kernels {start}..{start + count - 1} in device order (gap before, duration; us)")
+    for gap, dur, name in kernel_sequence(kernels, start, count):
+        print(f"  {gap:7.1f} {dur:8.1f}  {name[:90]}")
 
 
 def idle_gaps(kernels: list[tuple[float, float]]) -> tuple[list[tuple[float, float, float]], float]:
