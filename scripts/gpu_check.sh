@@ -29,7 +29,7 @@
 #               (default ab_base/, made by scripts/ab_prepare.sh) in place (AB_ROUNDS times; ~1-1.5 min a run)
 #   variants    scripts/decode_variants.py: decode-step time under several launch settings (VARIANTS) in one
 #               engine, in turns, VARIANT_MODELS at batch VARIANT_BATCH, context VARIANT_ISL (~1-2 min a model)
-#   hostprof    bs-1 latency of HOSTPROF_MODELS (default llama-3.2-1b) with the engine loop under cProfile
+#   hostprof    bs-1 latency of HOSTPROF_MODELS (default llama-3.2-1b; HOSTPROF_ARGS replaces its workload) under cProfile
 #               (--host-profile): where a step's host time goes, printed by own and cumulative time (~1.5 min)
 #   pgemm       scripts/bench_prefill_gemm.py: a layer's projections on cuBLAS at mixed-step sizes (PGEMM_ROWS,
 #               default 8150 8192 8320 8448 8580 8712 rows): whether a token budget of whole waves pays (~1 min)
@@ -159,9 +159,11 @@ smoke() {
 }
 
 hostprof() {
-  local m
+  # HOSTPROF_ARGS replaces the bs-1 workload, e.g. "--isl 2048 --osl 16 --batch-size 1" (a TTFT run)
+  local m args=("${BS1[@]}")
+  [ -n "${HOSTPROF_ARGS:-}" ] && read -ra args <<<"$HOSTPROF_ARGS"
   for m in ${HOSTPROF_MODELS:-llama-3.2-1b}; do
-    bench "hostprof_${m}_bs1" latency --model "preset:$m" "${BS1[@]}" --host-profile "$OUT/hostprof_$m.prof"
+    bench "hostprof_${m}_bs1" latency --model "preset:$m" "${args[@]}" --host-profile "$OUT/hostprof_$m.prof"
     "$PY" -m kiln.executor.host_profile "$OUT/hostprof_$m.prof" 40 >"$OUT/hostprof_$m.txt" 2>&1
     head -120 "$OUT/hostprof_$m.txt"
   done
