@@ -35,6 +35,8 @@
 #               default 8150 8192 8320 8448 8580 8712 rows): whether a token budget of whole waves pays (~1 min)
 #   gsilu       scripts/bench_gemm_silu_mul.py: the gate|up GEMM with SiLU-and-mul in its epilogue against cuBLAS
 #               + silu_and_mul, 1B and 8B shapes at 2,048-8,448 rows (GSILU_ARGS, default --sweep; ~1-2 min)
+#   mbatch      scripts/bench_microbatch_overlap.py: a 2048/128 mixed step's layers as one batch against its decode
+#               rows and its prompts as two micro-batches on two streams (MBATCH_ARGS; ~1 min)
 #   mlp         scripts/bench_mlp_chunks.py: an 8,192-token step's gated MLP whole vs in token chunks (~1 min)
 #   attn        scripts/bench_attention.py: paged attention's prefill launch configurations swept on 8B heads
 #               (prefill, chunk and mixed steps), torch SDPA backends as peers (~2-3 min)
@@ -328,6 +330,13 @@ variants() {
   done
 }
 
+mbatch() {
+  note "mixed-step layers: one batch vs decode rows and prompts on two streams"
+  timeout --kill-after=30 "$BENCH_TIMEOUT" "$PY" scripts/bench_microbatch_overlap.py ${MBATCH_ARGS:-} \
+    --json "$OUT/microbatch_overlap.json" 2>&1 | tee "$OUT/microbatch_overlap.log"
+  printf 'microbatch_overlap\t%s\tsee microbatch_overlap.log\n' "${PIPESTATUS[0]}" >>"$STATUS_FILE"
+}
+
 mlp() {
   note "gated MLP whole vs chunked: scripts/bench_mlp_chunks.py"
   # MLP_ARGS: extra options, e.g. "--preset llama-3.2-1b --chunks 512"
@@ -441,8 +450,8 @@ groups=("$@")
 [ ${#groups[@]} -eq 0 ] && groups=(tests)
 for g in "${groups[@]}"; do
   case "$g" in
-    env | tiny | tests | smoke | profile | latency | throughput | workloads | ttft | nano | gemm | pgemm | gsilu | ab | variants | hostprof | mlp | attn | serve | all) ;;
-    *) echo "unknown group '$g'; use env, tiny, tests, smoke, profile, latency, throughput, workloads, ttft, nano, gemm, pgemm, gsilu, ab, variants, hostprof, mlp, attn, serve or all" >&2
+    env | tiny | tests | smoke | profile | latency | throughput | workloads | ttft | nano | gemm | pgemm | gsilu | ab | variants | hostprof | mbatch | mlp | attn | serve | all) ;;
+    *) echo "unknown group '$g'; use env, tiny, tests, smoke, profile, latency, throughput, workloads, ttft, nano, gemm, pgemm, gsilu, ab, variants, hostprof, mbatch, mlp, attn, serve or all" >&2
        exit 2 ;;
   esac
 done
@@ -465,6 +474,7 @@ for g in "${groups[@]}"; do
     ab) ab ;;
     variants) variants ;;
     hostprof) hostprof ;;
+    mbatch) mbatch ;;
     mlp) mlp ;;
     attn) attn ;;
     serve) serve_bench ;;
