@@ -269,3 +269,37 @@ def test_random_operations_keep_integrity(data):
     kv.begin_step(step + 2)
     kv.check_integrity()
     assert kv.num_free_blocks == 9 and kv.usage == 0.0
+
+
+def test_full_blocks_are_hashed_lazily_before_the_cache_is_next_read_or_changed():
+    """cache_full_blocks only records; the hashes (of the first num_computed tokens, however the list
+    grows) appear at hash_full_blocks, or before match_prefix / open_slot / fork / free read the cache."""
+    kv = make()
+    tokens = [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    kv.open_slot(0, None)
+    kv.allocate(0, 0, len(tokens))
+    kv.cache_full_blocks(0, tokens, 8)  # two full blocks
+    assert kv.pool.cached == {}  # recorded, not hashed yet
+    tokens.append(10)  # a sampled token appended meanwhile: not part of the two blocks
+    h0 = block_hash(ROOT_HASH, [1, 2, 3, 4], salt_digest(None))
+    h1 = block_hash(h0, [5, 6, 7, 8], salt_digest(None))
+    assert kv.match_prefix([1, 2, 3, 4, 5, 6, 7, 8, 0], None).hashes == [h0, h1]  # hashed first
+    assert kv.pool.cached == {h0: int(kv.block_table[0, 0]), h1: int(kv.block_table[0, 1])}
+    kv.check_integrity()
+    # a slot freed with its blocks still unhashed keeps them cached: a later prompt reuses them
+    kv.open_slot(1, None)
+    kv.allocate(1, 0, 8)
+    kv.cache_full_blocks(1, [7, 7, 7, 7, 8, 8, 8, 8], 8)
+    blocks = kv.blocks_of(1).tolist()
+    kv.free(1)
+    kv.check_integrity()
+    match = kv.match_prefix([7, 7, 7, 7, 8, 8, 8, 8, 9], None)
+    assert match.block_ids == blocks and match.num_evictable == 2
+    # hash_full_blocks registers without a read; a second call has nothing left to do
+    kv.allocate(0, 8, 12)
+    kv.cache_full_blocks(0, tokens + [11, 12], 12)
+    kv.hash_full_blocks()
+    assert len(kv.pool.cached) == 5
+    kv.hash_full_blocks()
+    assert len(kv.pool.cached) == 5
+    kv.check_integrity()

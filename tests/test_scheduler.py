@@ -463,6 +463,22 @@ def test_prefix_reuse_serves_cached_blocks_but_not_to_prompt_logprobs_requests()
     assert st_.prefix_hits == 12 and st_.prefix_queries == 3 * 14  # the plp request is not looked up
 
 
+def test_an_update_leaves_its_full_blocks_to_be_hashed_by_the_next_schedule():
+    """A step's results go out before its prompt blocks are hashed (they are on the first token's path);
+    the next schedule hashes them, so a request admitted then still finds them."""
+    h = Harness.make()
+    h.add("first", prompt_of(14), max_tokens=4, ignore_eos=True)
+    b = h.sched.schedule()
+    h._apply(h.sched.update(b, h.engine.step(b)))  # the whole prompt: three full blocks of 4
+    assert h.sched.kv.pool.cached == {}
+    h.step()
+    assert len(h.sched.kv.pool.cached) == 3
+    h.add("second", prompt_of(14), max_tokens=2, ignore_eos=True)
+    h.run()
+    h.check_against_reference()
+    assert h.cached["second"] == 12
+
+
 def test_prompt_logprobs_cover_each_position_once():
     h = Harness.make(tokens=8)
     prompt = prompt_of(30)
