@@ -79,24 +79,9 @@ def time_us(fn: Callable[[], Any], dev: torch.device, iters: int, reps: int) -> 
             fn()
             times.append((time.perf_counter() - t0) * 1e6)
         return statistics.median(times)
-    for _ in range(3):  # compile and warm up outside the capture
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    graph.replay()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / reps)
-    del graph
-    return statistics.median(times)
+    from kiln.bench.graph_timing import graph_replay_us
+
+    return graph_replay_us(fn, iters, calls=reps)
 
 
 def bench_shape(k: int, n: int, rows: int, configs: list[Any], args: argparse.Namespace) -> list[dict]:

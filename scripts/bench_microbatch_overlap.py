@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -123,26 +121,6 @@ def run_layers(layer: MixedLayer, x: torch.Tensor, residual: torch.Tensor, layer
     return x, residual
 
 
-def time_graph_us(fn: Callable[[], object], reps: int) -> float:
-    """Median microseconds of a CUDA-graph replay of ``fn`` (captured after two warm-up calls)."""
-    fn()
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
-
-
 def two_streams(layer: MixedLayer, xd: torch.Tensor, rd: torch.Tensor, xp: torch.Tensor, rp: torch.Tensor,
                 layers: int, side: torch.cuda.Stream) -> None:  # fmt: skip
     """The prompts' layers on the current stream, the decode rows' on ``side``; joined at the end
@@ -198,16 +176,18 @@ def main() -> None:
         print("no CUDA device: outputs checked, nothing timed")
         return
 
+    from kiln.bench.graph_timing import graph_replay_us
+
     n, side = args.layers, torch.cuda.Stream()
     xd, rd, xp, rp = x[:d].clone(), res[:d].clone(), x[d:].clone(), res[d:].clone()
+    variants = {
+        "one batch": lambda: run_layers(layer, x, res, n, True, True),
+        "decode rows alone": lambda: run_layers(layer, xd, rd, n, True, False),
+        "prompts alone": lambda: run_layers(layer, xp, rp, n, False, True),
+        "two streams": lambda: two_streams(layer, xd, rd, xp, rp, n, side),
+    }
     with torch.inference_mode():
-        times = {
-            "one batch": time_graph_us(lambda: run_layers(layer, x, res, n, True, True), args.reps),
-            "decode rows alone": time_graph_us(lambda: run_layers(layer, xd, rd, n, True, False), args.reps),
-            "prompts alone": time_graph_us(lambda: run_layers(layer, xp, rp, n, False, True), args.reps),
-            "two streams": time_graph_us(lambda: two_streams(layer, xd, rd, xp, rp, n, side), args.reps),
-        }
-    per_layer = {k: v / n for k, v in times.items()}
+        per_layer = {name: graph_replay_us(fn, args.reps) / n for name, fn in variants.items()}
     per_layer["max of the two alone"] = max(per_layer["decode rows alone"], per_layer["prompts alone"])
     print(f"\n{'per layer':<24}{'us':>10}")
     for k, v in per_layer.items():

@@ -552,3 +552,15 @@ def test_simulated_steps_are_the_engines_steps(tiny_model, policy):
     assert sim.output_tokens == sum(wl.output_lens)
     if policy == "max_utilization":
         assert sim.preemptions > 0  # the pool is small enough to exercise them
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_graph_replay_us_times_calls_inside_one_graph():
+    from kiln.bench.graph_timing import graph_replay_us
+
+    a = torch.randn(2048, 2048, device="cuda", dtype=torch.bfloat16)
+    one = graph_replay_us(lambda: torch.mm(a, a), iters=5, calls=1)
+    eight = graph_replay_us(lambda: torch.mm(a, a), iters=5, calls=8)
+    # a 2048^3 bf16 matmul takes ~20-40 us on an H100: per call, eight in a graph cost about one alone
+    assert 0 < one < 1e4 and 0.5 * one < eight < 2 * one
