@@ -138,7 +138,6 @@ class Scheduler:
             )
         self._step += 1
         self.kv.begin_step(self._step)
-        self.kv.hash_full_blocks()  # the last update's full blocks, hashed after its results went out
         self._scheduled, self._promised, self._preempted_now = set(), 0, False
         entries: list[tuple[Sequence, int]] = []  # (sequence, tokens computed), decode first
         forks: dict[int, list[Sequence]] = {}  # entry index -> children forked off it this step
