@@ -14,7 +14,8 @@ of ``--layers`` layers: the one batch, each micro-batch alone, and both micro-ba
 streams. The split wins if "two streams" comes under "one batch"; "max of the two alone" is its
 floor. Each variant runs kiln's plugin kernels (norms, SiLU-and-mul, the paged Triton attention,
 cuDNN through ``causal_sdpa``) and cuBLAS GEMMs, on one layer's weights reused by every layer (a
-layer's 0.44 GB is far past the L2). RoPE and the KV write are left out of every variant alike. The
+layer's 0.44 GB is far past the L2). RoPE and the KV write are left out of every variant alike (a
+copy of q stands in for RoPE's output). The
 split's outputs are first checked against the one batch's.
 
 On a machine without CUDA (``--device cpu``) the reference kernels run at the sizes given, with no
@@ -105,7 +106,8 @@ class MixedLayer:
         s, eps = self.shape, 1e-5
         h, residual = self.add_rms(x, residual, self.norm_in, eps)
         qkv = F.linear(h, self.w_qkv)
-        q = qkv[:, : self.q_width].unflatten(1, (s.q_heads, s.head_dim))
+        # q contiguous, as the RoPE kernel's output is in the engine (its one extra pass stands in for it)
+        q = qkv[:, : self.q_width].unflatten(1, (s.q_heads, s.head_dim)).contiguous()
         k = qkv[:, self.q_width : self.q_width + self.kv_width].unflatten(1, (s.kv_heads, s.head_dim))
         v = qkv[:, self.q_width + self.kv_width :].unflatten(1, (s.kv_heads, s.head_dim))
         attn = torch.empty_like(q)
