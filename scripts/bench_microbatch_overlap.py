@@ -147,8 +147,12 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny head and hidden sizes (the CPU check)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    if min(args.decode_rows, args.context, args.prompts, args.prompt_len, args.layers, args.reps) < 1:
-        raise SystemExit("--decode-rows, --context, --prompts, --prompt-len, --layers, --reps must be >= 1")
+    sizes = dict(decode_rows=args.decode_rows, context=args.context, prompts=args.prompts,
+                 prompt_len=args.prompt_len, layers=args.layers, reps=args.reps)  # fmt: skip
+    if bad := {k: v for k, v in sizes.items() if v < 1}:
+        raise SystemExit(
+            f"--decode-rows, --context, --prompts, --prompt-len, --layers, --reps must be >= 1, got {bad}"
+        )
     dev = torch.device(args.device)
     on_gpu = dev.type == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32

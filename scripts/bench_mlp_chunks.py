@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 
@@ -32,6 +31,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10, help="graph replays timed (median)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    from kiln.bench.graph_timing import graph_replay_us
     from kiln.plugins import get_plugin
 
     silu = get_plugin("silu_and_mul").plugin.forward
@@ -65,20 +65,8 @@ def main() -> None:
         layers(chunk)
         torch.cuda.synchronize()
         err = (out.float() - whole.float()).abs().max().item()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            layers(chunk)
-        graph.replay()
-        times = []
-        for _ in range(args.reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1e3 / copies)
-        del graph
-        us = statistics.median(times)
+        # the checked pass above is the warm-up; a replay runs every weight copy: per layer is / copies
+        us = graph_replay_us(lambda chunk=chunk: layers(chunk), args.reps, warmup=0) / copies
         label = "whole" if chunk == t else f"chunks of {chunk}"
         print(f"  {label:<16} {us:8.1f} us  {flops / us / 1e6:6.0f} TFLOP/s  max |diff| vs whole {err:.3g}")
         rows.append(dict(chunk=chunk, us=us, tflops=flops / us / 1e6, max_diff=err))
