@@ -140,8 +140,9 @@ bench() {
   shift
   note "bench $name: kiln bench $* (timeout ${BENCH_TIMEOUT} s)"
   local t0=$(date +%s)
-  timeout --kill-after=30 "$BENCH_TIMEOUT" "$PY" -m kiln.cli bench "$@" "${CACHE_ARGS[@]}" \
-    --json "$OUT/$name.json" 2>&1 | tee "$OUT/$name.log"
+  # STEP_LOGS=1: the engine's per-step lines (KILN_STEP_LOG) beside each report, as NAME.steps.tsv
+  KILN_STEP_LOG=${STEP_LOGS:+$OUT/$name.steps.tsv} timeout --kill-after=30 "$BENCH_TIMEOUT" "$PY" -m kiln.cli bench \
+    "$@" "${CACHE_ARGS[@]}" --json "$OUT/$name.json" 2>&1 | tee "$OUT/$name.log"
   local rc=${PIPESTATUS[0]}
   local why=ok
   [ "$rc" = 124 ] || [ "$rc" = 137 ] && why="timed out after ${BENCH_TIMEOUT} s"
@@ -288,7 +289,9 @@ ab() {
   # repository paths (make it with scripts/ab_prepare.sh COMMIT FILE...; the GPU machine's git may lack
   # the commit). Runs bs-1 latency of each of LATENCY_MODELS with this tree, then with those files in
   # place, AB_ROUNDS times in turn on one machine (default 1); the tree's files are put back afterwards.
-  local dir=${AB_DIR:-ab_base} saved f m r files
+  # AB_ARGS replaces the bs-1 workload, e.g. "--isl 2048 --osl 16 --batch-size 1" (TTFT)
+  local dir=${AB_DIR:-ab_base} saved f m r files args=("${BS1[@]}")
+  [ -n "${AB_ARGS:-}" ] && read -ra args <<<"$AB_ARGS"
   if [ ! -d "$dir" ]; then
     printf 'ab\t2\tno %s/ (scripts/ab_prepare.sh COMMIT FILE...)\n' "$dir" >>"$STATUS_FILE"
     return
@@ -302,11 +305,11 @@ ab() {
   for r in $(seq 1 "${AB_ROUNDS:-1}"); do
     for f in $files; do cp "$saved/$f" "$f"; done
     for m in ${LATENCY_MODELS-llama-3.2-1b llama-3.1-8b}; do
-      bench "latency_${m}_bs1_ab_new_r$r" latency --model "preset:$m" "${BS1[@]}" --backend kiln
+      bench "latency_${m}_ab_new_r$r" latency --model "preset:$m" "${args[@]}" --backend kiln
     done
     for f in $files; do cp "$dir/$f" "$f"; done
     for m in ${LATENCY_MODELS-llama-3.2-1b llama-3.1-8b}; do
-      bench "latency_${m}_bs1_ab_base_r$r" latency --model "preset:$m" "${BS1[@]}" --backend kiln
+      bench "latency_${m}_ab_base_r$r" latency --model "preset:$m" "${args[@]}" --backend kiln
     done
   done
   for f in $files; do cp "$saved/$f" "$f"; done

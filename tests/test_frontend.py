@@ -183,6 +183,24 @@ def test_codec_round_trips_messages():
     assert back[1].new_top == [[(4, -0.1)]] and back[1].prompt_logprobs[0].token_logprobs.shape == (3,)
 
 
+def test_worker_outbox_hands_over_a_message_with_tokens_before_send_returns():
+    # The loop waits for the write of a message with tokens (the front end's first token must not wait
+    # for the GIL the loop holds while launching the next step); one without tokens is only queued.
+    import multiprocessing as mp
+
+    from kiln.executor.client import _Outbox
+
+    reader, writer = mp.get_context("spawn").Pipe(duplex=False)
+    outbox = _Outbox(writer, wait_s=5.0)
+    for i in range(20):
+        outbox.send(("updates", [i], None))
+        assert reader.poll(0), "send returned before the message with tokens was written"
+        assert tuple(codec.decode(reader.recv_bytes()))[1] == [i]
+    outbox.send(("updates", [], None))  # stats only: queued, written in the background
+    assert tuple(codec.decode(reader.recv_bytes())) == ("updates", [], None)
+    outbox.close()
+
+
 def test_worker_outbox_queues_while_the_front_end_does_not_read_and_keeps_order():
     # The engine loop must not wait on a front end that stops reading: sends return while the pipe's
     # buffer is full, and everything arrives, in order, once the reader drains it.

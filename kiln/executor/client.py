@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import queue
 import threading
 from abc import ABC, abstractmethod
@@ -81,23 +82,42 @@ class _Outbox:
     """The worker's sending side: the loop encodes a message (a snapshot of its stats) and queues it; a
     thread writes it to the pipe. A front end that stops reading for a while (a full garbage
     collection over thousands of requests, a burst of detokenizing) fills the pipe's buffer; the
-    writer then waits, and the engine keeps stepping instead of idling the device."""
+    writer then waits, and the engine keeps stepping instead of idling the device.
 
-    def __init__(self, conn: Any) -> None:
+    A message with tokens is handed over: the loop waits until it is written, up to ``wait_s``
+    (``KILN_OUTBOX_WAIT_MS``, default 2; 0 never waits), unless earlier messages are still queued (the
+    pipe is full). Queued alone, its write waited for the GIL, which the loop holds while it launches
+    the next step: 8B TTFT at ISL 2,048 spent 1.0-1.2 ms from the results to the front end on an H200,
+    0.2-0.3 ms with the write done at once (benchmarks/NOTES.md)."""
+
+    def __init__(self, conn: Any, wait_s: float | None = None) -> None:
         self._conn = conn
-        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        if wait_s is None:
+            wait_s = float(os.environ.get("KILN_OUTBOX_WAIT_MS", "2")) / 1e3
+        self.wait_s = wait_s
+        self._queue: queue.SimpleQueue[tuple[bytes, threading.Event | None] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._write, name="kiln-outbox", daemon=True)
         self._thread.start()
 
     def send(self, msg: tuple[Any, ...]) -> None:
-        self._queue.put(codec.encode(msg))
+        data = codec.encode(msg)
+        if self.wait_s <= 0 or msg[0] != "updates" or not msg[1] or not self._queue.empty():
+            self._queue.put((data, None))
+            return
+        written = threading.Event()
+        self._queue.put((data, written))
+        written.wait(self.wait_s)  # releases the GIL: the writer takes it at once
 
     def _write(self) -> None:
-        while (data := self._queue.get()) is not None:
+        while (item := self._queue.get()) is not None:
+            data, written = item
             try:
                 self._conn.send_bytes(data)
             except OSError:  # the front end is gone; nobody is left to tell
                 return
+            finally:
+                if written is not None:
+                    written.set()
 
     def close(self, timeout: float = 30.0) -> None:
         """Write everything queued (the last updates, a fatal error), then stop."""
