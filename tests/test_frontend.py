@@ -226,3 +226,56 @@ def test_worker_outbox_queues_while_the_front_end_does_not_read_and_keeps_order(
     outbox.send(("fatal", "last words"))
     outbox.close()
     assert tuple(codec.decode(reader.recv_bytes())) == ("fatal", "last words")
+
+
+class _ScriptedCore:
+    """Just enough of EngineCore for run_engine_loop: work is a count of steps left; every call is logged."""
+
+    def __init__(self) -> None:
+        from kiln.executor.stats import EngineStats
+
+        self.stats, self.steps_left, self.log = EngineStats(), 0, []
+
+    def has_work(self) -> bool:
+        return self.steps_left > 0
+
+    def add_request(self, req: Request) -> list[SequenceUpdate]:
+        self.log.append("add")
+        self.steps_left = 2
+        return []
+
+    def abort(self, *args: object) -> list[SequenceUpdate]:
+        self.log.append("abort")
+        return [SequenceUpdate(str(args[0]), 0, [], [], finished=True, finish_reason="abort")]
+
+    def step(self) -> list[SequenceUpdate]:
+        self.log.append("step")
+        self.steps_left -= 1
+        return [SequenceUpdate("a", 0, [7], [0.0])]
+
+    def refresh_stats(self):  # noqa: ANN201
+        self.stats.num_running = self.steps_left
+        return self.stats
+
+
+def test_engine_loop_sends_an_admission_with_the_step_it_lets_run_and_an_abort_at_once():
+    # A request's arrival is not written out on its own before its first step's launch (that write was
+    # on its time to first token); an abort's news is, before any further step; stats ride on both.
+    from kiln.executor.engine_core import run_engine_loop
+
+    core = _ScriptedCore()
+    add = ("add", Request("a", [1, 2], SamplingParams(max_tokens=2)))
+    inbox = [[add], [("abort", "b", None, "abort", None)], [("shutdown",)]]
+
+    def receive(block: bool) -> list[tuple]:
+        return inbox.pop(0)
+
+    def send(msg: tuple) -> None:
+        core.log.append((msg[0], [(u.request_id, u.new_token_ids) for u in msg[1]], msg[2] is not None))
+
+    run_engine_loop(core, receive, send)  # type: ignore[arg-type]
+    assert core.log == [
+        "add", "step", ("updates", [("a", [7])], True),  # the admission's stats with the first step
+        "abort", ("updates", [("b", [])], True),  # at once, before the next step
+        "step", ("updates", [("a", [7])], True),  # the last step: stats as the loop runs dry
+    ]  # fmt: skip

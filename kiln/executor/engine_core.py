@@ -312,6 +312,7 @@ def _serve(core: EngineCore, receive: Receive, send: Send, gc_policy: IdleFullCo
             if busy:  # a blocking wait for requests while idle is no overhead
                 core.stats.loop_io_time_total += time.perf_counter() - t0
             updates: list[SequenceUpdate] = []
+            aborted = False
             for msg in msgs:
                 kind = msg[0]
                 if kind == "shutdown":
@@ -321,16 +322,25 @@ def _serve(core: EngineCore, receive: Receive, send: Send, gc_policy: IdleFullCo
                         updates += core.add_request(req)
                 elif kind == "abort":
                     updates += core.abort(*msg[1:])
+                    aborted = True
                 else:
                     raise ValueError(f"unknown executor message {kind!r}")
-            if msgs:  # stats change with admissions and aborts too, not only with steps
+            # Admissions and aborts change the stats too. Admissions' news rides with the step they let
+            # run: a write of its own before that step's launch cost ~0.1 ms of time to first token. An
+            # abort's goes out at once, before another step, as does any news with nothing to step.
+            news = bool(msgs)
+            if news and (aborted or not core.has_work()):
                 send(("updates", updates, core.refresh_stats()))
+                updates, news = [], False
             if core.has_work():
-                updates = core.step()
+                updates += core.step()
                 if gc_policy is not None:
                     gc_policy.on_busy_step()
                 t1 = time.perf_counter()
-                if (
+                if news:
+                    send(("updates", updates, core.refresh_stats()))
+                    stats_sent = t1
+                elif (
                     t1 - stats_sent >= STATS_INTERVAL_S
                     or not core.has_work()
                     or any(u.finished for u in updates)
