@@ -74,6 +74,7 @@ class RequestState:
         self.num_cached_tokens = max(self.num_cached_tokens, up.num_cached_tokens)
         if self.metrics.first_scheduled_time is None and up.first_scheduled_time is not None:
             self.metrics.first_scheduled_time = up.first_scheduled_time
+            self.metrics.queued_time = up.queued_time
         if up.new_token_ids and self.metrics.first_token_time is None:
             self.metrics.first_token_time = time.time()
         for i, tok in enumerate(up.new_token_ids):

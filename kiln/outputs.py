@@ -27,6 +27,9 @@ class CompletionOutput:
 class RequestMetrics:
     arrival_time: float
     first_scheduled_time: float | None = None  # queue time = first_scheduled_time - arrival_time
+    # when the engine took the request in: arrival -> here is the way to the engine (its process),
+    # here -> first_scheduled_time the wait for a slot and KV blocks
+    queued_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
 

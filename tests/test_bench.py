@@ -484,7 +484,10 @@ def test_end_to_end_throughput_and_latency_on_cpu(tmp_path, capsys):
     assert len(k["step_split_ms"]) == 4
     queued, prefill, rest = k["ttft_split_ms"]  # one prompt of 8: one prefill step, before its first token
     assert queued >= 0 and prefill > 0 and queued + prefill + rest == pytest.approx(k["ttft_ms"])
-    assert "of it queued / prefill steps / the rest (ms)" in capsys.readouterr().out
+    to_engine, waiting = k["queued_split_ms"]  # the engine's receipt splits the queued part
+    assert to_engine >= 0 and waiting >= 0 and to_engine + waiting == pytest.approx(queued)
+    out = capsys.readouterr().out
+    assert "of it queued / prefill steps / the rest (ms)" in out and "queued: to the engine / waiting in it" in out
 
 
 @pytest.mark.gpu

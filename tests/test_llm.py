@@ -357,6 +357,7 @@ def test_request_metrics_are_ordered(tiny_model):
         m = out.metrics
         assert m is not None and m.first_scheduled_time is not None
         assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.finished_time
+        assert m.queued_time is not None and m.arrival_time <= m.queued_time <= m.first_scheduled_time
 
 
 def test_step_log_has_one_line_per_step(tiny_model, tmp_path, monkeypatch):

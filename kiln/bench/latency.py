@@ -57,7 +57,7 @@ def _ttft_split(ttft_s: float, queued_s: float, run: KilnRun) -> list[float]:
 def _kiln_latency(model: BenchModel, opts: LatencyOptions, engine: EngineSettings) -> dict[str, Any]:
     from kiln.bench.workloads import Workload
 
-    ttfts, tpots, step_ms, host_ms, splits, ttft_splits = [], [], [], [], [], []
+    ttfts, tpots, step_ms, host_ms, splits, ttft_splits, queued_splits = [], [], [], [], [], [], []
     wrong = 0
     with open_llm(model.path, engine) as llm:
         _say(f"kiln: engine ready ({llm.engine_info})")
@@ -65,7 +65,7 @@ def _kiln_latency(model: BenchModel, opts: LatencyOptions, engine: EngineSetting
             run = run_workload(llm, Workload("latency", prompts, [opts.osl] * len(prompts)))
             if i < opts.warmup:
                 continue
-            it_ttft, it_tpot, it_queued = [], [], []
+            it_ttft, it_tpot, it_queued, it_to_engine = [], [], [], []
             for out in run.outputs:
                 wrong += len(out.outputs[0].token_ids) != opts.osl
                 ttft, _, tpot = request_times(out)
@@ -75,6 +75,8 @@ def _kiln_latency(model: BenchModel, opts: LatencyOptions, engine: EngineSetting
                     m = out.metrics
                     if m is not None and m.first_scheduled_time is not None:
                         it_queued.append(m.first_scheduled_time - m.arrival_time)
+                        if m.queued_time is not None:
+                            it_to_engine.append(m.queued_time - m.arrival_time)
             if it_tpot:
                 ttfts.append(statistics.mean(it_ttft))
                 tpots.append(statistics.mean(it_tpot))
@@ -83,6 +85,9 @@ def _kiln_latency(model: BenchModel, opts: LatencyOptions, engine: EngineSetting
                 splits.append(run.step_split_ms)
                 if it_queued and run.step_kinds:
                     ttft_splits.append(_ttft_split(statistics.mean(it_ttft), statistics.mean(it_queued), run))
+                if it_to_engine and len(it_to_engine) == len(it_queued):
+                    to_engine, queued = statistics.mean(it_to_engine), statistics.mean(it_queued)
+                    queued_splits.append([to_engine * 1e3, (queued - to_engine) * 1e3])
         info = dict(llm.engine_info)
     if not tpots:
         raise RuntimeError("no iteration produced timings (request metrics are missing)")
@@ -100,6 +105,8 @@ def _kiln_latency(model: BenchModel, opts: LatencyOptions, engine: EngineSetting
         "step_split_ms": [statistics.median(col) for col in zip(*splits, strict=True)],
         "ttft_ms": statistics.median(ttfts) * 1e3,
         "ttft_split_ms": [statistics.median(col) for col in zip(*ttft_splits, strict=True)],
+        # the queued part: the request's way to the engine (its process), then its wait there for a slot
+        "queued_split_ms": [statistics.median(col) for col in zip(*queued_splits, strict=True)],
         "per_iteration_decode_tok_s": [1.0 / t for t in tpots],
         "wrong_lengths": wrong,
         "engine_info": info,

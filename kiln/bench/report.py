@@ -204,6 +204,7 @@ ROWS = {
         ("time per output token (ms)", "tpot_ms"),
         ("TTFT (ms)", "ttft_ms"),
         ("of it queued / prefill steps / the rest (ms)", "ttft_split_ms"),
+        ("queued: to the engine / waiting in it (ms)", "queued_split_ms"),
         ("effective bandwidth (GB/s)", "effective_gb_s"),
         ("engine step / of it scheduling (ms)", "step_host_ms"),
         ("per step host / device wait / I/O / GC (ms)", "step_split_ms"),
@@ -212,10 +213,14 @@ ROWS = {
 }
 
 
+# figures in ms shown as a / b / c
+_SPLITS = ("step_host_ms", "step_split_ms", "ttft_split_ms", "queued_split_ms")
+
+
 def _cell(key: str, v: Any) -> str:
     if isinstance(v, dict):  # percentiles
         return " / ".join(_fmt(v.get(k)) for k in ("p50", "p90", "p99") if k in v)
-    if key in ("step_host_ms", "step_split_ms", "ttft_split_ms") and isinstance(v, (list, tuple)):
+    if key in _SPLITS and isinstance(v, (list, tuple)):
         return " / ".join(f"{x:.3f}" for x in v)
     if key == "per_iteration_decode_tok_s" and isinstance(v, (list, tuple)) and v:
         return f"{_fmt(min(v))} / {_fmt(max(v))}"  # the spread behind the median

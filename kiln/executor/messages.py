@@ -142,3 +142,4 @@ class SequenceUpdate:
     error: str | None = None  # set when this request failed alone
     first_scheduled_time: float | None = None  # wall clock when the request first got a slot
     rejected: bool = False  # with error: the executor refused the request itself (an input error)
+    queued_time: float | None = None  # wall clock when the engine took the request into its queue

@@ -17,6 +17,7 @@ what the host reports and checks (finish reasons, slot inits) uses the known one
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,6 +45,7 @@ class RequestState:
     # guaranteed_no_evict: blocks this request may still take from the pool (reserved at admission)
     future_blocks: int = 0
     first_scheduled_time: float | None = None  # wall clock (time.time) of the first admission
+    queued_time: float = field(default_factory=time.time)  # wall clock when the engine took it in
 
     @property
     def request_id(self) -> str:

@@ -141,6 +141,7 @@ def update_of(updates: dict[int, SequenceUpdate], seq: Sequence) -> SequenceUpda
             [],
             num_cached_tokens=seq.num_cached_tokens,
             first_scheduled_time=seq.request.first_scheduled_time,
+            queued_time=seq.request.queued_time,
         )
     return up
 
