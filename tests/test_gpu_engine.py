@@ -112,6 +112,65 @@ def test_overlap_and_compile_give_same_tokens_as_plain_eager(tiny_model):
     assert got == ref and got_s == ref_s
 
 
+class _CountedGraph:
+    """A captured graph whose replays are recorded (by size)."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, size: int, replays: list[int]) -> None:
+        self.graph, self.size, self.replays = graph, size, replays
+
+    def replay(self) -> None:
+        self.replays.append(self.size)
+        self.graph.replay()
+
+
+def _count_prompt_graph_replays(llm: LLM) -> list[int]:
+    pieces = llm._executor._core.engine.pieces
+    assert pieces is not None and pieces.prompt_sizes, "no prompt graphs"
+    assert sorted(pieces._prompt_graphs) == pieces.prompt_sizes  # every size captured
+    replays: list[int] = []
+    for size, graph in list(pieces._prompt_graphs.items()):
+        pieces._prompt_graphs[size] = _CountedGraph(graph, size, replays)
+    return replays
+
+
+def test_prompt_graphs_are_exact_in_fp32(tiny_model):
+    # A lone fresh prompt's whole prefill replays as one graph, its attention (SDPA) inside: greedy
+    # tokens equal transformers' for lengths that pad to several sizes, short and long.
+    path = tiny_model("LlamaForCausalLM", tokenizer=True, **SHAPE)
+    hf = load_hf_model(path).cuda()
+    rng = random.Random(5)
+    prompts = [[rng.randrange(1, 300) for _ in range(n)] for n in (1, 7, 16, 17, 90, 200, 250)]
+    with _llm(path, dtype="float32", executor="thread") as llm:
+        replays = _count_prompt_graph_replays(llm)
+        pieces = llm._executor._core.engine.pieces
+        for prompt in prompts:  # one at a time: each is a lone fresh prompt
+            out = llm.generate([prompt], SamplingParams(max_tokens=8, **GREEDY), use_tqdm=False)[0]
+            assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 8)[0], len(prompt)
+    assert replays == [pieces.padded_size(len(p)) for p in prompts]
+
+
+def test_prompt_graphs_give_the_pieces_tokens_bf16(tiny_model, monkeypatch):
+    # In bf16 the prompt graph runs the pieces' kernels at the same padded size, SDPA included (these
+    # lengths pad to the same SDPA length both ways), so tokens and logprobs match the engine without
+    # prompt graphs (KILN_PROMPT_GRAPHS=0) exactly.
+    path = tiny_model("Qwen3ForCausalLM", tokenizer=True, **SHAPE)
+    rng = random.Random(6)
+    prompts = [[rng.randrange(1, 300) for _ in range(n)] for n in (90, 128, 200)]
+    sp = SamplingParams(max_tokens=10, logprobs=2, **GREEDY)
+
+    def run() -> list:
+        with _llm(path, dtype="bfloat16", executor="thread") as llm:
+            on = llm._executor._core.engine.pieces.prompt_sizes
+            outs = [llm.generate([p], sp, use_tqdm=False)[0].outputs[0] for p in prompts]
+        return [bool(on), [(o.token_ids, o.logprobs) for o in outs]]
+
+    with_graphs = run()
+    monkeypatch.setenv("KILN_PROMPT_GRAPHS", "0")
+    without = run()
+    assert with_graphs[0] and not without[0]
+    assert with_graphs[1] == without[1]
+
+
 def test_piecewise_graphs_give_the_eager_tokens(tiny_model):
     # Prefill and mixed steps through the captured pieces (padded to a captured token count, the
     # attention launched between pieces) against the same engine running them eagerly.

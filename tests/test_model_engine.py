@@ -81,12 +81,21 @@ def schedule() -> list[list[Chunk]]:
 SPIED_PATHS = {"cuda_graphs": False, "compile": False}
 
 
-def use_piecewise(engine: ModelEngine, sizes: list[int]) -> list[int]:
+def use_piecewise(engine: ModelEngine, sizes: list[int], prompt_graphs: bool = False) -> list[int]:
     """Route the engine's steps through a piecewise runner replayed eagerly (the CPU stand-in for the
-    captured pieces); returns a list that records each run's token count."""
+    captured pieces), with prompt graphs for every size if asked (their SDPA attention, as the engine
+    gives them with paged_attention_sdpa); returns a list that records each run's token count."""
     assert engine.kv_cache is not None
+    prompt_attention = None
+    if prompt_graphs:
+        from kiln.layers.attention import PagedAttention
+        from kiln.plugins.sdpa_prefill import lone_prompt_attention
+
+        scales = [m.scale for m in engine.model.modules() if isinstance(m, PagedAttention)]
+        prompt_attention = lone_prompt_attention(scales, engine.kv_cache.layers)
     engine.pieces = PiecewiseGraphRunner(engine.model.model, engine.kv_cache.layers, sizes, engine.device,
-                                         capture=False)  # fmt: skip
+                                         capture=False, prompt_attention=prompt_attention,
+                                         prompt_sizes=sizes)  # fmt: skip
     runs: list[int] = []
     run = engine.pieces.run
 
@@ -98,17 +107,28 @@ def use_piecewise(engine: ModelEngine, sizes: list[int]) -> list[int]:
     return runs
 
 
-@pytest.mark.parametrize("path_kind", ["eager", "piecewise"])
+@pytest.mark.parametrize("path_kind", ["eager", "piecewise", "prompt-graphs"])
 @pytest.mark.parametrize("case", sorted(ARCH_CASES))
-def test_paged_chunked_mixed_run_matches_transformers(tiny_model, case, path_kind):
+def test_paged_chunked_mixed_run_matches_transformers(tiny_model, case, path_kind, monkeypatch):
     # "piecewise": every step through the pieces between attentions, padded to 8 or 16 tokens (the
-    # padded rows write no KV, so later steps still match)
+    # padded rows write no KV, so later steps still match). "prompt-graphs": the same, with the first
+    # step (A's first chunk, a lone fresh prompt) run whole with SDPA attention as a prompt graph holds
+    # it; its padded rows write K/V into the rest of A's page, which A's next chunk overwrites.
     arch, overrides = ARCH_CASES[case]
+    if path_kind == "prompt-graphs" and "sliding" in case:
+        pytest.skip("the engine gives no prompt graphs to windowed layers")
     path = tiny_model(arch, **overrides)
     ref = {0: reference(path, tuple(SEQ_A)), 1: reference(path, tuple(SEQ_B))}
     prompts = {0: SEQ_A[:PROMPT_A], 1: SEQ_B[:PROMPT_B]}
     engine = make_engine(path)
-    runs = use_piecewise(engine, [8, 16]) if path_kind == "piecewise" else []
+    runs = use_piecewise(engine, [8, 16], path_kind == "prompt-graphs") if path_kind != "eager" else []
+    whole: list[int] = []
+    if path_kind == "prompt-graphs":
+        assert engine.pieces is not None
+        real_whole = engine.pieces._prompt_forward
+        monkeypatch.setattr(
+            engine.pieces, "_prompt_forward", lambda size: whole.append(size) or real_whole(size)
+        )
     builder = StepBuilder(BLOCK)
     inits = [slot_init(1, prompts[0], 3), slot_init(2, prompts[1], 3)]
     scored: dict[int, list[float]] = {0: [], 1: []}
@@ -137,6 +157,24 @@ def test_paged_chunked_mixed_run_matches_transformers(tiny_model, case, path_kin
         assert (
             engine.pieces is not None and engine.pieces.tokens[2, 5:8] == -1
         ).all()  # padding: no KV write
+    assert whole == ([8] if path_kind == "prompt-graphs" else [])  # the lone fresh prompt alone
+
+
+def test_a_prompt_graph_reads_no_stale_key_past_its_prompt(tiny_model):
+    # A prompt graph attends over its whole padded size: the keys past the prompt (the rest of its last
+    # page, then the null block) are written by its padding rows in the same step. With every block of
+    # the pool holding NaN before, the prompt's logits and the next decode step's still match.
+    path = tiny_model("LlamaForCausalLM")
+    ref = reference(path, tuple(SEQ_A))
+    engine = make_engine(path)
+    use_piecewise(engine, [16], prompt_graphs=True)
+    assert engine.kv_cache is not None
+    engine.kv_cache.pool.fill_(float("nan"))
+    builder = StepBuilder(BLOCK)
+    out = engine.forward(builder.batch([Chunk(0, 1, 0, SEQ_A[:5])]))  # 5 tokens padded to 16: 2 pages
+    torch.testing.assert_close(out.logits[0], ref[4], **TOL)
+    out = engine.forward(builder.batch([Chunk(0, 1, 5, SEQ_A[5:6], decode=True)]))
+    torch.testing.assert_close(out.logits[0], ref[5], **TOL)
 
 
 def test_prompt_logprobs_sliced_and_unannounced_slot(tiny_model):

@@ -10,6 +10,7 @@ bounded slices).
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,13 +30,21 @@ from kiln.engine.kv_cache import (
     cpu_default_num_blocks,
     num_blocks_for_bytes,
 )
-from kiln.engine.piecewise_graphs import PiecewiseGraphRunner, default_piecewise_sizes
+from kiln.engine.piecewise_graphs import (
+    PiecewiseGraphRunner,
+    PromptAttention,
+    default_piecewise_sizes,
+    prompt_graph_sizes,
+)
 from kiln.engine.prompt_logprobs import PromptLogprobsComputer
 from kiln.engine.staging import HostStaging
 from kiln.engine.step_inputs import StepInputBuilder
 from kiln.engine.synthetic_batches import covering_shapes, profile_batch, synthetic_batch, warm_up_shapes
 from kiln.executor.messages import PromptLogprobs, ScheduledBatch
 from kiln.plugins import PluginSet
+
+# KILN_PROMPT_GRAPHS=0: a lone fresh prompt runs through the piecewise graphs, not its own prompt graph
+PROMPT_GRAPHS_ENV = "KILN_PROMPT_GRAPHS"
 
 # The attention plugin that hands a lone fresh prompt to torch SDPA (cuDNN) and the rest to Triton, and
 # those whose steps launch the built-in Triton kernel.
@@ -132,15 +141,36 @@ class ModelEngine:
             )
             self.graphs.capture()
             if piecewise_graphs:
+                sizes = piecewise_token_sizes or default_piecewise_sizes(limits.max_num_tokens)
+                prompt_attention = self._prompt_graph_attention()
                 self.pieces = PiecewiseGraphRunner(
                     self.model.model,
                     self.kv_cache.layers,
-                    piecewise_token_sizes or default_piecewise_sizes(limits.max_num_tokens),
+                    sizes,
                     self.device,
+                    prompt_attention=prompt_attention,
+                    prompt_sizes=prompt_graph_sizes(sizes, limits.max_seq_len) if prompt_attention else (),
                 )
                 self.pieces.capture()
         if self.device.type == "cuda":
             self.warm_up_steps()
+
+    def _prompt_graph_attention(self) -> PromptAttention | None:
+        """The attention for prompt graphs (one graph for the whole prefill of a lone fresh prompt, see
+        piecewise_graphs.py): with ``paged_attention_sdpa`` (which takes such a prompt to SDPA) on layers
+        without a sliding window; None otherwise or with ``KILN_PROMPT_GRAPHS=0``."""
+        from kiln.layers.attention import PagedAttention
+
+        if os.environ.get(PROMPT_GRAPHS_ENV, "1") == "0":
+            return None
+        attns = [m for m in self.model.modules() if isinstance(m, PagedAttention)]  # in layer order
+        windowed = any(a.sliding_window for a in attns)
+        if windowed or self.plugins.choice["attention"] != (_SDPA_ATTENTION, "forward"):
+            return None
+        from kiln.plugins.sdpa_prefill import lone_prompt_attention
+
+        assert self.kv_cache is not None
+        return lone_prompt_attention([a.scale for a in attns], self.kv_cache.layers)
 
     # ------------------------------------------------------------------ sizing
 

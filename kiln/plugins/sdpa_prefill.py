@@ -30,7 +30,7 @@ step's, so the plans exist before the first request.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 
 import numpy as np
 import torch
@@ -106,6 +106,21 @@ def fresh_prompt_attention(
         return rows[:, :padded]
 
     return causal_sdpa(qp.unflatten(0, (n, padded)), gather(k_cache), gather(v_cache), scale)[:, :length]
+
+
+def lone_prompt_attention(
+    scales: Sequence[float], kv_caches: Sequence[tuple[torch.Tensor, torch.Tensor]]
+) -> Callable[[int, torch.Tensor, torch.Tensor, int], torch.Tensor]:
+    """The attention of a prompt graph (``PiecewiseGraphRunner``: a step of ``size`` rows that is one
+    fresh prompt, the rest padding, captured whole): layer i's causal SDPA over ``size`` keys gathered
+    from ``pages`` ([1, P] int32: the prompt's pages, then the null block). The prompt's rows see its
+    own keys only; the keys past it were written by the padding rows in the same step."""
+
+    def attend(i: int, q: torch.Tensor, pages: torch.Tensor, size: int) -> torch.Tensor:
+        k_cache, v_cache = kv_caches[i]
+        return fresh_prompt_attention(q, k_cache, v_cache, pages, size, scales[i])[0]
+
+    return attend
 
 
 def in_place_block(first_blocks: tuple[int, ...], i: int, n: int, length: int, page: int) -> int:
