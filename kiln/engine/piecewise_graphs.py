@@ -248,7 +248,7 @@ class PiecewiseGraphRunner:
         self.tokens[SLOTS, :n].copy_(attn.slot_mapping)
         if size > n:
             self.tokens[:, n:size].copy_(self._padding[:, : size - n])
-        if size in self.prompt_sizes and is_lone_fresh_prompt(attn):
+        if size in self.prompt_sizes and is_one_fresh_prompt(attn):
             own = -(-n // self._page)  # the prompt's pages; the rest: the null block
             self.pages[:, :own].copy_(attn.block_tables[:1, :own])
             self.pages[:, own:].zero_()
@@ -272,7 +272,7 @@ class PiecewiseGraphRunner:
         return self._hidden[size][:n]
 
 
-def is_lone_fresh_prompt(attn: AttentionMetadata) -> bool:
+def is_one_fresh_prompt(attn: AttentionMetadata) -> bool:
     """The step is one sequence with nothing cached before its tokens (host facts only)."""
     fresh = attn.fresh_prompts
     return attn.num_seqs == 1 and fresh is not None and fresh.first_seq == 0 and fresh.prefix(0) == 0
