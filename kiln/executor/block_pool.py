@@ -82,6 +82,21 @@ class BlockPool:
         self.num_used += 1
         return b
 
+    def allocate_many(self, n: int) -> list[int]:
+        """``n`` blocks, each as ``allocate`` would give it, in the same order (a prompt's pages at once:
+        one reference-count write, not one a block)."""
+        if n > self.num_allocatable:
+            raise RuntimeError("KV cache out of blocks: callers must check num_allocatable first")
+        free = self._free
+        blocks = [free.popleft() for _ in range(min(n, len(free)))]
+        while len(blocks) < n:
+            b, _ = self._lru.popitem(last=False)
+            self._drop_hash(b)
+            blocks.append(b)
+        self.ref_count[blocks] = 1
+        self.num_used += n
+        return blocks
+
     def is_evictable(self, b: int) -> bool:
         """True if taking a reference to ``b`` removes it from the allocatable blocks."""
         return b in self._lru

@@ -12,6 +12,7 @@ parent. Every input has the same length, so no two (parent, tokens, salt) triple
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -243,8 +244,9 @@ class KVCacheManager:
             self.block_table[slot, j] = new
             self._updates.append((slot, j, new))
             self.pool.release(old)  # still held by another row: ref_count was > 1
-        while self.num_blocks_of[slot] * self.block_size < new_total:
-            self._append(slot, self.pool.allocate())
+        more = -(-new_total // self.block_size) - int(self.num_blocks_of[slot])
+        if more > 0:
+            self._append_many(slot, self.pool.allocate_many(more))
         return need
 
     def _append(self, slot: int, b: int) -> None:
@@ -253,6 +255,13 @@ class KVCacheManager:
         self.block_table[slot, j] = b
         self.num_blocks_of[slot] = j + 1
         self._updates.append((slot, j, b))
+
+    def _append_many(self, slot: int, blocks: list[int]) -> None:
+        j, k = int(self.num_blocks_of[slot]), len(blocks)
+        assert j + k <= self.max_blocks_per_seq, f"slot {slot} would pass {self.max_blocks_per_seq} blocks"
+        self.block_table[slot, j : j + k] = blocks
+        self.num_blocks_of[slot] = j + k
+        self._updates.extend(zip(itertools.repeat(slot, k), range(j, j + k), blocks, strict=True))
 
     def fork(self, parent_slot: int, child_slot: int) -> None:
         """The child starts with the parent's blocks (shared; copied on the first write to a shared one)."""
