@@ -303,3 +303,26 @@ def test_full_blocks_are_hashed_lazily_before_the_cache_is_next_read_or_changed(
     kv.hash_full_blocks()
     assert len(kv.pool.cached) == 5
     kv.check_integrity()
+
+
+def test_allocate_many_takes_the_blocks_allocate_would_in_order():
+    # A prompt's pages at once: free blocks first (FIFO), then cached ones least recently released
+    # first (evicted: their hashes dropped), exactly as that many single allocations.
+    from kiln.executor.block_pool import BlockPool
+
+    def pool_with_cached_blocks() -> BlockPool:
+        pool = BlockPool(9)
+        held = [pool.allocate() for _ in range(6)]
+        for i, b in enumerate(held[:3]):
+            assert pool.register(b, bytes([i]))
+        for b in (held[2], held[0], held[1], held[4]):  # three cached (LRU order 3, 1, 2), one free
+            pool.release(b)
+        return pool
+
+    one_by_one, at_once = pool_with_cached_blocks(), pool_with_cached_blocks()
+    expected = [one_by_one.allocate() for _ in range(5)]  # free 7, 8, 5, then cached 3, 1
+    assert at_once.allocate_many(5) == expected == [7, 8, 5, 3, 1]
+    assert at_once.cached == one_by_one.cached == {bytes([1]): 2}
+    assert np.array_equal(at_once.ref_count, one_by_one.ref_count) and at_once.num_used == one_by_one.num_used
+    with pytest.raises(RuntimeError, match="out of blocks"):
+        at_once.allocate_many(at_once.num_allocatable + 1)
