@@ -322,6 +322,7 @@ def _linear_choice(linear: str) -> dict[str, str]:
         ("linear", "paged_attention", "piecewise"),
         ("linear", "paged_attention_sdpa", "piecewise"),
         ("linear", "paged_attention_sdpa", "piecewise-split"),
+        ("linear", "paged_attention_sdpa", "prompt-graphs"),
     ],
 )
 def test_triton_backend_end_to_end(tiny_model, monkeypatch, linear, attention, path_kind):
@@ -331,7 +332,9 @@ def test_triton_backend_end_to_end(tiny_model, monkeypatch, linear, attention, p
     "piecewise-split": with no work floor on the fresh prompts SDPA takes, chunks with nothing or little
     cached go to SDPA (the second step's A chunk after 5 cached tokens and B's first; the third step's B
     chunk after 7) while A's third chunk (12 cached, more than 1.25x its 7) goes to the Triton kernel
-    with the decode row, in one call."""
+    with the decode row, in one call. "prompt-graphs": the first step (a lone fresh prompt) runs whole
+    with SDPA over its padded 16 rows, the Triton KV write taking the padding rows' slots from its page
+    row."""
     pytest.importorskip("triton")
     from kiln.plugins import sdpa_prefill
 
@@ -373,7 +376,7 @@ def test_triton_backend_end_to_end(tiny_model, monkeypatch, linear, attention, p
     )
     for spied in (sdpa_calls, gemv_prologues, gemm_rows):  # the KV-sizing warm-up's calls
         spied.clear()
-    runs = use_piecewise(engine, [16]) if path_kind.startswith("piecewise") else []
+    runs = use_piecewise(engine, [16], path_kind == "prompt-graphs") if path_kind != "eager" else []
     builder = StepBuilder(BLOCK)
     steps = schedule() if linear == "gemv_fused" else schedule()[:6]
     for chunks in steps:
@@ -381,7 +384,7 @@ def test_triton_backend_end_to_end(tiny_model, monkeypatch, linear, attention, p
         for row, c in enumerate(chunks):
             expect = ref[c.seq_id][c.start + len(c.tokens) - 1]
             torch.testing.assert_close(out.logits[row].cpu(), expect, atol=2e-4, rtol=2e-4)
-    assert len(runs) == (6 if path_kind.startswith("piecewise") else 0)
+    assert len(runs) == (0 if path_kind == "eager" else 6)
     # the last five steps decode one row: per layer q|k|v (the first layer's input norm has no residual
     # to add: plain), o, gate|up after the residual add and norm, down after SiLU-and-mul; then the LM
     # head. Earlier steps may have a one-row LM head (the default linear's GEMV).
@@ -392,7 +395,8 @@ def test_triton_backend_end_to_end(tiny_model, monkeypatch, linear, attention, p
     if linear == "gemm_silu_mul":  # every step of 2+ rows (all six here), once a layer
         assert len(gemm_rows) == 6 and min(gemm_rows) >= 2
     if attention == "paged_attention_sdpa":  # keys of each SDPA call: A's first chunk, then as above
-        assert sdpa_calls == ([5, 12, 7, 16] if path_kind == "piecewise-split" else [5])
+        expected = {"piecewise-split": [5, 12, 7, 16], "prompt-graphs": [16]}.get(path_kind, [5])
+        assert sdpa_calls == expected
 
 
 @pytest.mark.gpu  # and on the CPU through Triton's interpreter
