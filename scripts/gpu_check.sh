@@ -17,7 +17,8 @@
 #               (~4-6 min)
 #   workloads   llama-3.1-8b 128/2048 x 512, 2048/128 x 1024, 2048/2048 x 512, kiln only (WORKLOADS changes
 #               them: "ISL/OSLxREQUESTS ..."; ~8-10 min: split over two calls when they run slow)
-#   ttft        llama-3.1-8b TTFT of one 2,048-token prompt (~1-2 min)
+#   ttft        llama-3.1-8b TTFT of one 2,048-token prompt: default, without prompt graphs, Triton attention
+#               alone (~2-3 min)
 #   nano        qwen3-0.6b nano-vllm workload (256 requests), kiln + peer on 64        (~2-4 min)
 #   gemm        scripts/bench_skinny_gemm.py: decode-sized linears, cuBLAS vs the skinny GEMM and the GEMV,
 #               on GEMM_PRESETS (default 1B and 8B; GEMM_ARGS, e.g. "--rows 1 --sweep"), then bs-1 latency of
@@ -205,6 +206,10 @@ ttft() {
   # options for the first run, e.g. "--plugin linear_silu_mul=gemm_silu_mul"
   bench ttft_llama8b_2048 latency --model preset:llama-3.1-8b --isl 2048 --osl 16 --batch-size 1 --backend kiln \
     ${TTFT_ARGS:-}
+  # the default without its prompt graph (the prefill through the piecewise graphs, attention eager)
+  (export KILN_PROMPT_GRAPHS=0
+   bench ttft_llama8b_2048_no_prompt_graph latency --model preset:llama-3.1-8b --isl 2048 --osl 16 --batch-size 1 \
+     --backend kiln ${TTFT_ARGS:-})
   # the same with the Triton attention kernel alone (the default sends a lone fresh prompt to cuDNN)
   bench ttft_llama8b_2048_triton_attention latency --model preset:llama-3.1-8b --isl 2048 --osl 16 --batch-size 1 \
     --backend kiln --plugin attention=paged_attention
