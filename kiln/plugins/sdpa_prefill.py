@@ -16,6 +16,10 @@ such prompts (scripts/bench_attention.py, 2026-11-27). Two cases take it:
   are one run of blocks (``in_place_block``); the leading sequences (decode rows, chunks with a
   cached prefix) go to the Triton kernel as a smaller batch of the same layout.
 
+With this plugin the engine also captures *prompt graphs* (kiln/engine/piecewise_graphs.py): a step
+that is one fresh prompt replays its whole forward as one CUDA graph, whose attention is
+``lone_prompt_attention`` (the same SDPA call, over K/V gathered through a static row of page ids).
+
 Everything else (a sliding window, many short prompts) goes to the Triton kernel, so the plugin keeps
 the ``attention`` kind's contract everywhere. The default attention plugin; ``paged_attention`` is
 the Triton kernel alone.
