@@ -160,7 +160,8 @@ def test_paged_chunked_mixed_run_matches_transformers(tiny_model, case, path_kin
     assert whole == ([8] if path_kind == "prompt-graphs" else [])  # the lone fresh prompt alone
 
 
-def test_a_prompt_graph_reads_no_stale_key_past_its_prompt(tiny_model):
+@pytest.mark.parametrize("length", [5, 8, 9, 16])  # pages of 8 in a size of 16: tail + null, null, tail, none
+def test_a_prompt_graph_reads_no_stale_key_past_its_prompt(tiny_model, length):
     # A prompt graph attends over its whole padded size: the keys past the prompt (the rest of its last
     # page, then the null block) are written by its padding rows in the same step. With every block of
     # the pool holding NaN before, the prompt's logits and the next decode step's still match.
@@ -171,10 +172,10 @@ def test_a_prompt_graph_reads_no_stale_key_past_its_prompt(tiny_model):
     assert engine.kv_cache is not None
     engine.kv_cache.pool.fill_(float("nan"))
     builder = StepBuilder(BLOCK)
-    out = engine.forward(builder.batch([Chunk(0, 1, 0, SEQ_A[:5])]))  # 5 tokens padded to 16: 2 pages
-    torch.testing.assert_close(out.logits[0], ref[4], **TOL)
-    out = engine.forward(builder.batch([Chunk(0, 1, 5, SEQ_A[5:6], decode=True)]))
-    torch.testing.assert_close(out.logits[0], ref[5], **TOL)
+    out = engine.forward(builder.batch([Chunk(0, 1, 0, SEQ_A[:length])]))
+    torch.testing.assert_close(out.logits[0], ref[length - 1], **TOL)
+    out = engine.forward(builder.batch([Chunk(0, 1, length, SEQ_A[length : length + 1], decode=True)]))
+    torch.testing.assert_close(out.logits[0], ref[length], **TOL)
 
 
 def test_prompt_logprobs_sliced_and_unannounced_slot(tiny_model):
