@@ -201,6 +201,28 @@ def test_worker_outbox_hands_over_a_message_with_tokens_before_send_returns():
     outbox.close()
 
 
+def test_worker_outbox_waits_once_for_a_front_end_that_lags():
+    # A write stuck on a full pipe: the send that handed it over waits its wait_s, the next ones do not
+    # (the writer is busy), so a lagging front end does not cost the engine loop a wait every step.
+    import multiprocessing as mp
+    import time
+
+    from kiln.executor.client import _Outbox
+
+    reader, writer = mp.get_context("spawn").Pipe(duplex=False)
+    outbox = _Outbox(writer, wait_s=1.0)
+    big = ["x" * 1_000_000]  # more than any pipe buffer: its write waits for the reader
+    t0 = time.perf_counter()
+    outbox.send(("updates", big, None))
+    t1 = time.perf_counter()
+    for _ in range(3):
+        outbox.send(("updates", big, None))
+    t2 = time.perf_counter()
+    assert t1 - t0 >= 0.9 and t2 - t1 < 0.5, (t1 - t0, t2 - t1)
+    assert [tuple(codec.decode(reader.recv_bytes()))[1] for _ in range(4)] == [big] * 4
+    outbox.close()
+
+
 def test_worker_outbox_queues_while_the_front_end_does_not_read_and_keeps_order():
     # The engine loop must not wait on a front end that stops reading: sends return while the pipe's
     # buffer is full, and everything arrives, in order, once the reader drains it.

@@ -85,8 +85,9 @@ class _Outbox:
     writer then waits, and the engine keeps stepping instead of idling the device.
 
     A message with tokens is handed over: the loop waits until it is written, up to ``wait_s``
-    (``KILN_OUTBOX_WAIT_MS``, default 2; 0 never waits), unless earlier messages are still queued (the
-    pipe is full). Queued alone, its write waited for the GIL, which the loop holds while it launches
+    (``KILN_OUTBOX_WAIT_MS``, default 2; 0 never waits), unless the writer is still busy with earlier
+    messages (the pipe is full: a front end that lags costs the loop one wait, not one a step). Queued
+    alone, its write waited for the GIL, which the loop holds while it launches
     the next step: 8B TTFT at ISL 2,048 spent 1.0-1.2 ms from the results to the front end on an H200,
     0.2-0.3 ms with the write done at once (benchmarks/NOTES.md)."""
 
@@ -96,12 +97,15 @@ class _Outbox:
             wait_s = float(os.environ.get("KILN_OUTBOX_WAIT_MS", "2")) / 1e3
         self.wait_s = wait_s
         self._queue: queue.SimpleQueue[tuple[bytes, threading.Event | None] | None] = queue.SimpleQueue()
+        self._queued = self._written = 0  # messages so far; each counter has one thread that writes it
         self._thread = threading.Thread(target=self._write, name="kiln-outbox", daemon=True)
         self._thread.start()
 
     def send(self, msg: tuple[Any, ...]) -> None:
         data = codec.encode(msg)
-        if self.wait_s <= 0 or msg[0] != "updates" or not msg[1] or not self._queue.empty():
+        idle = self._written == self._queued
+        self._queued += 1
+        if self.wait_s <= 0 or msg[0] != "updates" or not msg[1] or not idle:
             self._queue.put((data, None))
             return
         written = threading.Event()
@@ -116,6 +120,7 @@ class _Outbox:
             except OSError:  # the front end is gone; nobody is left to tell
                 return
             finally:
+                self._written += 1
                 if written is not None:
                     written.set()
 
