@@ -22,7 +22,7 @@ from kiln.config import EngineLimits, KvCacheConfig
 from kiln.engine.cuda_graphs import DecodeGraphRunner
 from kiln.engine.kv_cache import CPU_DEFAULT_CAP_BYTES, KvCacheSpec, cpu_default_num_blocks
 from kiln.engine.model_engine import ModelEngine
-from kiln.engine.piecewise_graphs import PiecewiseGraphRunner, default_piecewise_sizes
+from kiln.engine.piecewise_graphs import PiecewiseGraphRunner, default_piecewise_sizes, prompt_graph_sizes
 from kiln.engine.sampling_math import greedy_sample_reference
 from kiln.engine.synthetic_batches import covering_shapes, synthetic_batch, warm_up_shapes
 from kiln.executor.messages import SlotInit
@@ -176,6 +176,31 @@ def test_a_prompt_graph_reads_no_stale_key_past_its_prompt(tiny_model, length):
     torch.testing.assert_close(out.logits[0], ref[length - 1], **TOL)
     out = engine.forward(builder.batch([Chunk(0, 1, length, SEQ_A[length : length + 1], decode=True)]))
     torch.testing.assert_close(out.logits[0], ref[length], **TOL)
+
+
+def test_only_a_step_that_is_one_fresh_prompt_takes_a_prompt_graph(tiny_model, monkeypatch):
+    # A's first chunk takes its size's prompt graph; A's next chunk, alone in its step but after 5 cached
+    # tokens, and the decode step go through the pieces. Every row matches transformers.
+    path = tiny_model("Qwen3ForCausalLM", head_dim=24)
+    ref = reference(path, tuple(SEQ_A))
+    engine = make_engine(path)
+    use_piecewise(engine, [8, 16], prompt_graphs=True)
+    assert engine.kv_cache is not None and engine.pieces is not None
+    assert prompt_graph_sizes([16, 8, 32, 64], 20) == [8, 16, 32]  # up to the size a 19-token prompt pads to
+    whole: list[int] = []
+    real_whole = engine.pieces._prompt_forward
+    monkeypatch.setattr(engine.pieces, "_prompt_forward", lambda size: whole.append(size) or real_whole(size))
+    builder = StepBuilder(BLOCK)
+    steps = [
+        [Chunk(0, 1, 0, SEQ_A[:5])],
+        [Chunk(0, 1, 5, SEQ_A[5:11])],
+        [Chunk(0, 1, 11, SEQ_A[11:12], decode=True)],
+    ]
+    for chunks in steps:
+        out = engine.forward(builder.batch(chunks))
+        c = chunks[0]
+        torch.testing.assert_close(out.logits[0], ref[c.start + len(c.tokens) - 1], **TOL)
+    assert whole == [8]
 
 
 def test_prompt_logprobs_sliced_and_unannounced_slot(tiny_model):
