@@ -17,11 +17,9 @@ from pathlib import Path
 
 import pytest  # noqa: E402
 import torch
-from triton_env import INTERPRETER_SKIP_REASON, INTERPRETER_UNUSABLE, ON_GPU  # first: picks the interpreter
+from triton_env import ON_GPU, skip_module_without_triton  # first: picks the interpreter
 
-triton = pytest.importorskip("triton", reason="triton is not installed (pip install 'kiln[test]')")
-if INTERPRETER_UNUSABLE:
-    pytest.skip(INTERPRETER_SKIP_REASON, allow_module_level=True)
+skip_module_without_triton()
 
 from kiln.plugins.triton.gemm_silu_mul import (  # noqa: E402
     GemmSiluMulConfig,

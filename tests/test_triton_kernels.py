@@ -14,11 +14,9 @@ import pytest  # noqa: E402
 import torch
 from hypothesis import assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from triton_env import INTERPRETER_SKIP_REASON, INTERPRETER_UNUSABLE, ON_GPU  # first: picks the interpreter
+from triton_env import ON_GPU, skip_module_without_triton  # first: picks the interpreter
 
-triton = pytest.importorskip("triton", reason="triton is not installed (pip install 'kiln[test]')")
-if INTERPRETER_UNUSABLE:
-    pytest.skip(INTERPRETER_SKIP_REASON, allow_module_level=True)
+skip_module_without_triton()
 
 from kiln.engine.sampling_math import greedy_sample_reference  # noqa: E402
 from kiln.plugins import get_plugin  # noqa: E402

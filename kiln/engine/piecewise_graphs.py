@@ -273,6 +273,7 @@ class PiecewiseGraphRunner:
 
 
 def is_one_fresh_prompt(attn: AttentionMetadata) -> bool:
-    """The step is one sequence with nothing cached before its tokens (host facts only)."""
+    """The step is one sequence with nothing cached before its tokens (host facts only): a lone
+    sequence is fresh only without a prefix, since a prefix counts only within the step's tokens."""
     fresh = attn.fresh_prompts
-    return attn.num_seqs == 1 and fresh is not None and fresh.first_seq == 0 and fresh.prefix(0) == 0
+    return attn.num_seqs == 1 and fresh is not None and fresh.first_seq == 0

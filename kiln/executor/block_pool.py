@@ -86,7 +86,10 @@ class BlockPool:
         """``n`` blocks, each as ``allocate`` would give it, in the same order (a prompt's pages at once:
         one reference-count write, not one a block)."""
         if n > self.num_allocatable:
-            raise RuntimeError("KV cache out of blocks: callers must check num_allocatable first")
+            raise RuntimeError(
+                f"KV cache out of blocks: {n} asked, {self.num_allocatable} allocatable (callers must check "
+                "num_allocatable first)"
+            )
         free = self._free
         blocks = [free.popleft() for _ in range(min(n, len(free)))]
         while len(blocks) < n:
