@@ -401,7 +401,7 @@ def run(args: argparse.Namespace) -> None:
         for case in cases:
 
             def fn(case=case, overrides=overrides):
-                return paged_attention(*case.args, 0, **overrides)
+                return paged_attention(*case.args, 0, **overrides, overlap_passes=False)  # one stream
 
             try:
                 out = fn()
@@ -584,7 +584,8 @@ def run_split(args: argparse.Namespace) -> None:
     as they do not in a step whose GPU work outlasts them). The split four ways: "split" (equal
     prompts batched, K/V gathered), "in-place" (K/V read where they lie: the pages run in order here,
     as on a fresh pool), "one-by-one" (every prompt its own call, gathered: the earlier plugin) and
-    "overlap" (in place, the decode rows on a side stream: KILN_ATTENTION_OVERLAP=1)."""
+    "overlap" (in place, the decode rows on a side stream: the engine's default). The others run on one
+    stream (KILN_ATTENTION_OVERLAP=0)."""
     import numpy as np
     import triton
 
@@ -603,7 +604,8 @@ def run_split(args: argparse.Namespace) -> None:
     rows: list[dict] = []
     one_by_one_runs = lambda lengths, *_: [(i, 1) for i in range(len(lengths))]  # noqa: E731
     batched_runs = sdpa_prefill.sdpa_runs
-    overlap_default = triton_attention.OVERLAP_PASSES
+    overlap_default = False  # one stream unless a variant says otherwise (the engine's default is on)
+    triton_attention.OVERLAP_PASSES = overlap_default
     for key, (title, seqs) in SPLIT_CASES.items():
         batch = paged_batch(seqs, args.page_size, dev, in_order=True)
         ref = reference(*(t.float() for t in batch[:3]), *batch[3:], 0)

@@ -238,3 +238,29 @@ def test_launching_a_step_that_admits_requests_does_not_wait_for_the_device(tiny
             torch.cuda.set_sync_debug_mode("default")
         assert step.result().token_ids.shape == (3,)
         engine.close()
+
+
+def test_the_default_fused_gate_up_gemm_is_exact_in_fp32(tiny_model, monkeypatch):
+    # On the GPU the gated MLP's gate|up projection and SiLU-and-mul default to gemm_silu_mul, which
+    # runs the fused Triton GEMM from 4,096 rows at hidden sizes from 2,048 on Hopper: four prompts of
+    # 1,100 tokens make one such step. Greedy tokens equal transformers'.
+    from kiln.plugins.triton import gemm_silu_mul as gemm_mod
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the fused GEMM is the default on Hopper only")
+    rows: list[int] = []
+    real = gemm_mod.gemm_silu_mul
+    monkeypatch.setattr(gemm_mod, "gemm_silu_mul", lambda x, w, *a: rows.append(x.shape[0]) or real(x, w, *a))
+    shape = dict(hidden_size=2048, intermediate_size=4096, num_attention_heads=16, num_key_value_heads=4)
+    path = tiny_model("LlamaForCausalLM", tokenizer=True, num_hidden_layers=2, **shape)
+    hf = load_hf_model(path).cuda()
+    rng = random.Random(9)
+    prompts = [[rng.randrange(1, 300) for _ in range(1100)] for _ in range(4)]
+    kw = dict(max_num_tokens=8192, max_seq_len=1200, piecewise_graphs=False)  # eager: every step calls it
+    with _llm(path, dtype="float32", executor="thread", **kw) as llm:
+        assert llm._executor._core.engine.plugins.choice["linear_silu_mul"][0] == "gemm_silu_mul"
+        rows.clear()  # the KV-sizing warm-up's calls
+        outs = llm.generate(prompts, SamplingParams(max_tokens=6, **GREEDY), use_tqdm=False)
+    assert rows and min(rows) >= 4096  # the 4,400-token step, once a layer; smaller steps run apart
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 6)[0]

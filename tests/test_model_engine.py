@@ -343,7 +343,7 @@ def _linear_choice(linear: str) -> dict[str, str]:
         ("skinny_linear", "paged_attention", "eager"),
         ("skinny_fused", "paged_attention", "eager"),  # + the norm and SiLU-and-mul as GEMM prologues
         ("gemv_fused", "paged_attention", "eager"),  # all 14 steps: the last five decode one row
-        ("gemm_silu_mul", "paged_attention", "eager"),  # from 2 rows here (1,024 by default)
+        ("gemm_silu_mul", "paged_attention", "eager"),  # from 2 rows here (4,096 and hidden 2,048 by default)
         ("linear", "paged_attention_sdpa", "eager"),
         ("linear", "paged_attention", "piecewise"),
         ("linear", "paged_attention_sdpa", "piecewise"),
@@ -385,6 +385,7 @@ def test_triton_backend_end_to_end(tiny_model, monkeypatch, linear, attention, p
         from kiln.plugins.triton import gemm_silu_mul as gemm_mod
 
         monkeypatch.setattr(linear_mod, "GEMM_SILU_MUL_MIN_ROWS", 2)
+        monkeypatch.setattr(linear_mod, "GEMM_SILU_MUL_MIN_HIDDEN", 0)
         real_gemm = gemm_mod.gemm_silu_mul
         monkeypatch.setattr(gemm_mod, "gemm_silu_mul", lambda x, w, *a: gemm_rows.append(x.shape[0])
                             or real_gemm(x, w, *a))  # fmt: skip

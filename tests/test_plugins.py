@@ -95,6 +95,47 @@ def test_linear_silu_mul_is_refused_for_an_mlp_with_biases():
     torch.testing.assert_close(mlp(x), mlp.down_proj(torch.nn.functional.silu(gate) * up))
 
 
+def test_the_gpu_takes_the_fused_gate_up_gemm_by_default():
+    """On the forward backend linear_silu_mul defaults to gemm_silu_mul, and the MLP routes through its
+    op; the reference backend, an explicit choice and a chosen SiLU-and-mul prologue of the down
+    projection (the same op fused the other way) keep theirs."""
+    from kiln.layers.mlp import GatedMLP
+    from kiln.plugins import FORWARD_DEFAULT_PLUGINS
+
+    assert FORWARD_DEFAULT_PLUGINS == {"linear_silu_mul": "gemm_silu_mul"}
+    cases = [
+        ("forward", None, "gemm_silu_mul"),
+        ("reference", None, "linear_silu_mul"),
+        ("forward", {"linear_silu_mul": "linear_silu_mul"}, "linear_silu_mul"),
+        ("forward", {"silu_mul_linear": "gemv_silu_mul_linear"}, "linear_silu_mul"),
+        ("forward", {"silu_mul_linear": ("silu_mul_linear", "forward")}, "gemm_silu_mul"),  # its default
+    ]
+    for backend, overrides, expected in cases:
+        plugins = PluginSet(backend, overrides)
+        assert plugins.choice["linear_silu_mul"][0] == expected, (backend, overrides)
+        mlp = GatedMLP(16, 32, bias=False, plugins=plugins)
+        assert (mlp.linear_silu_mul_op is not None) == (expected == "gemm_silu_mul")
+
+
+def test_the_fused_gate_up_gemm_runs_only_where_it_was_measured_to_win(monkeypatch):
+    """From GEMM_SILU_MUL_MIN_ROWS rows (not a 2,048-token prompt, not a decode batch), at hidden sizes
+    from GEMM_SILU_MUL_MIN_HIDDEN, one dtype, a contiguous weight, on Hopper (or the interpreter)."""
+    from kiln.plugins import linear
+
+    rows, hidden, bf16 = linear.GEMM_SILU_MUL_MIN_ROWS, linear.GEMM_SILU_MUL_MIN_HIDDEN, torch.bfloat16
+    assert (rows, hidden) == (4096, 2048)
+    wins = linear._gemm_silu_mul_wins
+    x, weight = torch.empty(rows, hidden, dtype=bf16), torch.empty(64, hidden, dtype=bf16)
+    assert wins(x, weight)
+    assert not wins(x[:2048], weight)
+    assert not wins(x[:, :1024].contiguous(), torch.empty(64, 1024, dtype=bf16))  # a small model
+    assert not wins(x.float(), weight)
+    assert not wins(x, torch.empty(hidden, 64, dtype=bf16).t())  # not contiguous
+    for capability, hopper in (((8, 0), False), ((9, 0), True), ((10, 0), False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index, c=capability: c)
+        assert linear._hopper.__wrapped__(0) == hopper
+
+
 def test_forward_launches_triton_kernels_directly():
     """Inside a plugin's op, wrap_triton launches go straight to the kernel: its tracing path costs
     ~0.1-0.2 ms of host time per launch and keeps each launch's arguments in a global table."""

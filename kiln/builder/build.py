@@ -112,7 +112,8 @@ def build_engine(
     KvCacheConfig(tokens_per_block=tokens_per_block)  # validates it
     if max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes must be >= 1, got {max_shard_bytes}")
-    chosen = PluginSet("reference", plugins).choice  # validates the names
+    # validates the names; the plan records the target's choice (a GPU's defaults include its fused kernels)
+    chosen = PluginSet("forward" if target.type == "cuda" else "reference", plugins).choice
     files = checkpoint_files(model_dir)
     _prepare_output(output_dir, overwrite)
 

@@ -17,11 +17,13 @@ are the ops apart, and layers then call the ops apart directly, without the fuse
 ``skinny_`` plugins apply the first op as the skinny GEMM's prologue at up to ``MAX_ROWS`` rows, the
 ``gemv_`` ones as the GEMV's prologue at one row. One kind fuses the op after a projection:
 ``linear_silu_mul`` (the gate|up projection and SiLU-and-mul); ``gemm_silu_mul`` applies it in a
-Triton GEMM's epilogue from ``GEMM_SILU_MUL_MIN_ROWS`` rows (prefill and mixed steps), so the
-[T, 2I] projection output never goes through memory.
+Triton GEMM's epilogue for large steps on Hopper (``GEMM_SILU_MUL_MIN_ROWS``: long prefills and mixed
+steps), so the [T, 2I] projection output never goes through memory; it is the default on the GPU.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -173,7 +175,12 @@ class GemvSiluMulLinear(SiluMulLinear):
         return silu_mul_gemv(gate_up.contiguous(), weight)
 
 
-GEMM_SILU_MUL_MIN_ROWS = 1024  # below, cuBLAS's skinny tiles and the op apart (decode batches)
+# Where the fused gate|up GEMM was measured to beat cuBLAS + silu_and_mul (benchmarks/RESULTS.md,
+# 2026-11-28, H100 and H200, Llama 1B and 8B): 1.01-1.07x from 4,096 rows, 0.89-1.05x at 1,024-2,048
+# (so a 2,048-token prompt keeps cuBLAS), on Hopper, at hidden sizes of 2,048 and more. Elsewhere
+# (decode batches, small models, other GPUs, whose pointer-load path is unmeasured) the ops run apart.
+GEMM_SILU_MUL_MIN_ROWS = 4096
+GEMM_SILU_MUL_MIN_HIDDEN = 2048
 
 
 @plugin("linear_silu_mul", kind="linear_silu_mul")
@@ -198,16 +205,28 @@ class LinearSiluMul(Plugin):
 
 @plugin("gemm_silu_mul", kind="linear_silu_mul")
 class GemmSiluMul(LinearSiluMul):
-    """SiLU-and-mul in a Triton GEMM's epilogue from ``GEMM_SILU_MUL_MIN_ROWS`` rows; the ops apart below."""
+    """SiLU-and-mul in a Triton GEMM's epilogue where it wins (``_gemm_silu_mul_wins``); the ops apart
+    elsewhere. The default on the GPU (``FORWARD_DEFAULT_PLUGINS``)."""
 
     def forward(self, x, weight):
-        if (
-            x.dim() != 2
-            or x.shape[0] < GEMM_SILU_MUL_MIN_ROWS
-            or not weight.is_contiguous()  # the kernel's TMA and pointer paths both read rows of K
-            or x.dtype != weight.dtype
-        ):
+        if not _gemm_silu_mul_wins(x, weight):
             return super().forward(x, weight)
         from kiln.plugins.triton.gemm_silu_mul import gemm_silu_mul
 
         return gemm_silu_mul(x.contiguous(), weight)
+
+
+def _gemm_silu_mul_wins(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (
+        x.dim() == 2
+        and x.shape[0] >= GEMM_SILU_MUL_MIN_ROWS
+        and x.shape[1] >= GEMM_SILU_MUL_MIN_HIDDEN
+        and weight.is_contiguous()  # the kernel's TMA and pointer paths both read rows of K
+        and x.dtype == weight.dtype
+        and (not x.is_cuda or _hopper(x.device.index))  # on the CPU: Triton's interpreter (tests)
+    )
+
+
+@functools.cache
+def _hopper(device_index: int) -> bool:
+    return torch.version.hip is None and torch.cuda.get_device_capability(device_index)[0] == 9

@@ -174,6 +174,17 @@ DEFAULT_PLUGINS = {
     "silu_mul_linear": "silu_mul_linear",
     "linear_silu_mul": "linear_silu_mul",
 }
+# On the "forward" backend (Triton/CUDA kernels), kinds whose fused plugin measurably wins where it
+# applies take it by default; it checks the step's shape and the card at run time and runs the ops
+# apart elsewhere (see each plugin). Not when the user picks a plugin for a kind that fuses the same op
+# another way (SiLU-and-mul as the down projection's prologue): that choice stands.
+FORWARD_DEFAULT_PLUGINS = {"linear_silu_mul": "gemm_silu_mul"}
+_FUSES_THE_SAME_OP = {"linear_silu_mul": ("silu_mul_linear",)}
+
+
+def _named(selection: Any) -> str | None:
+    """A plugin name from an override (a name or ``(name, backend)``), None for no override."""
+    return selection if selection is None or isinstance(selection, str) else selection[0]
 
 
 class PluginSet:
@@ -195,6 +206,10 @@ class PluginSet:
         self._ops: dict[str, Callable[..., Any]] = {}
         self._into: dict[str, Callable[..., None] | None] = {}
         for kind, default in DEFAULT_PLUGINS.items():
+            rivals = _FUSES_THE_SAME_OP.get(kind, ())
+            if backend == "forward" and not any(_named(overrides.get(k)) not in (None, DEFAULT_PLUGINS[k])
+                                                for k in rivals):  # fmt: skip
+                default = FORWARD_DEFAULT_PLUGINS.get(kind, default)
             sel = overrides.get(kind, default)
             name, be = (sel, backend) if isinstance(sel, str) else tuple(sel)
             if name not in _REGISTRY:
@@ -208,7 +223,8 @@ class PluginSet:
             self._into[kind] = reg.into_impl if be == "forward" else None
 
     def overridden(self, kind: str) -> bool:
-        """Whether ``kind`` runs another plugin than its default: layers call a default linear or
+        """Whether ``kind`` runs another plugin than its ops-apart default (``DEFAULT_PLUGINS``; a
+        ``FORWARD_DEFAULT_PLUGINS`` entry counts as another): layers call a default linear or
         fused-projection kind's ops directly, without its custom op."""
         return self.choice[kind][0] != DEFAULT_PLUGINS[kind]
 

@@ -245,7 +245,7 @@ def without_fresh_prompts(
 
 
 def _overlap_stream(q: torch.Tensor) -> torch.cuda.Stream | None:
-    """``KILN_ATTENTION_OVERLAP=1`` (off by default, until measured): the stream for a split step's
+    """Unless ``KILN_ATTENTION_OVERLAP=0`` (paged_attention.OVERLAP_PASSES): the stream for a split step's
     leading part (decode rows, bound by K/V bandwidth) beside the SDPA calls (bound by the MMAs), so
     the two can share the SMs; None otherwise. It starts after everything queued so far (this step's
     K/V writes); the caller's stream waits for it before anything after the attention."""
