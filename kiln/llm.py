@@ -319,8 +319,8 @@ class LLM:
             )
         if not ids:
             raise InvalidRequestError("prompt must not be empty (it has no tokens)", param="prompt")
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
+        if min(ids) < 0 or max(ids) >= self.vocab_size:  # two passes in C; the message's list only then
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
             raise InvalidRequestError(
                 f"token ids must be in [0, {self.vocab_size}); got {bad[:5]}", param="prompt"
             )

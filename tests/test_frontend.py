@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -181,6 +182,43 @@ def test_codec_round_trips_messages():
     back = codec.decode(codec.encode(("updates", step, None)))[1]
     assert [b.request_id for b in back] == ["c", "a", "b"] and back[0] == plain and back[2] == rejected
     assert back[1].new_top == [[(4, -0.1)]] and back[1].prompt_logprobs[0].token_logprobs.shape == (3,)
+
+
+def test_codec_sends_one_sampling_params_once_for_many_requests():
+    # LLM.generate gives every prompt one SamplingParams object: an "add" message carries it once and
+    # the worker's requests share it again; distinct objects stay distinct, in order.
+    shared = SamplingParams(max_tokens=7, stop="end", stop_token_ids=[9], logit_bias={5: -2.0}, seed=3)
+    other = SamplingParams(temperature=0.5, top_p=0.9, logprobs=2)
+    reqs = [Request(f"r{i}", [i, i + 1], shared if i != 2 else other, (0,), float(i)) for i in range(4)]
+    one = codec.encode(("add", reqs[0]))
+    assert len(codec.encode(("add", reqs[0], reqs[1], reqs[3]))) < 2 * len(one)
+    back = codec.decode(codec.encode(("add", *reqs)))
+    assert back[0] == "add" and [r.request_id for r in back[1:]] == ["r0", "r1", "r2", "r3"]
+    assert back[1].params is back[2].params is back[4].params and back[3].params is not back[1].params
+    for sent, got in zip(reqs, back[1:], strict=True):
+        assert got == sent and got.params == sent.params  # every field, logit_bias's int keys included
+    assert back[1].params.stop_list == ["end"] and back[3].params.logprobs == 2
+
+
+def test_worker_reads_a_burst_of_messages_a_budget_at_a_time():
+    # A burst (LLM.generate's messages of 256 requests) is not drained whole before the loop steps:
+    # each receive reads for at most its budget, the rest waits for the next; a closed pipe: shutdown.
+    import multiprocessing as mp
+
+    from kiln.executor.client import pipe_receiver
+
+    reader, writer = mp.Pipe(duplex=False)
+    for i in range(3):
+        writer.send_bytes(codec.encode(("abort", f"r{i}")))
+    one_at_a_time = pipe_receiver(reader, budget_s=0.0)
+    assert [one_at_a_time(False) for _ in range(3)] == [[("abort", f"r{i}")] for i in range(3)]
+    assert one_at_a_time(False) == []
+    for i in range(3):
+        writer.send_bytes(codec.encode(("abort", f"r{i}")))
+    time.sleep(0.05)  # all three in the pipe
+    assert pipe_receiver(reader, budget_s=10.0)(True) == [("abort", f"r{i}") for i in range(3)]
+    writer.close()
+    assert one_at_a_time(True) == [("shutdown",)]
 
 
 def test_worker_outbox_hands_over_a_message_with_tokens_before_send_returns():

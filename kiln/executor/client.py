@@ -6,6 +6,7 @@ import multiprocessing as mp
 import os
 import queue
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
@@ -130,22 +131,36 @@ class _Outbox:
         self._thread.join(timeout)
 
 
-def _worker_main(cfg_bytes: bytes, inbox: Any, outbox_conn: Any) -> None:
-    """Entry point of the worker process: build the engine, report ready, run the loop."""
-    outbox = _Outbox(outbox_conn)
-    send = outbox.send
+# The worker reads what has arrived for at most this long before the loop steps again: a burst of
+# messages (LLM.generate sends 256 requests a message) is then admitted a few messages at a time
+# between steps, instead of holding the first step until the last message is read and decoded.
+RECEIVE_BUDGET_S = 0.002
+
+
+def pipe_receiver(inbox: Any, budget_s: float = RECEIVE_BUDGET_S) -> Callable[[bool], list[tuple[Any, ...]]]:
+    """The worker loop's ``receive`` over the front end's pipe: (wait for one message if ``block``) then
+    what else has arrived, for at most ``budget_s``; a closed pipe reads as a shutdown."""
 
     def receive(block: bool) -> list[tuple[Any, ...]]:
         msgs = []
         try:
             if block or inbox.poll(0):
                 msgs.append(tuple(codec.decode(inbox.recv_bytes())))
-            while inbox.poll(0):
+            deadline = time.perf_counter() + budget_s
+            while time.perf_counter() < deadline and inbox.poll(0):
                 msgs.append(tuple(codec.decode(inbox.recv_bytes())))
         except (EOFError, OSError):  # the front end is gone: stop
             msgs.append(("shutdown",))
         return msgs
 
+    return receive
+
+
+def _worker_main(cfg_bytes: bytes, inbox: Any, outbox_conn: Any) -> None:
+    """Entry point of the worker process: build the engine, report ready, run the loop."""
+    outbox = _Outbox(outbox_conn)
+    send = outbox.send
+    receive = pipe_receiver(inbox)
     try:
         core = EngineCore(codec.decode(cfg_bytes))
     except Exception as e:  # noqa: BLE001 - the front end raises it

@@ -46,11 +46,44 @@ def _update_to_plain(u: SequenceUpdate) -> Any:
     return {"__u": vals}
 
 
+# SamplingParams travels positionally too: its init fields are all native to msgpack (a logit_bias
+# dict's int keys included), so encoding is one C call and decoding one constructor call (~6 us, its
+# validation included) instead of ~30 us through the generic dataclass path.
+_PARAM_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams) if f.init)
+_param_values = operator.attrgetter(*_PARAM_FIELDS)
+
+
 def _request_to_plain(r: Request) -> Any:
+    return {"__r": _request_row(r, _to_plain(r.params))}
+
+
+def _request_row(r: Request, params: Any) -> list[Any]:
     # A prompt's ids go to msgpack as they are (a list of ints is native to it): no per-token dispatch.
     ids = r.prompt_token_ids
     ids = ids.tolist() if isinstance(ids, np.ndarray) else ids
-    return {"__r": [r.request_id, ids, _to_plain(r.params), list(r.eos_token_ids), r.arrival_time]}
+    return [r.request_id, ids, params, list(r.eos_token_ids), r.arrival_time]
+
+
+def _add_to_plain(reqs: tuple[Request, ...]) -> Any:
+    """An "add" message's requests, each distinct SamplingParams object encoded once: LLM.generate gives
+    one object to every prompt, and a message of 10,000 requests then decodes in ~0.1 s instead of
+    ~0.4 s (a 2-core CPU), all of it before the engine's first step."""
+    index: dict[int, int] = {}
+    params: list[Any] = []
+    rows = []
+    for r in reqs:
+        k = index.get(id(r.params))
+        if k is None:
+            k = index[id(r.params)] = len(params)
+            params.append(_to_plain(r.params))
+        rows.append(_request_row(r, k))
+    return {"__add": [params, rows]}
+
+
+def _add_from_plain(obj: Any) -> list[Request]:
+    plain_params, rows = obj
+    params = [_from_plain(p) for p in plain_params]  # shared again, as on the front end
+    return [Request(rid, ids, params[k], tuple(eos), arrival) for rid, ids, k, eos, arrival in rows]
 
 
 def _to_plain(obj: Any) -> Any:
@@ -58,6 +91,8 @@ def _to_plain(obj: Any) -> Any:
         return _update_to_plain(obj)
     if type(obj) is Request:
         return _request_to_plain(obj)
+    if type(obj) is SamplingParams:
+        return {"__s": _param_values(obj)}
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         name = type(obj).__name__
         assert name in _TYPES, f"{name} is not a registered message type"
@@ -87,6 +122,8 @@ def _from_plain(obj: Any) -> Any:
             if up.new_top:
                 up.new_top = [[(int(t), float(lp)) for t, lp in row] for row in up.new_top]
             return up
+        if "__s" in obj:
+            return SamplingParams(*obj["__s"])
         if "__r" in obj:
             rid, ids, params, eos, arrival = obj["__r"]
             return Request(rid, ids, _from_plain(params), tuple(eos), arrival)
@@ -108,8 +145,13 @@ def _from_plain(obj: Any) -> Any:
 
 
 def encode(msg: Any) -> bytes:
+    if type(msg) is tuple and msg and msg[0] == "add" and all(type(r) is Request for r in msg[1:]):
+        return msgpack.packb(["add", _add_to_plain(msg[1:])], use_bin_type=True)
     return msgpack.packb(_to_plain(msg), use_bin_type=True)
 
 
 def decode(data: bytes) -> Any:
-    return _from_plain(msgpack.unpackb(data, raw=False, strict_map_key=False))
+    obj = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    if type(obj) is list and len(obj) == 2 and obj[0] == "add" and type(obj[1]) is dict and "__add" in obj[1]:
+        return ["add", *_add_from_plain(obj[1]["__add"])]
+    return _from_plain(obj)
