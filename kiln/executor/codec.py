@@ -53,17 +53,6 @@ _PARAM_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams) if f.in
 _param_values = operator.attrgetter(*_PARAM_FIELDS)
 
 
-def _request_to_plain(r: Request) -> Any:
-    return {"__r": _request_row(r, _to_plain(r.params))}
-
-
-def _request_row(r: Request, params: Any) -> list[Any]:
-    # A prompt's ids go to msgpack as they are (a list of ints is native to it): no per-token dispatch.
-    ids = r.prompt_token_ids
-    ids = ids.tolist() if isinstance(ids, np.ndarray) else ids
-    return [r.request_id, ids, params, list(r.eos_token_ids), r.arrival_time]
-
-
 def _add_to_plain(reqs: tuple[Request, ...]) -> Any:
     """An "add" message's requests, each distinct SamplingParams object encoded once: LLM.generate gives
     one object to every prompt, and a message of 10,000 requests then decodes in ~0.1 s instead of
@@ -76,7 +65,10 @@ def _add_to_plain(reqs: tuple[Request, ...]) -> Any:
         if k is None:
             k = index[id(r.params)] = len(params)
             params.append(_to_plain(r.params))
-        rows.append(_request_row(r, k))
+        # a prompt's ids go to msgpack as they are (a list of ints is native to it): no per-token dispatch
+        ids = r.prompt_token_ids
+        ids = ids.tolist() if isinstance(ids, np.ndarray) else ids
+        rows.append([r.request_id, ids, k, list(r.eos_token_ids), r.arrival_time])
     return {"__add": [params, rows]}
 
 
@@ -89,8 +81,6 @@ def _add_from_plain(obj: Any) -> list[Request]:
 def _to_plain(obj: Any) -> Any:
     if type(obj) is SequenceUpdate:
         return _update_to_plain(obj)
-    if type(obj) is Request:
-        return _request_to_plain(obj)
     if type(obj) is SamplingParams:
         return {"__s": _param_values(obj)}
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
@@ -124,9 +114,6 @@ def _from_plain(obj: Any) -> Any:
             return up
         if "__s" in obj:
             return SamplingParams(*obj["__s"])
-        if "__r" in obj:
-            rid, ids, params, eos, arrival = obj["__r"]
-            return Request(rid, ids, _from_plain(params), tuple(eos), arrival)
         if "__t" in obj:
             cls = _TYPES[obj.pop("__t")]
             kwargs = {k: _from_plain(v) for k, v in obj.items()}

@@ -207,8 +207,8 @@ class PluginSet:
         self._into: dict[str, Callable[..., None] | None] = {}
         for kind, default in DEFAULT_PLUGINS.items():
             rivals = _FUSES_THE_SAME_OP.get(kind, ())
-            if backend == "forward" and not any(_named(overrides.get(k)) not in (None, DEFAULT_PLUGINS[k])
-                                                for k in rivals):  # fmt: skip
+            rival_chosen = any(_named(overrides.get(k)) not in (None, DEFAULT_PLUGINS[k]) for k in rivals)
+            if backend == "forward" and not rival_chosen:
                 default = FORWARD_DEFAULT_PLUGINS.get(kind, default)
             sel = overrides.get(kind, default)
             name, be = (sel, backend) if isinstance(sel, str) else tuple(sel)
