@@ -75,6 +75,11 @@ def test_fused_projection_kinds_are_used_only_when_chosen(tiny_model):
             assert all((layer.norm_linear_op is None) == (name != "fused") for layer in layers)
             assert all((layer.mlp.silu_mul_linear_op is None) == (name != "fused") for layer in layers)
             assert all((layer.mlp.linear_silu_mul_op is None) == (name != "epilogue") for layer in layers)
+            chosen = llm.engine_info["plugins"]  # every kind's plugin, as reports record it
+            assert chosen["linear_silu_mul"] == ("gemm_silu_mul" if name == "epilogue" else "linear_silu_mul")
+            assert chosen["add_rms_norm_linear"] == (fused if name == "fused" else {}).get(
+                "add_rms_norm_linear", "add_rms_norm_linear"
+            )
             outs[name] = llm.generate([[1, 2, 3, 4], [5, 6]], sp, use_tqdm=False)
     tokens = {name: [o.outputs[0].token_ids for o in out] for name, out in outs.items()}
     assert tokens["apart"] == tokens["fused"] == tokens["epilogue"]

@@ -143,6 +143,7 @@ class EngineCore:
             + float(getattr(self.engine.pieces, "capture_seconds", 0.0)),
             "warm_up_seconds": float(self.engine.warm_up_seconds),
             "max_num_tokens": int(self.cfg.limits.max_num_tokens),
+            "plugins": {kind: name for kind, (name, _) in self.engine.plugins.choice.items()},  # this card's
         }
 
     def add_request(self, req: Request) -> list[SequenceUpdate]:
