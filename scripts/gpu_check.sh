@@ -33,7 +33,8 @@
 #   hostprof    bs-1 latency of HOSTPROF_MODELS (default llama-3.2-1b; HOSTPROF_ARGS replaces its workload) under cProfile
 #               (--host-profile): where a step's host time goes, printed by own and cumulative time (~1.5 min)
 #   pgemm       scripts/bench_prefill_gemm.py: a layer's projections on cuBLAS at mixed-step sizes (PGEMM_ROWS,
-#               default 8150 8192 8320 8448 8580 8712 rows): whether a token budget of whole waves pays (~1 min)
+#               default 8150 8192 8320 8448 8580 8712 rows): whether a token budget of whole waves pays (~1 min);
+#               PGEMM_ARGS="--residual --rows 2048 8448": o and down with the residual add in cuBLAS's epilogue
 #   gsilu       scripts/bench_gemm_silu_mul.py: the gate|up GEMM with SiLU-and-mul in its epilogue against cuBLAS
 #               + silu_and_mul, 1B and 8B shapes at 2,048-8,448 rows (GSILU_ARGS, default --sweep; ~1-2 min)
 #   mbatch      scripts/bench_microbatch_overlap.py: a 2048/128 mixed step's layers as one batch against its decode
@@ -257,7 +258,7 @@ gsilu() {
 pgemm() {
   note "prefill-sized projections on cuBLAS, llama-3.1-8b shapes"
   timeout --kill-after=30 "$BENCH_TIMEOUT" "$PY" scripts/bench_prefill_gemm.py --preset llama-3.1-8b \
-    ${PGEMM_ROWS:+--rows $PGEMM_ROWS} --json "$OUT/prefill_gemm.json" 2>&1 | tee "$OUT/prefill_gemm.log"
+    ${PGEMM_ROWS:+--rows $PGEMM_ROWS} ${PGEMM_ARGS:-} --json "$OUT/prefill_gemm.json" 2>&1 | tee "$OUT/prefill_gemm.log"
   printf 'prefill_gemm\t%s\tsee prefill_gemm.log\n' "${PIPESTATUS[0]}" >>"$STATUS_FILE"
 }
 
