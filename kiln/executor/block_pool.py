@@ -71,16 +71,7 @@ class BlockPool:
     # ------------------------------------------------------------------ references
     def allocate(self) -> int:
         """A block with ref_count 1: a free one, else the least recently released cached one."""
-        if self._free:
-            b = self._free.popleft()
-        elif self._lru:
-            b, _ = self._lru.popitem(last=False)
-            self._drop_hash(b)
-        else:
-            raise RuntimeError("KV cache out of blocks: callers must check num_allocatable first")
-        self.ref_count[b] = 1
-        self.num_used += 1
-        return b
+        return self.allocate_many(1)[0]
 
     def allocate_many(self, n: int) -> list[int]:
         """``n`` blocks, each as ``allocate`` would give it, in the same order (a prompt's pages at once:

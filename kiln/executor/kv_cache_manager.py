@@ -159,8 +159,8 @@ class KVCacheManager:
         for b, h in zip(match.block_ids, match.hashes, strict=True):
             assert self.pool.lookup(h) == b, "the prefix cache changed between match_prefix and open_slot"
             self.pool.acquire(b)
-            self._append(slot, b)
-            self._hashes[slot].append(h)
+        self._append_many(slot, list(match.block_ids))
+        self._hashes[slot].extend(match.hashes)
         self.prefix_queries += match.num_queried_tokens
         self.prefix_hits += match.num_blocks * self.block_size
         return match.num_blocks * self.block_size
@@ -249,13 +249,6 @@ class KVCacheManager:
             self._append_many(slot, self.pool.allocate_many(more))
         return need
 
-    def _append(self, slot: int, b: int) -> None:
-        j = int(self.num_blocks_of[slot])
-        assert j < self.max_blocks_per_seq, f"slot {slot} is full ({self.max_blocks_per_seq} blocks)"
-        self.block_table[slot, j] = b
-        self.num_blocks_of[slot] = j + 1
-        self._updates.append((slot, j, b))
-
     def _append_many(self, slot: int, blocks: list[int]) -> None:
         j, k = int(self.num_blocks_of[slot]), len(blocks)
         assert j + k <= self.max_blocks_per_seq, f"slot {slot} would pass {self.max_blocks_per_seq} blocks"
@@ -271,9 +264,10 @@ class KVCacheManager:
         self._live[child_slot] = True
         self._salt[child_slot] = self._salt[parent_slot]
         self._hashes[child_slot] = list(self._hashes[parent_slot])
-        for b in self.blocks_of(parent_slot).tolist():
+        blocks = self.blocks_of(parent_slot).tolist()
+        for b in blocks:
             self.pool.acquire(b)
-            self._append(child_slot, b)
+        self._append_many(child_slot, blocks)
 
     def free(self, slot: int) -> int:
         """Release the slot's blocks, tail first (evicted first); returns how many became unused."""
