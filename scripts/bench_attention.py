@@ -332,14 +332,6 @@ def main() -> None:
     ap.add_argument("--decode-warps", type=int, nargs="+", default=[4])
     ap.add_argument("--decode-stages", type=int, nargs="+", default=[2, 3, 4])
     ap.add_argument("--decode-splits", type=int, nargs="+", default=[1, 2, 4])
-    ap.add_argument(
-        "--decode-order",
-        nargs="+",
-        choices=["seqs", "heads"],
-        default=["seqs"],
-        help="decode sweep: launch orders, one kv head's tiles of every sequence after another "
-        "(seqs) or the kv heads of a tile side by side (heads)",
-    )
     ap.add_argument("--decode-calls", type=int, default=1,
                     help="decode sweep: calls per timed graph, each on its own K/V (a model's layers back to "
                     "back: 32 times a call of a few us out of the launch's noise)")  # fmt: skip
@@ -491,8 +483,7 @@ DECODE_CASES: dict[str, tuple[str, int, tuple[int, int]]] = {
     "decode1": ("decode 1 x 129-384 (bs-1 latency)", 1, (129, 384)),
 }
 
-# block_n, num_warps, num_stages, num_splits (0: the planner's), launch order ("": the planner's)
-DecodeConfig = tuple[int, int, int, int, str]
+DecodeConfig = tuple[int, int, int, int]  # block_n, num_warps, num_stages, num_splits (0: the planner's)
 
 
 def run_decode(args: argparse.Namespace) -> None:
@@ -523,15 +514,14 @@ def run_decode(args: argparse.Namespace) -> None:
         print(f"\n{title}: K/V stream {kv_bytes / 1e9:.2f} GB{per}")
         print(f"  {'block_n warps stages splits':<30} {'us':>8} {'GB/s':>7} {'vs default':>10}")
         default_us = None
-        configs: list[DecodeConfig] = [(0, 0, 0, 0, "")]
+        configs: list[DecodeConfig] = [(0, 0, 0, 0)]
         configs += itertools.product(
-            args.decode_block_n, args.decode_warps, args.decode_stages, args.decode_splits, args.decode_order
+            args.decode_block_n, args.decode_warps, args.decode_stages, args.decode_splits
         )
         for c in configs:
-            bn, warps, stages, splits, order = c
-            heads_fastest = None if not order else order == "heads"
+            bn, warps, stages, splits = c
             kw = dict(block_n=bn or None, decode_num_warps=warps or None, decode_num_stages=stages or None,
-                      num_splits=splits or None, decode_heads_fastest=heads_fastest)  # fmt: skip
+                      num_splits=splits or None)  # fmt: skip
 
             def fn(kw=kw, batch=batch):
                 return paged_attention(*batch, 0, **kw)
@@ -540,7 +530,7 @@ def run_decode(args: argparse.Namespace) -> None:
                 for b in batches:
                     paged_attention(*b, 0, **kw)
 
-            label = "default" if not order else f"n{bn} w{warps} s{stages} splits {splits} {order}"
+            label = "default" if c == (0, 0, 0, 0) else f"n{bn} w{warps} s{stages} splits {splits}"
             try:
                 out = fn()
                 torch.cuda.synchronize()

@@ -44,7 +44,7 @@ PTR = {
 }
 FLOAT = {"eps", "scale_log2"}
 _ATTENTION = dict(GROUP=4, HEAD_DIM=128, BLOCK_D=128, BLOCK_M=16, BLOCK_N=64, TOKENS_PER_TILE=4, PAGE_SIZE=32,
-                  USE_SEARCH=True, SPLIT=True, HEADS_FASTEST=False, PRECISION="tf32")  # fmt: skip
+                  USE_SEARCH=True, SPLIT=True, PRECISION="tf32")  # fmt: skip
 # every constexpr branch that moves memory differently; the GEMV is the only kernel that may load (its
 # weight tiles, the only loads with an evict-first hint in gemv.py) before it waits
 KERNELS = {

@@ -594,45 +594,6 @@ def test_attention_launch_overrides():
     _check_attention(MIXED, 4, 2, 64, 16, torch.float16, **overrides)
 
 
-@pytest.mark.parametrize("splits", [None, 1, 3])
-@pytest.mark.parametrize("seqs", [DECODE, MIXED], ids=["decode", "mixed"])
-def test_attention_decode_pass_with_kv_heads_side_by_side(seqs, splits):
-    # the decode pass's other launch order (grid = (kv heads, tiles, splits)) covers the same tiles
-    # and splits; the prefill pass keeps its order
-    passes = plan_passes(40, len(seqs), 3, 2, 64, torch.float32, 20, 160, DEVICE, decode_heads_fastest=True)
-    assert passes[0].heads_fastest and passes[0].grid(3)[0] == 3
-    assert all(not p.heads_fastest for p in passes[1:])
-    _check_attention(seqs, 6, 3, 64, 16, torch.float32, num_splits=splits, decode_heads_fastest=True)
-
-
-def test_the_decode_order_comes_from_the_environment_at_each_launch(monkeypatch):
-    from kiln.plugins.triton import paged_attention as pa
-
-    grids = []
-    real = pa.wrap_triton
-    monkeypatch.setattr(pa, "wrap_triton", lambda kernel: _GridSpy(real(kernel), grids))
-    monkeypatch.setenv(pa.DECODE_ORDER_ENV, "heads")
-    _check_attention(DECODE, 6, 3, 64, 16, torch.float32, num_splits=1)
-    assert grids[-1][0] == 3  # kv heads first
-    monkeypatch.setenv(pa.DECODE_ORDER_ENV, "seqs")
-    _check_attention(DECODE, 6, 3, 64, 16, torch.float32, num_splits=1)
-    assert grids[-1][1] == 3
-    monkeypatch.setenv(pa.DECODE_ORDER_ENV, "rows")
-    with pytest.raises(ValueError, match="KILN_ATTENTION_DECODE_ORDER must be 'heads' or 'seqs', got 'rows'"):
-        _check_attention(DECODE, 6, 3, 64, 16, torch.float32)
-
-
-class _GridSpy:
-    """A launcher ``kernel[grid](...)`` that records each grid."""
-
-    def __init__(self, launcher, grids):
-        self.launcher, self.grids = launcher, grids
-
-    def __getitem__(self, grid):
-        self.grids.append(grid)
-        return self.launcher[grid]
-
-
 @pytest.mark.parametrize("head_dim", [32, 96, 256])
 def test_attention_other_head_dims(head_dim):
     _check_attention(MIXED[:5], 4, 2, head_dim, 16, torch.float32)

@@ -10,7 +10,6 @@ are fixed by shapes and int arguments, so a captured CUDA graph stays valid.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -28,9 +27,6 @@ MAX_SPLITS = 64
 # fp32 partials are [splits, T, Hq, D + 2]; splits shrink rather than let them pass this size.
 _MAX_WORKSPACE_BYTES = 64 << 20
 NO_LIMIT = 2**31 - 1
-# The decode pass's launch order (AttentionPass.heads_fastest); not yet measured to win.
-DECODE_HEADS_FASTEST = False
-_MAX_GRID_YZ = 65535  # CUDA's limit on a grid's second and third axes
 
 
 @dataclass(frozen=True)
@@ -48,20 +44,12 @@ class AttentionPass:
     num_splits: int
     num_warps: int
     num_stages: int
-    # Launch order: the kv heads of one tile side by side (grid = (kv heads, tiles, splits)) rather
-    # than one kv head's tiles of every sequence (grid = (tiles, kv heads, splits)).
-    heads_fastest: bool = False
 
     @property
     def variant(self) -> tuple[int | bool, ...]:
         """What Triton compiles a separate kernel for (the other fields are unspecialised ints)."""
         return (self.block_m, self.block_n, self.tokens_per_tile, self.use_search, self.num_splits > 1,
-                self.num_warps, self.num_stages, self.heads_fastest)  # fmt: skip
-
-    def grid(self, num_kv_heads: int) -> tuple[int, int, int]:
-        if self.heads_fastest:
-            return (num_kv_heads, self.num_tiles, self.num_splits)
-        return (self.num_tiles, num_kv_heads, self.num_splits)
+                self.num_warps, self.num_stages)  # fmt: skip
 
 
 def plan_passes(
@@ -70,16 +58,14 @@ def plan_passes(
     *, num_splits: int | None = None, block_m: int | None = None, block_n: int | None = None,
     num_warps: int | None = None, num_stages: int | None = None,
     decode_num_warps: int | None = None, decode_num_stages: int | None = None,
-    decode_heads_fastest: bool | None = None,
 ) -> tuple[AttentionPass, ...]:  # fmt: skip
     """The passes of one call. ``num_splits`` and ``block_n`` (both passes), ``block_m``, ``num_warps``
-    and ``num_stages`` (prefill pass), ``decode_num_warps``, ``decode_num_stages`` and
-    ``decode_heads_fastest`` override the heuristics, for tests and tuning."""
+    and ``num_stages`` (prefill pass), ``decode_num_warps`` and ``decode_num_stages`` override the
+    heuristics, for tests and tuning."""
     # Every layer of a step asks the same question: planned once per step shape, not per layer.
     return _plan(num_tokens, num_seqs, num_kv_heads, group, head_dim, dtype, max_query_len, max_seq_len,
                  num_sms(device), max_shared_memory(device), num_splits, block_m, block_n, num_warps,
-                 num_stages, decode_num_warps, decode_num_stages,
-                 DECODE_HEADS_FASTEST if decode_heads_fastest is None else decode_heads_fastest)  # fmt: skip
+                 num_stages, decode_num_warps, decode_num_stages)  # fmt: skip
 
 
 @functools.lru_cache(maxsize=4096)
@@ -88,7 +74,7 @@ def _plan(
     max_query_len: int, max_seq_len: int, sms: int, smem_bytes: int,
     num_splits: int | None, block_m: int | None, block_n: int | None,
     num_warps: int | None, num_stages: int | None,
-    decode_num_warps: int | None, decode_num_stages: int | None, decode_heads_fastest: bool,
+    decode_num_warps: int | None, decode_num_stages: int | None,
 ) -> tuple[AttentionPass, ...]:  # fmt: skip
     block_d = next_pow2(head_dim)
     wide = block_d > 128 or dtype == torch.float32  # more bytes per row: smaller tiles fit on chip
@@ -116,11 +102,8 @@ def _plan(
     decode_m = max(16, next_pow2(group))  # decode rows are the group's heads
     decode_tokens = decode_m // group
     decode_n = block_n or (32 if wide else 64)
-    decode = make(0, decode_tokens, decode_m, decode_n, min(max_query_len, decode_tokens),
-                  decode_num_warps or 4, decode_num_stages or 2)  # fmt: skip
-    if decode_heads_fastest and decode.num_tiles <= _MAX_GRID_YZ:
-        decode = dataclasses.replace(decode, heads_fastest=True)
-    passes = [decode]
+    passes = [make(0, decode_tokens, decode_m, decode_n, min(max_query_len, decode_tokens),
+                   decode_num_warps or 4, decode_num_stages or 2)]  # fmt: skip
     if max_query_len > decode_tokens:
         bm = max(block_m or (64 if wide else 128), 16, next_pow2(group))
 

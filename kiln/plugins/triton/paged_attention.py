@@ -3,8 +3,7 @@
 One tile kernel, launched once per pass (``attention_plan.py``: a decode pass with small query
 tiles, plus a prefill pass with large tiles when some sequence has more new tokens than a decode
 tile holds), then one merge launch if any pass splits the keys. Each pass has
-grid = (query tiles, kv heads, kv splits), or (kv heads, query tiles, kv splits) for a pass that launches
-the kv heads of a tile side by side (``AttentionPass.heads_fastest``):
+grid = (query tiles, kv heads, kv splits):
 
 - A *query tile* is up to ``TOKENS_PER_TILE`` consecutive new tokens of one sequence times the
   ``GROUP`` query heads that share one kv head, flattened into ``BLOCK_M`` rows
@@ -49,9 +48,6 @@ SUPPORTED_HEAD_DIMS = (32, 64, 96, 128, 256)
 # steps (every sequence one new token), for end-to-end tuning (scripts/decode_variants.py): the isolated
 # sweep misled at batch 1 (benchmarks/NOTES.md). Start-up's warm-up does not know it: a tuning knob only.
 DECODE_PLAN_ENV = "KILN_ATTENTION_DECODE_PLAN"
-# KILN_ATTENTION_DECODE_ORDER=heads|seqs: the decode pass's launch order (AttentionPass.heads_fastest) in
-# every step, read at launch like the plan above; unset, the planner's (DECODE_HEADS_FASTEST).
-DECODE_ORDER_ENV = "KILN_ATTENTION_DECODE_ORDER"
 
 # In a step with both passes, the decode pass (bound by K/V bandwidth) runs on a second stream beside the
 # prefill pass (bound by the MMAs), so the two can share the SMs; KILN_ATTENTION_OVERLAP=0 runs them in
@@ -134,19 +130,14 @@ def _attention_tile_kernel(
     stride_bt, stride_ot, stride_oh, stride_pas, stride_pat, stride_pah, stride_pms, stride_pmt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, TOKENS_PER_TILE: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    USE_SEARCH: tl.constexpr, SPLIT: tl.constexpr, HEADS_FASTEST: tl.constexpr, PRECISION: tl.constexpr,
-    PDL: tl.constexpr,
+    USE_SEARCH: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     pdl_trigger(PDL)
     pdl_wait(PDL)
     # Heaviest tiles first: a sequence's later query tiles see more keys (causal), and starting them
     # first leaves the short ones to fill the last wave.
-    if HEADS_FASTEST:  # the kv heads of a tile launch side by side: they read the same pages
-        pid = tl.num_programs(1) - 1 - tl.program_id(1)
-        kvh = tl.program_id(0)
-    else:
-        pid = tl.num_programs(0) - 1 - tl.program_id(0)
-        kvh = tl.program_id(1)
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)
+    kvh = tl.program_id(1)
     split = tl.program_id(2)
 
     # -- which sequence and which of its query tiles this program owns
@@ -333,7 +324,6 @@ def paged_attention(
     num_stages: int | None = None,
     decode_num_warps: int | None = None,
     decode_num_stages: int | None = None,
-    decode_heads_fastest: bool | None = None,
     out: torch.Tensor | None = None,
     overlap_passes: bool | None = None,
 ) -> torch.Tensor:
@@ -368,15 +358,10 @@ def paged_attention(
         decode_num_warps = decode_num_warps or tuned[1] or None
         decode_num_stages = decode_num_stages or tuned[2] or None
         num_splits = num_splits or tuned[3] or None
-    if decode_heads_fastest is None and (order := os.environ.get(DECODE_ORDER_ENV)):
-        if order not in ("heads", "seqs"):
-            raise ValueError(f"{DECODE_ORDER_ENV} must be 'heads' or 'seqs', got {order!r}")
-        decode_heads_fastest = order == "heads"
     passes = plan_passes(
         num_tokens, num_seqs, num_kv_heads, group, head_dim, q.dtype, max_query_len, max_seq_len, q.device,
         num_splits=num_splits, block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
         decode_num_warps=decode_num_warps, decode_num_stages=decode_num_stages,
-        decode_heads_fastest=decode_heads_fastest,
     )  # fmt: skip
     max_splits = max(p.num_splits for p in passes)
     if max_splits > 1:
@@ -432,7 +417,7 @@ def _launch_pass(p, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc
                  num_seqs, search_steps, scale, sliding_window, group, head_dim, block_d, num_kv_heads,
                  page_size) -> None:  # fmt: skip
     """One pass of the tile kernel (see ``plan_passes``) on the current stream."""
-    wrap_triton(_attention_tile_kernel)[p.grid(num_kv_heads)](
+    wrap_triton(_attention_tile_kernel)[(p.num_tiles, num_kv_heads, p.num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, part_acc, part_ml,
         num_seqs, p.q_len_lo, p.q_len_hi, p.tiles_per_seq, search_steps, p.num_splits,
         scale * math.log2(math.e), sliding_window,
@@ -442,6 +427,6 @@ def _launch_pass(p, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc
         part_acc.stride(0), part_acc.stride(1), part_acc.stride(2), part_ml.stride(0), part_ml.stride(1),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=p.block_m, BLOCK_N=p.block_n,
         TOKENS_PER_TILE=p.tokens_per_tile, PAGE_SIZE=page_size, USE_SEARCH=p.use_search,
-        SPLIT=p.num_splits > 1, HEADS_FASTEST=p.heads_fastest, PRECISION=dot_precision(q.dtype),
+        SPLIT=p.num_splits > 1, PRECISION=dot_precision(q.dtype),
         num_warps=p.num_warps, num_stages=p.num_stages, **pdl_args(q.device),
     )  # fmt: skip
