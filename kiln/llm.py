@@ -135,14 +135,27 @@ class LLM:
         prompt_list = _as_prompt_list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params or self.default_sampling_params()] * len(prompt_list)
-        else:
+        elif isinstance(sampling_params, (list, tuple)):
             params_list = list(sampling_params)
             if len(params_list) != len(prompt_list):
                 raise ValueError(
                     f"got {len(params_list)} sampling params for {len(prompt_list)} prompts; "
                     "pass one SamplingParams or one per prompt"
                 )
-        prepared = [self._prepare(p, sp) for p, sp in zip(prompt_list, params_list, strict=True)]
+        else:
+            raise InvalidRequestError(
+                "sampling_params must be a SamplingParams or a list of them, one per prompt; "
+                f"got {type(sampling_params).__name__}"
+            )
+        _validate_params(params_list)
+        prepared = []
+        for i, (p, sp) in enumerate(zip(prompt_list, params_list, strict=True)):
+            try:
+                prepared.append(self._prepare(p, sp, validated=True))
+            except InvalidRequestError as e:
+                if len(prompt_list) > 1:  # say which prompt of the batch
+                    e.args = (f"prompt {i}: {e.args[0]}", *e.args[1:])
+                raise
         results: dict[str, RequestOutput | Exception] = {}
         done = threading.Condition()
         from tqdm.auto import tqdm
@@ -232,7 +245,8 @@ class LLM:
         if not messages:
             raise InvalidRequestError("messages must not be empty", param="messages")
         conversations = [messages] if isinstance(messages[0], dict) else messages
-        prompts = [self.tokenizer.apply_chat_template(c, chat_template=chat_template) for c in conversations]  # type: ignore[arg-type]
+        conversations = [[_text_content(m) for m in c] for c in conversations]  # type: ignore[union-attr]
+        prompts = [self.tokenizer.apply_chat_template(c, chat_template=chat_template) for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def abort(self, request_id: str) -> None:
@@ -291,15 +305,22 @@ class LLM:
         return f"the engine loop stopped: {self._dead}" if self._dead else "the engine was shut down"
 
     def _prepare(
-        self, prompt: PromptType, sp: SamplingParams
+        self, prompt: PromptType, sp: SamplingParams, validated: bool = False
     ) -> tuple[str | None, list[int], SamplingParams]:
-        """Tokenize and validate one prompt; raise InvalidRequestError before anything is submitted."""
-        if not isinstance(sp, SamplingParams):
-            raise InvalidRequestError(f"sampling_params must be a SamplingParams, got {type(sp).__name__}")
+        """Tokenize and validate one prompt; raise InvalidRequestError before anything is submitted.
+        ``validated``: ``sp`` was checked by the caller (``_validate_params``)."""
+        if not validated:
+            _validate_params([sp])
         text: str | None = None
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
-                prompt = list(prompt["prompt_token_ids"])
+                prompt = prompt["prompt_token_ids"]
+                if not isinstance(prompt, (list, tuple)):
+                    raise InvalidRequestError(
+                        f"prompt_token_ids must be a list of token ids, got {type(prompt).__name__}",
+                        param="prompt_token_ids",
+                    )
+                prompt = list(prompt)
             elif "prompt" in prompt:
                 prompt = prompt["prompt"]
             else:
@@ -312,9 +333,17 @@ class LLM:
             text, ids = prompt, self.tokenizer.encode(prompt)
         elif isinstance(prompt, list) and _all_token_ints(prompt):
             ids = list(prompt)
+        elif isinstance(prompt, list):
+            at = next(i for i, t in enumerate(prompt) if not isinstance(t, int) or isinstance(t, bool))
+            raise InvalidRequestError(
+                f"a prompt's token ids must be ints, got {type(prompt[at]).__name__} ({prompt[at]!r}) "
+                f"at index {at}",
+                param="prompt",
+            )
         else:
             raise InvalidRequestError(
-                f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}",
+                "a prompt must be a string, a list of token ids or a dict with 'prompt' or "
+                f"'prompt_token_ids'; got {type(prompt).__name__}",
                 param="prompt",
             )
         if not ids:
@@ -416,6 +445,36 @@ class LLM:
             self._sinks.clear()
         for sink in sinks:
             sink(err)
+
+
+def _text_content(message: Any) -> Any:
+    """A message whose content is a list of OpenAI text parts, with the parts joined into one string (as
+    the server does); chat templates expect a string."""
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, list):
+        return message
+    texts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise InvalidRequestError(
+                f"a message's content must be a string or a list of {{'type': 'text', 'text': str}} parts; "
+                f"got a part of type {kind!r}",
+                param="messages",
+            )
+        texts.append(part["text"])
+    return {**message, "content": "".join(texts)}
+
+
+def _validate_params(params: list[SamplingParams]) -> None:
+    """Check each distinct SamplingParams again: a field may have changed since construction."""
+    for sp in {id(sp): sp for sp in params}.values():
+        if not isinstance(sp, SamplingParams):
+            raise InvalidRequestError(f"sampling_params must be a SamplingParams, got {type(sp).__name__}")
+        try:
+            sp.validate()
+        except ValueError as e:
+            raise InvalidRequestError(str(e)) from None
 
 
 def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:

@@ -1,4 +1,4 @@
-"""SamplingParams: how one request is decoded. Validated once, at construction."""
+"""SamplingParams: how one request is decoded. Validated at construction, and again when submitted."""
 
 from __future__ import annotations
 
@@ -45,24 +45,30 @@ class SamplingParams:
     MAX_LOGPROBS = 20
 
     def __post_init__(self) -> None:
-        self.stop_list = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
         self.validate()
 
     def validate(self) -> None:
-        _check(isinstance(self.n, int) and self.n >= 1, f"n must be an integer >= 1, got {self.n!r}")
+        """Check every field and recompute the derived ones (``stop_list``). The engine calls it again
+        when a request is submitted, so a field changed after construction is checked too."""
+        self.stop_list = _stop_list(self.stop)
+        _check(
+            self.stop_token_ids is None or isinstance(self.stop_token_ids, (list, tuple)),
+            f"stop_token_ids must be None or a list of token ids, got {type(self.stop_token_ids).__name__}",
+        )
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        _check(_int(self.n) and self.n >= 1, f"n must be an integer >= 1, got {self.n!r}")
         _check(
             _finite(self.temperature) and self.temperature >= 0,
-            f"temperature must be >= 0, got {self.temperature!r}",
+            f"temperature must be a finite number >= 0 (0: greedy), got {self.temperature!r}",
         )
         _check(
-            isinstance(self.top_k, int) and (self.top_k == -1 or self.top_k >= 0),
+            _int(self.top_k) and (self.top_k == -1 or self.top_k >= 0),
             f"top_k must be -1 or 0 (disabled) or a positive integer, got {self.top_k!r}",
         )
         _check(_finite(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}")
         _check(_finite(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p!r}")
         _check(
-            self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63),
+            self.seed is None or (_int(self.seed) and 0 <= self.seed < 2**63),
             f"seed must be None or an integer in [0, 2**63), got {self.seed!r}",
         )
         _check(
@@ -75,20 +81,18 @@ class SamplingParams:
         if self.logit_bias is not None:
             _check(isinstance(self.logit_bias, dict), "logit_bias must be a dict of token id -> bias")
             for tok, bias in self.logit_bias.items():
-                _check(
-                    isinstance(tok, int) and tok >= 0, f"logit_bias keys must be token ids >= 0, got {tok!r}"
-                )
+                _check(_int(tok) and tok >= 0, f"logit_bias keys must be token ids >= 0, got {tok!r}")
                 _check(
                     _finite(bias) and -100 <= bias <= 100,
                     f"logit_bias values must be in [-100, 100], got {bias!r} for token {tok}",
                 )
         _check(
-            isinstance(self.min_tokens, int) and self.min_tokens >= 0,
+            _int(self.min_tokens) and self.min_tokens >= 0,
             f"min_tokens must be an integer >= 0, got {self.min_tokens!r}",
         )
         if self.max_tokens is not None:
             _check(
-                isinstance(self.max_tokens, int) and self.max_tokens >= 1,
+                _int(self.max_tokens) and self.max_tokens >= 1,
                 f"max_tokens must be an integer >= 1 (or None for the rest of the context), "
                 f"got {self.max_tokens!r}",
             )
@@ -96,16 +100,22 @@ class SamplingParams:
                 self.min_tokens <= self.max_tokens,
                 f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})",
             )
-        for s in self.stop_list:
-            _check(isinstance(s, str) and s != "", f"stop strings must be non-empty strings, got {s!r}")
-        for t in self.stop_token_ids or []:
-            _check(isinstance(t, int) and t >= 0, f"stop_token_ids must be token ids >= 0, got {t!r}")
+        for t in self.stop_token_ids:
+            _check(_int(t) and t >= 0, f"stop_token_ids must be token ids >= 0, got {t!r}")
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
             _check(
-                v is None or (isinstance(v, int) and 0 <= v <= self.MAX_LOGPROBS),
+                v is None or (_int(v) and 0 <= v <= self.MAX_LOGPROBS),
                 f"{name} must be None or an integer in [0, {self.MAX_LOGPROBS}], got {v!r}",
             )
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens",
+                     "spaces_between_special_tokens"):  # fmt: skip
+            v = getattr(self, name)
+            _check(isinstance(v, bool), f"{name} must be True or False, got {v!r}")
+        _check(
+            self.cache_salt is None or isinstance(self.cache_salt, str),
+            f"cache_salt must be None or a string, got {self.cache_salt!r}",
+        )
 
     @property
     def greedy(self) -> bool:
@@ -118,3 +128,20 @@ class SamplingParams:
 
 def _finite(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _int(x: object) -> bool:
+    """An integer, and not a bool (True would otherwise pass as 1)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _stop_list(stop: object) -> list[str]:
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, (list, tuple)):
+        raise ValueError(f"stop must be None, a string or a list of strings, got {type(stop).__name__}")
+    for s in stop:
+        _check(isinstance(s, str) and s != "", f"stop strings must be non-empty strings, got {s!r}")
+    return list(stop)

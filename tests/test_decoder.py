@@ -225,6 +225,32 @@ def test_top_k_one_and_tiny_top_p_equal_greedy():
     assert out.token_ids.tolist() == logits.argmax(-1).tolist()
 
 
+def test_extreme_valid_values_sample_the_top_token_without_nan():
+    # Valid float64 values that float32 rounds to 0 or inf: a temperature or top_p of 1e-300, a
+    # repetition penalty of 1e-300 (logits / 0 = inf) or 1e300. Each row keeps its top token(s) and
+    # the sampler never gathers from an empty top-p prefix (index -1) or draws from NaN.
+    logits = rand_logits(8, seed=3)
+    dec = Decoder(8, V)
+    extreme = [
+        SamplingParams(temperature=1e-38, top_p=0.95),
+        SamplingParams(top_p=1e-300),
+        SamplingParams(temperature=1e-300, top_p=0.5),
+        SamplingParams(temperature=1e-45, top_k=5, top_p=0.3, min_p=0.5),
+        SamplingParams(temperature=1e300, min_p=1.0),
+        SamplingParams(temperature=1e-30, top_p=0.9, repetition_penalty=1e-300),
+        SamplingParams(temperature=0.5, top_p=0.9, repetition_penalty=1e300),
+        SamplingParams(temperature=1e-30, repetition_penalty=1e-30),
+    ]
+    inits = [make_init(s, sp, seed=s, prompt=[int(logits[s].argmax())]) for s, sp in enumerate(extreme)]
+    out = dec.sample(logits, make_batch(range(8), range(8), inits=inits))
+    argmax = logits.argmax(-1).tolist()
+    for s in (0, 1, 2, 3, 4):  # no penalty: the top token (min_p = 1 keeps only it)
+        assert out.token_ids[s] == argmax[s], s
+    for s in (5, 7):  # a vanishing penalty pushes the (seen) top token up to float32's max: still it
+        assert out.token_ids[s] == argmax[s], s
+    assert 0 <= out.token_ids[6] < V  # a huge penalty: some other token, drawn from finite scores
+
+
 # ---------------------------------------------------------------- seeds
 def test_seeded_draws_do_not_depend_on_batch_composition_or_order():
     logits = rand_logits(6, seed=11, scale=0.5)  # flat-ish: draws are far from deterministic

@@ -29,8 +29,8 @@ def tok(tmp_path_factory) -> Tokenizer:
 @pytest.mark.parametrize(
     "kwargs, fragment",
     [
-        ({"temperature": -1}, "temperature must be >= 0, got -1"),
-        ({"temperature": math.nan}, "temperature must be >= 0"),
+        ({"temperature": -1}, "temperature must be a finite number >= 0 (0: greedy), got -1"),
+        ({"temperature": math.nan}, "temperature must be a finite number >= 0"),
         ({"top_p": 0}, "top_p must be in (0, 1]"),
         ({"top_p": 1.5}, "top_p must be in (0, 1]"),
         ({"top_k": -2}, "top_k must be -1"),
@@ -44,12 +44,37 @@ def tok(tmp_path_factory) -> Tokenizer:
         ({"stop": [""]}, "stop strings must be non-empty"),
         ({"logit_bias": {1: 200.0}}, "logit_bias values must be in [-100, 100]"),
         ({"seed": -1}, "seed must be None or an integer"),
+        # bools are not ints, and each field's type is checked
+        ({"n": True}, "n must be an integer >= 1, got True"),
+        ({"max_tokens": True}, "max_tokens must be an integer >= 1"),
+        ({"top_k": True}, "top_k must be -1"),
+        ({"seed": True}, "seed must be None or an integer"),
+        ({"logprobs": True}, "logprobs must be None or an integer"),
+        ({"logit_bias": {True: 5.0}}, "logit_bias keys must be token ids >= 0, got True"),
+        ({"stop_token_ids": [True]}, "stop_token_ids must be token ids >= 0, got True"),
+        ({"stop_token_ids": 5}, "stop_token_ids must be None or a list of token ids, got int"),
+        ({"stop": 123}, "stop must be None, a string or a list of strings, got int"),
+        ({"stop": b"xy"}, "stop must be None, a string or a list of strings, got bytes"),
+        ({"stop": {"a": 1}}, "stop must be None, a string or a list of strings, got dict"),
+        ({"cache_salt": 5}, "cache_salt must be None or a string, got 5"),
+        ({"ignore_eos": "no"}, "ignore_eos must be True or False, got 'no'"),
+        ({"skip_special_tokens": None}, "skip_special_tokens must be True or False, got None"),
     ],
 )
 def test_sampling_params_rejects_bad_values(kwargs, fragment):
     with pytest.raises(ValueError) as e:
         SamplingParams(**kwargs)
     assert fragment in str(e.value)
+
+
+def test_validate_checks_a_changed_field_and_recomputes_stop_list():
+    sp = SamplingParams(stop="a")
+    sp.stop = ["b", "c"]
+    sp.validate()
+    assert sp.stop_list == ["b", "c"]
+    sp.top_p = 0.0
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\], got 0.0"):
+        sp.validate()
 
 
 def test_configs_reject_bad_values():

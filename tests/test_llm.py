@@ -250,9 +250,32 @@ def test_bad_input_is_rejected_with_clear_errors(tiny_model):
         with pytest.raises(InvalidRequestError, match=r"token ids must be in \[0, 320\)"):
             llm.generate([[1, 2, 400]], SamplingParams(), use_tqdm=False)
         for not_ids in ([1, True], [1, 2.0], [1, "2"]):  # bools are ints to Python, not token ids
-            with pytest.raises(InvalidRequestError, match="a list of token ids"):
+            kind = type(not_ids[1]).__name__
+            with pytest.raises(InvalidRequestError, match=f"token ids must be ints, got {kind} .*index 1"):
                 llm.generate([not_ids], SamplingParams(), use_tqdm=False)
-        with pytest.raises(ValueError, match="temperature must be >= 0, got -1"):
+        with pytest.raises(InvalidRequestError, match="prompt 1: token ids must be in"):
+            llm.generate([[1, 2], [400]], SamplingParams(), use_tqdm=False)  # which prompt of the batch
+        with pytest.raises(InvalidRequestError, match="prompt_token_ids must be a list of token ids"):
+            llm.generate({"prompt_token_ids": 5}, SamplingParams(), use_tqdm=False)
+        with pytest.raises(InvalidRequestError, match="sampling_params must be a SamplingParams .* got dict"):
+            llm.generate([1, 2], {"temperature": 0}, use_tqdm=False)  # type: ignore[arg-type]
+        # A SamplingParams changed after construction is checked again when submitted.
+        sp = SamplingParams(max_tokens=4)
+        for field, value, message in (
+            ("top_p", 0.0, "top_p must be in"),
+            ("max_tokens", -3, "max_tokens must be an integer >= 1"),
+            ("n", 0, "n must be an integer >= 1"),
+            ("seed", -1, "seed must be None or an integer"),
+            ("stop", 5, "stop must be None, a string or a list of strings"),
+        ):
+            changed = SamplingParams(max_tokens=4)
+            setattr(changed, field, value)
+            with pytest.raises(InvalidRequestError, match=message):
+                llm.generate([1, 2], changed, use_tqdm=False)
+        sp.stop = "x"
+        llm.generate([1, 2], sp, use_tqdm=False)
+        assert sp.stop_list == ["x"]  # the change took effect
+        with pytest.raises(ValueError, match=r"temperature must be a finite number >= 0 \(0: greedy\)"):
             SamplingParams(temperature=-1)
         # The engine is unharmed.
         assert llm.generate([1, 2], SamplingParams(max_tokens=3, **GREEDY), use_tqdm=False)[0].finished
@@ -286,6 +309,12 @@ def test_chat_and_process_executor(tiny_model):
     sp = SamplingParams(max_tokens=6, **GREEDY)
     with _llm(path) as llm:
         ref = llm.chat([{"role": "user", "content": "Hello"}], sp, use_tqdm=False)[0].outputs[0].token_ids
+        # OpenAI text parts are joined, as the server does
+        parts = [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}]
+        got = llm.chat([{"role": "user", "content": parts}], sp, use_tqdm=False)[0].outputs[0].token_ids
+        assert got == ref
+        with pytest.raises(InvalidRequestError, match="got a part of type 'image_url'"):
+            llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], sp)
     with _llm(path, executor="process") as llm:
         got = llm.chat([{"role": "user", "content": "Hello"}], sp, use_tqdm=False)[0].outputs[0].token_ids
         stats = llm.stats()  # from the worker process, its own collector policy installed
@@ -326,7 +355,7 @@ def test_cli_generate_prints_text_and_summary(tiny_model, capsys):
     assert "--- 'def f(x):' (length, 5 tokens)" in out.out and "--- 'import os'" in out.out
     assert "2 requests, 10 tokens" in out.err and "tok/s" in out.err
     assert main(["generate", "--model", path, "--temperature", "-1", "x"]) == 2
-    assert "temperature must be >= 0, got -1" in capsys.readouterr().err
+    assert "temperature must be a finite number >= 0 (0: greedy), got -1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

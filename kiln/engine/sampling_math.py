@@ -37,7 +37,8 @@ def penalize(
     seen = out_seen | prompt_mask[slots]
     rep = rep[:, None]
     x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
-    return x - freq[:, None] * cnt - pres[:, None] * out_seen
+    # a tiny repetition penalty can push a logit past float32's range: +inf would make the softmax NaN
+    return (x - freq[:, None] * cnt - pres[:, None] * out_seen).clamp(max=torch.finfo(torch.float32).max)
 
 
 def top_p_threshold(srt: Tensor, temp: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
@@ -47,11 +48,14 @@ def top_p_threshold(srt: Tensor, temp: Tensor, top_k: Tensor, top_p: Tensor) -> 
     """
     pos = torch.arange(srt.shape[1], device=srt.device)
     in_k = pos[None, :] < top_k[:, None]  # [R, V]
-    probs = torch.softmax((srt / temp[:, None]).masked_fill(~in_k, float("-inf")), dim=-1)
+    # shifted by the row's max first: with a tiny temperature the scaled logits would overflow to inf
+    scaled = (srt - srt[:, :1]) / temp[:, None]
+    probs = torch.softmax(scaled.masked_fill(~in_k, float("-inf")), dim=-1)
     before = probs.cumsum(dim=-1) - probs  # mass strictly above each token
     tp = top_p[:, None]
-    # a prefix, never empty (before[0] == 0 < top_p); top_p == 1 keeps all even if the cumsum rounds up
-    keep = in_k & ((before < tp) | (tp >= 1.0))
+    # a prefix, never empty (the top token always stays, even if top_p rounds to 0 in float32);
+    # top_p == 1 keeps all even if the cumsum rounds up
+    keep = in_k & ((before < tp) | (tp >= 1.0) | (pos[None, :] == 0))
     return srt.gather(1, keep.sum(dim=-1, keepdim=True) - 1)
 
 

@@ -110,16 +110,19 @@ class SamplingState:
         top_k = v if greedy or p.top_k <= 0 else min(p.top_k, v)
         top_p = 1.0 if greedy else p.top_p
         min_p = 0.0 if greedy else p.min_p
-        f[F_TEMPERATURE], f[F_TOP_P], f[F_MIN_P] = p.temperature, top_p, min_p
+        # Valid float64 values outside float32's normal range (a temperature of 1e-300 or 1e300) would
+        # round to 0 or inf on the device and turn the sampler's math into NaN: clamp them into it.
+        temperature = 0.0 if greedy else _f32_range(p.temperature)
+        f[F_TEMPERATURE], f[F_TOP_P], f[F_MIN_P] = temperature, top_p, min_p
         f[F_REPETITION], f[F_PRESENCE], f[F_FREQUENCY] = (
-            p.repetition_penalty,
+            _f32_range(p.repetition_penalty),
             p.presence_penalty,
             p.frequency_penalty,
         )
         seed_lo, seed_hi = split_seed(init.seed)
         i[I_TOP_K], i[I_SEED_LO], i[I_SEED_HI] = top_k, seed_lo, seed_hi
         i[I_SEQ_INDEX], i[I_MIN_TOKENS], i[I_NUM_STOP] = init.seq_index, p.min_tokens, len(init.stop_ids)
-        self.temperature[s], self.top_k[s], self.top_p[s], self.min_p[s] = p.temperature, top_k, top_p, min_p
+        self.temperature[s], self.top_k[s], self.top_p[s], self.min_p[s] = temperature, top_k, top_p, min_p
         self.min_tokens[s], self.num_stop[s] = p.min_tokens, len(init.stop_ids)
         self.num_logprobs[s] = p.logprobs or 0
         self.uses_penalties[s] = p.uses_penalties
@@ -214,3 +217,11 @@ def _flatten(pairs: list[tuple[int, list[int]]]) -> tuple[np.ndarray, np.ndarray
     rows = np.concatenate([np.full(len(ids), s, np.int64) for s, ids in pairs] or [np.zeros(0, np.int64)])
     ids = np.concatenate([np.asarray(ids, np.int64) for _, ids in pairs] or [np.zeros(0, np.int64)])
     return rows, ids
+
+
+_F32 = np.finfo(np.float32)
+
+
+def _f32_range(x: float) -> float:
+    """A positive value clamped into float32's normal range."""
+    return min(max(x, float(_F32.tiny)), float(_F32.max))
