@@ -6,6 +6,10 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kiln.sampling_params import SamplingParams
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -96,9 +100,36 @@ def _run_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_generate(args: argparse.Namespace) -> int:
-    from kiln import LLM, SamplingParams
+def _sampling_params(args: argparse.Namespace, model: str) -> SamplingParams:
+    """The request's SamplingParams: the flags over the model's generation_config.json defaults.
+    Built before the engine starts, so a bad flag fails in a moment rather than after the load."""
+    from kiln import SamplingParams
+    from kiln.model_files import read_model_files
 
+    defaults = SamplingParams(**read_model_files(model).sampling_defaults)
+    return SamplingParams(
+        n=args.n,
+        temperature=defaults.temperature if args.temperature is None else args.temperature,
+        top_k=defaults.top_k if args.top_k is None else args.top_k,
+        top_p=defaults.top_p if args.top_p is None else args.top_p,
+        min_p=defaults.min_p if args.min_p is None else args.min_p,
+        repetition_penalty=defaults.repetition_penalty
+        if args.repetition_penalty is None
+        else args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        seed=args.seed,
+        stop=args.stop,
+        ignore_eos=args.ignore_eos,
+        max_tokens=args.max_tokens,
+    )
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from kiln import LLM
+    from kiln.demo import demo_model_path
+
+    sp = _sampling_params(args, args.model or demo_model_path())
     # a built engine's limits come from its plan; a checkpoint gets a small default
     engine = bool(args.model) and os.path.isfile(os.path.join(args.model, "plan.json"))
     batch = args.max_batch_size if args.max_batch_size is not None or engine else 64
@@ -111,23 +142,6 @@ def _run_generate(args: argparse.Namespace) -> int:
         max_seq_len=args.max_seq_len,
     ) as llm:
         print(f"kiln: {llm.startup_summary()}", file=sys.stderr)
-        defaults = llm.default_sampling_params()
-        sp = SamplingParams(
-            n=args.n,
-            temperature=defaults.temperature if args.temperature is None else args.temperature,
-            top_k=defaults.top_k if args.top_k is None else args.top_k,
-            top_p=defaults.top_p if args.top_p is None else args.top_p,
-            min_p=defaults.min_p if args.min_p is None else args.min_p,
-            repetition_penalty=defaults.repetition_penalty
-            if args.repetition_penalty is None
-            else args.repetition_penalty,
-            presence_penalty=args.presence_penalty,
-            frequency_penalty=args.frequency_penalty,
-            seed=args.seed,
-            stop=args.stop,
-            ignore_eos=args.ignore_eos,
-            max_tokens=args.max_tokens,
-        )
         if args.chat:
             outs = llm.chat([[{"role": "user", "content": p}] for p in args.prompts], sp)
         else:
@@ -163,6 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         def _serve(args: argparse.Namespace) -> int:
             from kiln.serve import main as serve_main
 
+            check_serve_kv_flags(args)
             return serve_main(args) or 0
 
         commands["serve"] = _serve
@@ -180,6 +195,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, RuntimeError) as e:
         print(f"kiln {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a missing weights file, an output path that cannot be made: the user's input
+        print(f"kiln {args.command}: error: {os_error_text(e)}", file=sys.stderr)
+        return 2
+
+
+def os_error_text(e: OSError) -> str:
+    """kiln's own messages as they are; for the system's, "No such file or directory: 'PATH'"."""
+    if e.strerror and e.filename is not None:
+        return f"{e.strerror}: {e.filename!r}"
+    return str(e)
+
+
+def check_serve_kv_flags(args: argparse.Namespace) -> None:
+    """The KV flags, checked before the server binds or loads anything, in the flags' names (KvCacheConfig
+    names its fields, and its max_tokens reads like the sampling parameter)."""
+    from kiln.config import KvCacheConfig
+
+    fraction, cap = args.kv_cache_free_memory_fraction, args.kv_cache_max_tokens
+    try:
+        KvCacheConfig(free_gpu_memory_fraction=fraction)
+    except ValueError:
+        raise ValueError(f"--kv-cache-free-memory-fraction must be in (0, 1], got {fraction}") from None
+    if cap is None:
+        return
+    block = KvCacheConfig().tokens_per_block
+    if args.model and os.path.isfile(os.path.join(args.model, "plan.json")):  # a built engine's block size
+        from kiln.builder.engine_dir import EnginePlan
+
+        block = EnginePlan.load(args.model).tokens_per_block
+    try:
+        KvCacheConfig(max_tokens=cap, tokens_per_block=block)
+    except ValueError:
+        raise ValueError(
+            f"--kv-cache-max-tokens must be at least one KV block ({block} tokens), got {cap}"
+        ) from None
 
 
 if __name__ == "__main__":

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
+
+_DEVICE_RE = re.compile(r"cpu|cuda(:\d+)?")
 
 
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)
+
+
+def check_device_name(device: object) -> str:
+    """``device`` if it names a device kiln runs on ("cpu", "cuda" or "cuda:N"); whether it is present is
+    the caller's question (an engine may be built for a GPU on a machine without one)."""
+    if not isinstance(device, str) or not _DEVICE_RE.fullmatch(device):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    return device
 
 
 @dataclass(frozen=True)

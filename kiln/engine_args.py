@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from kiln.config import EngineLimits, KvCacheConfig, SchedulerConfig
+from kiln.config import EngineLimits, KvCacheConfig, SchedulerConfig, check_device_name
 from kiln.engine.token_budget import BASE_TOKENS
 from kiln.executor.engine_core import EngineCoreConfig
 from kiln.model_files import ModelFiles
@@ -48,9 +48,11 @@ def resolve_engine_config(
         raise ValueError(f"plugins must be a dict of plugin kind -> plugin name, got {plugins!r}")
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
-    device = device or _default_device()
-    if not (device == "cpu" or device.startswith("cuda")):
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    # checked before any comparison, so '8' or 2.5 is named here and not deep in the engine
+    _check_limit("max_batch_size", max_batch_size, 1)
+    _check_limit("max_num_tokens", max_num_tokens, 1)
+    _check_limit("max_seq_len", max_seq_len, 2)
+    device = resolve_device(device)
     if overlap_scheduling is not None and not isinstance(overlap_scheduling, bool):
         raise ValueError(
             f"overlap_scheduling must be True, False or None (on CUDA only), got {overlap_scheduling!r}"
@@ -117,7 +119,30 @@ def _check_type(name: str, value: object, cls: type) -> None:
         raise ValueError(f"{name} must be a {cls.__name__} (or None for the defaults), got {value!r}")
 
 
-def _default_device() -> str:
+def _check_limit(name: str, value: object, minimum: int) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < minimum):
+        raise ValueError(f"{name} must be an int >= {minimum} (or None for the default), got {value!r}")
+
+
+def resolve_device(device: object) -> str:
+    """The device to run on: ``device`` checked to be present, or cuda when present, else cpu.
+
+    A missing GPU is reported here, before a worker starts and fails inside torch."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    name = check_device_name(device)
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device {name!r} was requested but CUDA is not available "
+                "(torch.cuda.is_available() is False); use device='cpu'"
+            )
+        index = int(name.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {name!r} was requested but this machine has {torch.cuda.device_count()} CUDA "
+                f"device(s): cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+            )
+    return name

@@ -278,6 +278,12 @@ class LLM:
     def is_alive(self) -> bool:
         return self._dead is None and not self._closed
 
+    @property
+    def fatal_error(self) -> str | None:
+        """Why the engine loop stopped (its error and traceback text); None while it runs or after a
+        clean shutdown."""
+        return self._dead
+
     def shutdown(self) -> None:
         if self._closed:
             return

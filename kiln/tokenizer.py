@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from kiln.errors import InvalidRequestError
@@ -9,6 +10,8 @@ from kiln.errors import InvalidRequestError
 # How many prompt tokens seed a detokenizer: enough context for tokenizers (SentencePiece) whose
 # decoding of a token depends on its left neighbour.
 _CONTEXT_TOKENS = 5
+# Files one of which a directory needs for AutoTokenizer to load a tokenizer from it.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
 class Tokenizer:
@@ -17,6 +20,9 @@ class Tokenizer:
     def __init__(
         self, path: str, eos_token_ids: tuple[int, ...] = (), trust_remote_code: bool = False
     ) -> None:
+        # Without any tokenizer file HF's error talks about sentencepiece and tiktoken instead.
+        if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
+            raise ValueError(f"no tokenizer found in {path!r} (tokenizer.json or tokenizer_config.json)")
         from transformers import AutoTokenizer
 
         try:

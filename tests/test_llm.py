@@ -279,7 +279,7 @@ def test_bad_input_is_rejected_with_clear_errors(tiny_model):
             SamplingParams(temperature=-1)
         # The engine is unharmed.
         assert llm.generate([1, 2], SamplingParams(max_tokens=3, **GREEDY), use_tqdm=False)[0].finished
-    with pytest.raises(ValueError, match="max_batch_size must be >= 1"):
+    with pytest.raises(ValueError, match="max_batch_size must be an int >= 1"):
         LLM(path, max_batch_size=0)
     with pytest.raises(ValueError, match="is not a directory"):
         LLM("/nonexistent/model")

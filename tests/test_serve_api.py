@@ -351,3 +351,15 @@ def test_sse_event_stays_one_line_whatever_the_text(text):
         assert len(lines) == 1 and lines[0].startswith("data: ")
         got = json.loads(lines[0][6:])
         assert (got["text"] if "text" in got else got["choices"][0]["text"]) == text
+
+
+def test_developer_role_is_the_system_role(server):
+    def tokens(role: str) -> list[int]:
+        messages = [{"role": role, "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+        r = httpx.post(
+            server.url("/tokenize"), json={"messages": messages}, headers=server.headers, timeout=60
+        )
+        assert r.status_code == 200, r.text
+        return r.json()["tokens"]
+
+    assert tokens("developer") == tokens("system")

@@ -69,7 +69,7 @@ CASES = [
     bad("n-huge", {"prompt": "x", "n": 1000000}, "n"),
     bad("max-tokens-zero", {"prompt": "x", "max_tokens": 0}, "max_tokens"),
     bad("max-tokens-beyond-context", {"prompt": "x", "max_tokens": 5000}, "max_tokens", CTX),
-    bad("prompt-beyond-context", {"prompt": [1] * 300}, "max_tokens", CTX),
+    bad("prompt-beyond-context", {"prompt": [1] * 300}, "prompt", CTX),
     bad("chat-beyond-context", {"messages": USER, "max_completion_tokens": 300}, "messages", CTX, path=CHAT),
     bad("empty-prompt", {"prompt": ""}, "prompt"),
     bad("empty-prompt-list", {"prompt": []}, "prompt"),
@@ -350,3 +350,59 @@ def test_server_survives_fuzzing(server, http):
     r = http.post(C, json={"prompt": "still up", "max_tokens": 3})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
     assert not math.isnan(server.metric("kiln:num_requests_running"))
+
+
+# ------------------------------------------------------------------------------ limits and field names
+
+
+LIMIT_CASES = [
+    bad("too-many-prompts", {"prompt": ["a"] * 1030}, "prompt"),
+    bad("prompt-alone-beyond-context", {"prompt": [1] * 300, "max_tokens": 4}, "prompt", CTX),
+    bad("prompt-fits-completion-does-not", {"prompt": [1] * 250, "max_tokens": 10}, "max_tokens", CTX),
+    bad(
+        "max-completion-tokens-zero",
+        {"messages": USER, "max_completion_tokens": 0},
+        "max_completion_tokens",
+        path=CHAT,
+    ),
+    bad(
+        "unknown-content-part",
+        {"messages": [{"role": "user", "content": [{"type": "foo"}]}]},
+        "messages",
+        path=CHAT,
+    ),
+    bad("too-many-stop-strings", {"prompt": "x", "stop": [f"s{i}" for i in range(17)]}, "stop"),
+    bad(
+        "too-many-stop-strings-chat",
+        {"messages": USER, "stop": [f"s{i}" for i in range(17)]},
+        "stop",
+        path=CHAT,
+    ),
+    bad("stop-string-too-long", {"prompt": "x", "stop": "y" * 1001}, "stop"),
+]
+
+
+@pytest.mark.parametrize("path, body, status, param, code", LIMIT_CASES)
+def test_limits_get_400_naming_the_field(http, path, body, status, param, code):
+    test_bad_input_gets_status_and_envelope(http, path, body, status, param, code)
+
+
+def test_limit_messages_say_what_is_allowed(http):
+    err = check_envelope(http.post(C, json={"prompt": ["a"] * 1030}))
+    assert "1030 prompts" in err["message"] and "--max-queued-requests 1024" in err["message"], err
+    err = check_envelope(http.post(C, json={"prompt": [1] * 300, "max_tokens": 4}))
+    assert "300 input tokens" in err["message"] and "length of the prompt." in err["message"], err
+    err = check_envelope(http.post(CHAT, json={"messages": USER, "max_completion_tokens": 0}))
+    assert err["message"].startswith("max_completion_tokens must be") and "max_tokens" not in err["message"]
+    err = check_envelope(http.post(CHAT, json={"messages": [{"role": "user", "content": [{"type": "foo"}]}]}))
+    assert "'foo'" in err["message"] and "not supported" in err["message"] and "'text'" in err["message"]
+    assert "valid string" not in err["message"]
+    err = check_envelope(http.post(C, json={"prompt": "x", "stop": [f"s{i}" for i in range(17)]}))
+    assert "at most 16" in err["message"] and "got 17" in err["message"], err
+    err = check_envelope(http.post(C, json={"prompt": "x", "stop": ["a", "y" * 1001]}))
+    assert "at most 1000 characters" in err["message"] and "stop[1]" in err["message"], err
+    # exactly at the limits is fine
+    ok = http.post(
+        C, json={"prompt": "x", "max_tokens": 2, "stop": [f"s{i}" for i in range(15)] + ["y" * 1000]}
+    )
+    assert ok.status_code == 200, ok.text

@@ -277,3 +277,38 @@ def test_dead_engine_fails_fast_and_health_says_so(tiny_model, tmp_path):
         assert s.stop(timeout=30) == 0
     finally:
         s.kill()
+
+
+def test_dead_engine_logs_its_cause_once(tiny_model, tmp_path):
+    s = ServerProcess(tiny_model(tokenizer=True), "--executor", "process", log_dir=tmp_path).start()
+    try:
+        os.kill(engine_worker(s), signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while "the engine loop is dead" not in s.log():
+            assert time.monotonic() < deadline, s.log()[-3000:]
+            time.sleep(0.1)
+        time.sleep(1.5)  # the watchdog checks every 0.5 s: it must not log again
+        lines = [ln for ln in s.log().splitlines() if "the engine loop is dead" in ln]
+        assert len(lines) == 1, lines
+        assert " ERROR " in lines[0] and "Cause: the engine process died" in lines[0]
+    finally:
+        s.kill()
+
+
+def test_queue_full_message_gives_the_waiting_count():
+    from types import SimpleNamespace
+
+    from kiln.serve.engine_client import EngineClient, _Tracked
+    from kiln.serve.errors import APIError
+
+    client = EngineClient(SimpleNamespace(is_alive=lambda: True), max_queued_requests=3)
+    client._in_flight = {rid: _Tracked(rid, 4) for rid in ("a", "b")}
+    client.check_admission()  # room for one more
+    with pytest.raises(APIError) as e:
+        client.check_admission(2)  # a request of two prompts does not fit: none of it is admitted
+    assert e.value.status == 503 and e.value.code == "queue_full"
+    assert "2 waiting, the limit is 3; this request adds 2" in e.value.message
+    client._in_flight["c"] = _Tracked("c", 4)
+    with pytest.raises(APIError) as e:
+        client.check_admission()
+    assert "(3 waiting, the limit is 3)" in e.value.message

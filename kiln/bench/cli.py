@@ -348,6 +348,27 @@ def _plugin_overrides(specs: list[str]) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
+def _check_run_flags(args: argparse.Namespace) -> None:
+    """The flags the engine would reject only once it starts (inside the run, as a traceback and a
+    partial report), checked before the model is read or a preset drawn."""
+    from kiln.config import KvCacheConfig
+    from kiln.plugins import PluginSet
+    from kiln.sampling_params import SamplingParams
+
+    for flag, value in (("--max-batch-size", args.max_batch_size), ("--max-num-tokens", args.max_num_tokens)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    try:
+        KvCacheConfig(free_gpu_memory_fraction=args.kv_fraction)
+    except ValueError:
+        raise ValueError(f"--kv-fraction must be in (0, 1], got {args.kv_fraction}") from None
+    PluginSet("reference", dict(_plugin_overrides(args.plugin)))  # names the valid kinds and plugins
+    if args.bench_command == "throughput":
+        SamplingParams(temperature=args.temperature, ignore_eos=True)
+
+
 def _run(args: argparse.Namespace) -> int:
     import torch
 
@@ -357,6 +378,7 @@ def _run(args: argparse.Namespace) -> int:
     from kiln.engine.token_budget import default_max_num_tokens
     from kiln.executor.host_profile import ENV as HOST_PROFILE_ENV
 
+    _check_run_flags(args)
     if args.host_profile:  # read where the engine loop starts, in the worker process too
         os.environ[HOST_PROFILE_ENV] = os.path.abspath(args.host_profile)
     model = prepare_model(
@@ -370,13 +392,17 @@ def _run(args: argparse.Namespace) -> int:
     )
     # Throughput: 512 sequences per step. On an 8B model at batch 512 the decode GEMMs are
     # compute-bound (256 sits at the ridge), so weights are read half as often per token.
-    max_batch = args.max_batch_size or (THROUGHPUT_MAX_BATCH if args.bench_command == "throughput" else 1)
+    max_batch = args.max_batch_size
+    if max_batch is None:
+        max_batch = THROUGHPUT_MAX_BATCH if args.bench_command == "throughput" else 1
+    max_tokens = args.max_num_tokens
+    if max_tokens is None:  # the engine's own default, asked here for the roofline (the GPU is open already)
+        max_tokens = default_max_num_tokens(torch.device(model.device), max_batch)
     engine = EngineSettings(
         dtype=model.dtype,
         device=model.device,
         max_batch_size=max_batch,
-        # the engine's own default, asked here (the bench has the GPU open already) for the roofline
-        max_num_tokens=args.max_num_tokens or default_max_num_tokens(torch.device(model.device), max_batch),
+        max_num_tokens=max_tokens,
         max_seq_len=args.max_seq_len,
         kv_fraction=args.kv_fraction,
         scheduler_policy=args.scheduler_policy,

@@ -138,6 +138,8 @@ def serial_bound(
     """Simulate the ideal schedule of requests that all arrive at once; see the module docstring."""
     if len(input_lens) != len(output_lens) or not input_lens:
         raise ValueError("input_lens and output_lens must be non-empty and of equal length")
+    if max_batch_size < 1:  # nothing would ever be admitted: the loop below would never end
+        raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
     if max_num_tokens < max_batch_size:
         raise ValueError(f"max_num_tokens ({max_num_tokens}) must be >= max_batch_size ({max_batch_size})")
     prompt = np.asarray(input_lens, dtype=np.int64)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -11,6 +10,7 @@ from typing import Any
 from kiln.bench.presets import resolve_model
 from kiln.bench.report import card_name
 from kiln.bench.roofline import DevicePeaks, ModelCost, device_peaks
+from kiln.builder.model_config import read_hf_config
 
 
 @dataclass
@@ -57,12 +57,6 @@ class BenchModel:
         }
 
 
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def resolve_dtype(dtype: str, config: dict[str, Any], device: str) -> str:
     """kiln's rule: "auto" is the checkpoint's dtype on a GPU and float32 on the CPU."""
     if dtype != "auto":
@@ -83,14 +77,15 @@ def prepare_model(
 ) -> BenchModel:
     if spec is None:
         raise ValueError("--model is required: a model directory or preset:NAME")
-    device = device or default_device()
+    from kiln.engine_args import resolve_device
+
+    device = resolve_device(device)  # a missing GPU is named now, not inside a preset's draw or the engine
     # A preset's weights are stored in the dtype it will run in, so nothing is converted at load.
     preset_dtype = None if dtype == "auto" or not device.startswith("cuda") else dtype
     path, preset = resolve_model(spec, preset_cache, device=device, dtype=preset_dtype)
     if preset is not None:
         print(f"kiln bench: preset {preset} at {path}", file=sys.stderr, flush=True)
-    with open(os.path.join(path, "config.json")) as f:
-        config = json.load(f)
+    config = read_hf_config(path)  # names the file when it is missing or not valid JSON
     resolved = resolve_dtype(dtype, config, device)
     cost = ModelCost.from_config(config, resolved)
     peaks = device_peaks(roofline, card_name(device), hbm_bandwidth, peak_flops)

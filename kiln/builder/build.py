@@ -32,7 +32,7 @@ from kiln.builder.engine_dir import (
 )
 from kiln.builder.loader import build_meta_model, checkpoint_files, runtime_state_dict
 from kiln.builder.model_config import read_hf_config, resolve_dtype
-from kiln.config import EngineLimits, KvCacheConfig
+from kiln.config import EngineLimits, KvCacheConfig, check_device_name
 from kiln.engine.token_budget import default_max_num_tokens
 from kiln.models.registry import parse_model_config
 from kiln.plugins import PluginSet
@@ -86,7 +86,10 @@ def build_engine(
     waves of the GPU present (``kiln/engine/token_budget.py``: 8,448 on an H100), else 8,192.
     """
     t0 = time.perf_counter()
-    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    # only the name is checked: an engine may be built for a GPU on a machine without one
+    target = torch.device(check_device_name(device))
     if not os.path.isdir(model_dir):
         raise ValueError(f"model {model_dir!r} is not a directory; pass a Hugging Face checkpoint directory")
     if is_engine_dir(model_dir):
@@ -161,7 +164,12 @@ def _prepare_output(output_dir: str, overwrite: bool) -> None:
         for path in [*stale, os.path.join(output_dir, COMPILE_CACHE_FILE)]:
             if os.path.exists(path):
                 os.unlink(path)
-    os.makedirs(output_dir, exist_ok=True)
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"output {output_dir!r} exists and is not a directory; pass a new or empty one")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as e:  # a missing or read-only parent: say which directory could not be made
+        raise ValueError(f"cannot create the output directory {output_dir!r}: {e.strerror or e}") from e
 
 
 def _save_shards(state: dict[str, torch.Tensor], output_dir: str, max_shard_bytes: int) -> dict[str, int]:

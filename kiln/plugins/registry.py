@@ -187,6 +187,21 @@ def _named(selection: Any) -> str | None:
     return selection if selection is None or isinstance(selection, str) else selection[0]
 
 
+def _name_and_backend(kind: str, selection: Any) -> tuple[str, str]:
+    """An override given as ``(name, backend)``; anything else is refused with what is allowed."""
+    if (
+        isinstance(selection, (tuple, list))
+        and len(selection) == 2
+        and isinstance(selection[0], str)
+        and selection[1] in BACKENDS
+    ):
+        return selection[0], selection[1]
+    raise ValueError(
+        f"the plugin for kind {kind!r} must be a plugin name string (or a (name, backend) pair with "
+        f"backend one of {BACKENDS}), got {selection!r}"
+    )
+
+
 class PluginSet:
     """The op chosen for each kind, resolved once when the engine is built.
 
@@ -202,6 +217,9 @@ class PluginSet:
         unknown = set(overrides) - set(DEFAULT_PLUGINS)
         if unknown:
             raise ValueError(f"unknown plugin kinds {sorted(unknown)}; kinds are {sorted(DEFAULT_PLUGINS)}")
+        for kind, sel in overrides.items():  # checked first: the rival check below reads them too
+            if not isinstance(sel, str):
+                overrides[kind] = _name_and_backend(kind, sel)
         self.choice: dict[str, tuple[str, str]] = {}
         self._ops: dict[str, Callable[..., Any]] = {}
         self._into: dict[str, Callable[..., None] | None] = {}

@@ -25,15 +25,19 @@ from kiln.serve.sse import (
 from kiln.serve.state import ServerState
 
 
-def _tokenize(req: CompletionRequest, state: ServerState) -> list[tuple[str | None, list[int]]]:
-    """(text, token ids) of every prompt; runs in the tokenizer thread."""
+def _prompt_items(req: CompletionRequest) -> list[str | list[int]]:
+    """The request's prompts: each a string or a list of token ids."""
     p = req.prompt
     if isinstance(p, str):
-        items: list[str | list[int]] = [p]
-    elif p and all(isinstance(x, int) for x in p):
-        items = [p]  # type: ignore[list-item]
-    else:
-        items = list(p)  # type: ignore[arg-type]
+        return [p]
+    if p and all(isinstance(x, int) for x in p):
+        return [p]  # type: ignore[list-item]
+    return list(p)  # type: ignore[arg-type]
+
+
+def _tokenize(req: CompletionRequest, state: ServerState) -> list[tuple[str | None, list[int]]]:
+    """(text, token ids) of every prompt; runs in the tokenizer thread."""
+    items = _prompt_items(req)
     if not items:
         raise bad_request("prompt must not be empty.", "prompt")
     out: list[tuple[str | None, list[int]]] = []
@@ -49,7 +53,16 @@ def _tokenize(req: CompletionRequest, state: ServerState) -> list[tuple[str | No
 
 async def create_completion(req: CompletionRequest, request: Request, state: ServerState) -> Response:
     bridge.check_completion_request(req, state)
-    state.client.check_admission()  # fail fast (503) before any tokenizer work
+    num_prompts = len(_prompt_items(req))
+    limit = state.config.max_queued_requests
+    if num_prompts > limit:  # each prompt is one queued engine request: this one could never be admitted
+        raise bad_request(
+            f"The request has {num_prompts} prompts, but this server admits at most {limit} queued "
+            f"requests (one per prompt; --max-queued-requests {limit}). Send at most {limit} prompts "
+            "per request.",
+            "prompt",
+        )
+    state.client.check_admission(num_prompts)  # fail fast (503) before any tokenizer work
     prompts = await state.in_tokenizer_thread(_tokenize, req, state)
     for _text, ids in prompts:
         bridge.check_prompt_ids(ids, state.vocab_size)

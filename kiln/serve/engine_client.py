@@ -84,8 +84,8 @@ class EngineClient:
     def is_alive(self) -> bool:
         return bool(self.llm.is_alive())
 
-    def check_admission(self) -> None:
-        """Raise the 503 / 500 a new generation request gets right now, if any."""
+    def check_admission(self, new: int = 1) -> None:
+        """Raise the 503 / 500 a request adding ``new`` engine requests gets right now, if any."""
         if self.draining:
             raise APIError(
                 503,
@@ -100,10 +100,12 @@ class EngineClient:
                 INTERNAL,
                 code="engine_dead",
             )
-        if self.num_queued >= self.max_queued_requests:
+        queued, limit = self.num_queued, self.max_queued_requests
+        if queued + new > limit:
+            adds = f"; this request adds {new}" if new > 1 else ""
             raise APIError(
                 503,
-                f"Too many queued requests ({self.max_queued_requests} waiting); retry later.",
+                f"Too many queued requests ({queued} waiting, the limit is {limit}{adds}); retry later.",
                 UNAVAILABLE,
                 code="queue_full",
             )
@@ -238,11 +240,18 @@ class EngineClient:
                 continue
             if not self._dead_reported:
                 self._dead_reported = True
-                logger.error("the engine loop is dead: failing in-flight requests; /health answers 503")
+                logger.error(
+                    "the engine loop is dead: failing in-flight requests; /health answers 503. Cause: %s",
+                    self._fatal_error_text(),
+                )
             for t in self._in_flight.values():
                 if t.error is None and (t.latest is None or not t.latest.finished):
                     t.error = EngineDeadError("the engine loop stopped")
                     t.wake.set()
+
+    def _fatal_error_text(self) -> str:
+        """Why the engine died: the text of its fatal error (the engine's traceback)."""
+        return self.llm.fatal_error or "unknown (the engine reported no error text)"
 
 
 def _abort_output(

@@ -81,7 +81,7 @@ def from_engine_error(e: BaseException, param_map: dict[str, str] | None = None)
     if isinstance(e, ContextLengthExceededError):
         return APIError(400, str(e), INVALID_REQUEST, e.param, "context_length_exceeded")
     if isinstance(e, InvalidRequestError):
-        return APIError(400, str(e), INVALID_REQUEST, _map_param(e.param, param_map))
+        return APIError(400, _rename(str(e), param_map), INVALID_REQUEST, _map_param(e.param, param_map))
     if isinstance(e, EngineDeadError):
         return APIError(
             500, "The engine stopped after a fatal error; restart the server.", INTERNAL, code="engine_dead"
@@ -90,7 +90,8 @@ def from_engine_error(e: BaseException, param_map: dict[str, str] | None = None)
         return APIError(500, f"The request failed in the engine: {e}", INTERNAL, code="request_failed")
     if isinstance(e, ValueError):  # SamplingParams: the message starts with the field name
         m = re.match(r"([a-z_]+)", str(e))
-        return APIError(400, str(e), INVALID_REQUEST, _map_param(m.group(1) if m else None, param_map))
+        param = _map_param(m.group(1) if m else None, param_map)
+        return APIError(400, _rename(str(e), param_map), INVALID_REQUEST, param)
     logger.exception("engine fault", exc_info=e)
     return APIError(500, "Internal error in the engine.", INTERNAL, code="internal_error")
 
@@ -99,6 +100,13 @@ def _map_param(param: str | None, param_map: dict[str, str] | None) -> str | Non
     if param is None or not param_map:
         return param
     return param_map.get(param, param)
+
+
+def _rename(message: str, param_map: dict[str, str] | None) -> str:
+    """The message in the fields the client sent (max_completion_tokens, not the engine's max_tokens)."""
+    for ours, theirs in (param_map or {}).items():
+        message = re.sub(rf"\b{re.escape(ours)}\b", theirs, message)
+    return message
 
 
 def _loc_name(loc: tuple[Any, ...]) -> str:

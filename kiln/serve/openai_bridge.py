@@ -26,6 +26,13 @@ from kiln.serve.state import ServerState
 
 _SUPPORTED_ROLES = ("system", "developer", "user", "assistant")
 
+# OpenAI allows 4 stop strings. Every stop string is searched for in each sequence's new text on the
+# engine's output thread, which serves all requests, and the longest one is held back while streaming:
+# an unbounded list slows everyone. 16 strings of up to 1,000 characters cover real uses (end markers,
+# code fences, few-shot separators) at a negligible cost.
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 1000
+
 
 # ------------------------------------------------------------------------------------ request -> kiln
 
@@ -37,6 +44,20 @@ def check_common(req: CompletionRequest | ChatCompletionRequest, state: ServerSt
         raise bad_request("stream_options is only allowed when stream is true.", "stream_options")
     if req.n > state.config.max_n:
         raise bad_request(f"n must be <= {state.config.max_n} on this server, got {req.n}.", "n")
+    check_stop(req.stop)
+
+
+def check_stop(stop: str | list[str] | None) -> None:
+    stops = [stop] if isinstance(stop, str) else stop or []
+    if len(stops) > MAX_STOP_STRINGS:
+        raise bad_request(f"stop may have at most {MAX_STOP_STRINGS} strings, got {len(stops)}.", "stop")
+    for i, s in enumerate(stops):
+        if len(s) > MAX_STOP_STRING_CHARS:
+            raise bad_request(
+                f"stop strings may be at most {MAX_STOP_STRING_CHARS} characters long; "
+                f"stop[{i}] has {len(s)}.",
+                "stop",
+            )
 
 
 def check_completion_request(req: CompletionRequest, state: ServerState) -> None:
@@ -94,7 +115,9 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     """Messages as the chat template expects them (content flattened to text)."""
     out = []
     for m in messages:
-        d: dict[str, Any] = {"role": m.role, "content": m.text()}
+        # "developer" is OpenAI's newer name for "system"; chat templates know only "system"
+        role = "system" if m.role == "developer" else m.role
+        d: dict[str, Any] = {"role": role, "content": m.text()}
         if m.name is not None:
             d["name"] = m.name
         out.append(d)
@@ -114,7 +137,8 @@ def check_prompt_ids(ids: list[int], vocab_size: int, param: str = "prompt") -> 
 def check_context(prompt_len: int, max_tokens: int | None, max_seq_len: int, chat: bool) -> None:
     """OpenAI's context-length error: prompt + completion must fit in the model's context."""
     where, fix = ("in the messages", "messages") if chat else ("in your prompt", "prompt")
-    if prompt_len >= max_seq_len and max_tokens is None:
+    # A prompt that alone fills the context is the prompt's fault, whatever max_tokens says.
+    if prompt_len >= max_seq_len:
         raise APIError(
             400,
             f"This model's maximum context length is {max_seq_len} tokens. However, your request has "

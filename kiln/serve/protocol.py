@@ -101,6 +101,14 @@ def _check_content(v: Any) -> Any:
                 raise ValueError(
                     f"content[{i}] of type '{kind}': {_UNSUPPORTED_PARTS[kind]} is not supported yet"
                 )
+            # pydantic would only say "Input should be a valid string" (the str member of the union)
+            if not isinstance(part, dict) or "type" not in part:
+                raise ValueError(f"content[{i}] must be an object with a 'type'; supported types: 'text'")
+            if kind != "text":
+                raise ValueError(
+                    f"content[{i}] has type {kind!r}: this content part type is not supported; "
+                    "supported types: 'text'"
+                )
     return v
 
 
