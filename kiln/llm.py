@@ -13,28 +13,27 @@ from typing import Any
 
 from kiln.config import KvCacheConfig, SchedulerConfig
 from kiln.engine_args import resolve_engine_config
-from kiln.errors import ContextLengthExceededError, EngineDeadError, InvalidRequestError, RequestFailedError
+from kiln.errors import EngineDeadError, InvalidRequestError, RequestFailedError
 from kiln.executor.messages import Request
 from kiln.executor.stats import EngineStats
 from kiln.model_files import read_model_files
 from kiln.output_processor import RequestState
 from kiln.outputs import RequestOutput
+from kiln.prompt_input import (
+    PromptType,
+    as_prompt_list,
+    check_request,
+    prompt_token_ids,
+    text_content,
+    validate_params,
+)
 from kiln.sampling_params import SamplingParams
 from kiln.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-PromptType = str | list[int] | dict[str, Any]
 Sink = Callable[[RequestOutput | Exception], None]
 _SUBMIT_CHUNK = 256  # requests per message when generate() sends a large batch
-
-
-def _all_token_ints(values: list[Any]) -> bool:
-    """Every value an int and none a bool. The common case (plain ints) is one pass in C; only
-    a list holding something else is checked value by value (int subclasses other than bool pass)."""
-    if set(map(type, values)) <= {int}:
-        return True
-    return all(isinstance(t, int) and not isinstance(t, bool) for t in values)
 
 
 class LLM:
@@ -132,7 +131,7 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Run prompts to completion; outputs come back in the order of the prompts."""
-        prompt_list = _as_prompt_list(prompts)
+        prompt_list = as_prompt_list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params or self.default_sampling_params()] * len(prompt_list)
         elif isinstance(sampling_params, (list, tuple)):
@@ -147,7 +146,7 @@ class LLM:
                 "sampling_params must be a SamplingParams or a list of them, one per prompt; "
                 f"got {type(sampling_params).__name__}"
             )
-        _validate_params(params_list)
+        validate_params(params_list)
         prepared = []
         for i, (p, sp) in enumerate(zip(prompt_list, params_list, strict=True)):
             try:
@@ -245,7 +244,7 @@ class LLM:
         if not messages:
             raise InvalidRequestError("messages must not be empty", param="messages")
         conversations = [messages] if isinstance(messages[0], dict) else messages
-        conversations = [[_text_content(m) for m in c] for c in conversations]  # type: ignore[union-attr]
+        conversations = [[text_content(m) for m in c] for c in conversations]  # type: ignore[union-attr]
         prompts = [self.tokenizer.apply_chat_template(c, chat_template=chat_template) for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
@@ -314,72 +313,11 @@ class LLM:
         self, prompt: PromptType, sp: SamplingParams, validated: bool = False
     ) -> tuple[str | None, list[int], SamplingParams]:
         """Tokenize and validate one prompt; raise InvalidRequestError before anything is submitted.
-        ``validated``: ``sp`` was checked by the caller (``_validate_params``)."""
+        ``validated``: ``sp`` was checked by the caller (``validate_params``)."""
         if not validated:
-            _validate_params([sp])
-        text: str | None = None
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                prompt = prompt["prompt_token_ids"]
-                if not isinstance(prompt, (list, tuple)):
-                    raise InvalidRequestError(
-                        f"prompt_token_ids must be a list of token ids, got {type(prompt).__name__}",
-                        param="prompt_token_ids",
-                    )
-                prompt = list(prompt)
-            elif "prompt" in prompt:
-                prompt = prompt["prompt"]
-            else:
-                raise InvalidRequestError(
-                    "a prompt dict needs 'prompt' or 'prompt_token_ids'", param="prompt"
-                )
-        if isinstance(prompt, str):
-            if prompt == "":
-                raise InvalidRequestError("prompt must not be empty", param="prompt")
-            text, ids = prompt, self.tokenizer.encode(prompt)
-        elif isinstance(prompt, list) and _all_token_ints(prompt):
-            ids = list(prompt)
-        elif isinstance(prompt, list):
-            at = next(i for i, t in enumerate(prompt) if not isinstance(t, int) or isinstance(t, bool))
-            raise InvalidRequestError(
-                f"a prompt's token ids must be ints, got {type(prompt[at]).__name__} ({prompt[at]!r}) "
-                f"at index {at}",
-                param="prompt",
-            )
-        else:
-            raise InvalidRequestError(
-                "a prompt must be a string, a list of token ids or a dict with 'prompt' or "
-                f"'prompt_token_ids'; got {type(prompt).__name__}",
-                param="prompt",
-            )
-        if not ids:
-            raise InvalidRequestError("prompt must not be empty (it has no tokens)", param="prompt")
-        if min(ids) < 0 or max(ids) >= self.vocab_size:  # two passes in C; the message's list only then
-            bad = [t for t in ids if not 0 <= t < self.vocab_size]
-            raise InvalidRequestError(
-                f"token ids must be in [0, {self.vocab_size}); got {bad[:5]}", param="prompt"
-            )
-        for name, toks in (
-            ("logit_bias", list(sp.logit_bias or {})),
-            ("stop_token_ids", sp.stop_token_ids or []),
-        ):
-            bad = [t for t in toks if not 0 <= t < self.vocab_size]
-            if bad:
-                raise InvalidRequestError(
-                    f"{name} token ids must be in [0, {self.vocab_size}); got {bad[:5]}", name
-                )
-        if sp.n > self.limits.max_batch_size:
-            raise InvalidRequestError(
-                f"n must be <= max_batch_size ({self.limits.max_batch_size}), got {sp.n}", "n"
-            )
-        budget = len(ids) + (sp.max_tokens or 1)
-        if len(ids) >= self.max_seq_len or budget > self.max_seq_len:
-            raise ContextLengthExceededError(
-                f"This model's maximum context length is {self.max_seq_len} tokens. However, you requested "
-                f"{budget} tokens ({len(ids)} in the prompt, {sp.max_tokens or 1} for the completion). "
-                "Please reduce the length of the prompt or the completion.",
-                param="max_tokens" if len(ids) < self.max_seq_len else "prompt",
-            )
+            validate_params([sp])
+        text, ids = prompt_token_ids(prompt, self.tokenizer)
+        check_request(ids, sp, self.vocab_size, self.limits.max_batch_size, self.max_seq_len)
         return text, ids, sp
 
     def _submit(self, items: list[tuple[str, str | None, list[int], SamplingParams, Sink, bool]]) -> None:
@@ -451,45 +389,3 @@ class LLM:
             self._sinks.clear()
         for sink in sinks:
             sink(err)
-
-
-def _text_content(message: Any) -> Any:
-    """A message whose content is a list of OpenAI text parts, with the parts joined into one string (as
-    the server does); chat templates expect a string."""
-    content = message.get("content") if isinstance(message, dict) else None
-    if not isinstance(content, list):
-        return message
-    texts = []
-    for part in content:
-        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-        if kind != "text" or not isinstance(part.get("text"), str):
-            raise InvalidRequestError(
-                f"a message's content must be a string or a list of {{'type': 'text', 'text': str}} parts; "
-                f"got a part of type {kind!r}",
-                param="messages",
-            )
-        texts.append(part["text"])
-    return {**message, "content": "".join(texts)}
-
-
-def _validate_params(params: list[SamplingParams]) -> None:
-    """Check each distinct SamplingParams again: a field may have changed since construction."""
-    for sp in {id(sp): sp for sp in params}.values():
-        if not isinstance(sp, SamplingParams):
-            raise InvalidRequestError(f"sampling_params must be a SamplingParams, got {type(sp).__name__}")
-        try:
-            sp.validate()
-        except ValueError as e:
-            raise InvalidRequestError(str(e)) from None
-
-
-def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:
-    if isinstance(prompts, (str, dict)):
-        return [prompts]
-    if isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts):
-        return [prompts]  # one prompt of token ids
-    if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise InvalidRequestError(
-            "prompts must be a non-empty list of strings or token-id lists", param="prompt"
-        )
-    return list(prompts)
