@@ -65,11 +65,17 @@ def resolve_engine_config(
             f"max_seq_len ({max_seq_len}) exceeds the model's max_position_embeddings "
             f"({files.max_position_embeddings})"
         )
+    plan_plugins = None
     if os.path.isfile(os.path.join(model, "plan.json")):  # a built engine: defaults and ceilings
         from kiln.builder.engine_dir import EnginePlan  # imports torch: only for an engine
 
         plan = EnginePlan.load(model)
         limits = plan.check_limits(max_batch_size, max_num_tokens, max_seq_len)
+        if limits.max_seq_len > files.max_position_embeddings:  # an edited plan: kiln build refuses it
+            raise ValueError(
+                f"{os.path.join(model, 'plan.json')}: max_seq_len ({limits.max_seq_len}) exceeds the "
+                f"model's max_position_embeddings ({files.max_position_embeddings}); rebuild the engine"
+            )
         plan.resolve_dtype(dtype)
         dtype = plan.dtype
         kv_cache_config = kv_cache_config or KvCacheConfig(tokens_per_block=plan.tokens_per_block)
@@ -79,7 +85,8 @@ def resolve_engine_config(
                 f"engine's ({plan.tokens_per_block}); use {plan.tokens_per_block} or rebuild with "
                 "kiln build --tokens-per-block"
             )
-        plugins = plan.plugins if plugins is None else plugins
+        plan_plugins = plan.plugins
+        plugins = plan_plugins if plugins is None else plugins
         budget_from_device = False  # the plan's budget, chosen when it was built
     else:
         budget_from_device = max_num_tokens is None
@@ -93,7 +100,12 @@ def resolve_engine_config(
     if plugins:  # names and kinds checked here, before any engine is built
         from kiln.plugins import PluginSet
 
-        PluginSet("reference", plugins)
+        try:
+            PluginSet("reference", plugins)
+        except ValueError as e:
+            if plan_plugins is None or plugins is not plan_plugins:
+                raise
+            raise ValueError(f"{os.path.join(model, 'plan.json')}: {e}; rebuild the engine") from None
     cfg = EngineCoreConfig(
         model=model,
         dtype=dtype,

@@ -230,8 +230,8 @@ class LLM:
                 if finished:
                     return
         finally:
-            if not finished:
-                self.abort(rid)
+            if not finished:  # closed early: nobody is left to read a final output
+                self._abort(rid, deliver=False)
 
     def chat(
         self,
@@ -249,11 +249,22 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def abort(self, request_id: str) -> None:
+        """Stop a running request and free its KV cache. Its caller (``generate`` or ``generate_async``)
+        gets the request's final output, each unfinished sequence ending with finish_reason "abort".
+        An unknown or finished id is a no-op."""
+        self._abort(request_id, deliver=True)
+
+    def _abort(self, request_id: str, deliver: bool) -> None:
         with self._lock:
-            known = self._states.pop(request_id, None) is not None
-            self._sinks.pop(request_id, None)
-        if known and self._dead is None and not self._closed:
+            state = self._states.pop(request_id, None)
+            sink = self._sinks.pop(request_id, (None, False))[0]
+        if state is None:
+            return
+        if self._dead is None and not self._closed:
             self._executor.abort(request_id)
+        if deliver and sink is not None:
+            state.abort()
+            sink(state.output())
 
     def startup_summary(self) -> str:
         """One line: start-up time and where it went (load, compile, CUDA-graph capture, warm-up steps)."""
@@ -304,10 +315,14 @@ class LLM:
 
     # ------------------------------------------------------------------ internals
     def _next_id(self) -> str:
-        return f"req-{next(self._ids)}"
+        while (rid := f"req-{next(self._ids)}") in self._states:  # a caller's own id may look like ours
+            pass
+        return rid
 
     def _dead_message(self) -> str:
-        return f"the engine loop stopped: {self._dead}" if self._dead else "the engine was shut down"
+        if self._dead:
+            return f"the engine loop stopped: {self._dead}"
+        return "this LLM was shut down (shutdown() or the end of its with block); create a new LLM"
 
     def _prepare(
         self, prompt: PromptType, sp: SamplingParams, validated: bool = False

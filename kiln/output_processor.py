@@ -64,6 +64,14 @@ class RequestState:
     def finished(self) -> bool:
         return all(s.finish_reason is not None for s in self.seqs)
 
+    def abort(self) -> None:
+        """End every unfinished sequence with finish_reason "abort": the caller stopped the request."""
+        for s in self.seqs:
+            if s.finish_reason is None:
+                s.finish_reason = "abort"
+        if self.metrics.finished_time is None:
+            self.metrics.finished_time = time.time()
+
     def apply(self, up: SequenceUpdate, abort_seq: Callable[[int, str], None]) -> None:
         """Fold one update in; ``abort_seq(seq_index, stop)`` stops a sequence that hit a stop string."""
         if up.prompt_logprobs and self.prompt_logprobs is not None:
@@ -101,7 +109,8 @@ class RequestState:
 
     def _match_stop(self, seq: _Sequence, prev_len: int) -> bool:
         stops = self.params.stop_list
-        if not stops or len(seq.text) == prev_len:
+        # min_tokens holds back stop strings too, as it does EOS and stop_token_ids (vLLM does the same)
+        if not stops or len(seq.text) == prev_len or len(seq.token_ids) < self.params.min_tokens:
             return False
         # Only a match that ends in the new text is new; it may start up to holdback chars earlier.
         start = max(0, prev_len - self._holdback)

@@ -202,6 +202,19 @@ def test_broken_engine_directories_fail_clearly(engine, tmp_path):
         shutil.rmtree(d)
 
 
+def test_an_edited_plan_beyond_the_model_or_with_unknown_plugins_names_the_plan(engine_copy):
+    d = engine_copy
+    _edit_plan(d, max_seq_len=1_000_000)
+    with pytest.raises(ValueError, match=r"plan.json: max_seq_len \(1000000\) exceeds the model.*rebuild"):
+        LLM(d)
+    _edit_plan(d, max_seq_len=SMALL["max_seq_len"], plugins={"attention": "nosuch"})
+    with pytest.raises(ValueError, match=r"plan.json: no plugin named 'nosuch'.*; rebuild the engine"):
+        LLM(d)
+    with pytest.raises(ValueError, match=r"no plugin named 'nosuch2'") as err:  # the caller's own choice
+        LLM(d, plugins={"attention": "nosuch2"})
+    assert "plan.json" not in str(err.value)
+
+
 def _truncate_half(path: str) -> None:
     os.truncate(path, os.path.getsize(path) // 2)
 

@@ -151,6 +151,29 @@ def test_stop_string_included_when_asked(tok):
     assert state.output().outputs[0].text == "The quick brown fox"
 
 
+def test_min_tokens_holds_back_stop_strings(tok):
+    text = "ab fox cd fox ef"
+    n = len(tok.encode(text))
+    early = len(tok.encode("ab fox"))
+    state = _state(tok, stop=["fox"], min_tokens=early + 1, max_tokens=100)
+    aborted = _feed(state, tok, text)
+    assert aborted == [(0, "fox")] and state.output().outputs[0].text == "ab fox cd "  # the second one
+    assert early + 1 < n
+    state = _state(tok, stop=["fox"], max_tokens=100)
+    _feed(state, tok, text)
+    assert state.output().outputs[0].text == "ab "  # without min_tokens, the first
+
+
+def test_abort_ends_unfinished_sequences_with_abort(tok):
+    state = _state(tok, n=2, max_tokens=100)
+    _feed(state, tok, "The quick")
+    state.apply(SequenceUpdate("r", 1, [5], [-0.5], finished=True, finish_reason="length"), lambda *a: None)
+    state.abort()
+    out = state.output()
+    assert out.finished and [c.finish_reason for c in out.outputs] == ["abort", "length"]
+    assert out.outputs[0].text == "The quick" and out.metrics.finished_time is not None
+
+
 def test_streamed_text_holds_back_possible_stop_prefix(tok):
     state = _state(tok, stop=["lazy dog"])
     _feed(state, tok, "over the lazy")

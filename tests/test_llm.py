@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 
 import pytest
 import torch
@@ -283,6 +284,63 @@ def test_bad_input_is_rejected_with_clear_errors(tiny_model):
         LLM(path, max_batch_size=0)
     with pytest.raises(ValueError, match="is not a directory"):
         LLM("/nonexistent/model")
+
+
+def test_abort_gives_the_waiting_caller_its_final_output(tiny_model):
+    path = tiny_model("LlamaForCausalLM", tokenizer=True)
+    long = SamplingParams(max_tokens=200, **GREEDY)
+    with _llm(path) as llm:
+
+        async def streamed() -> list[object]:
+            seen = []
+            async for out in llm.generate_async([1, 2, 3], long, request_id="mine", streaming=True):
+                seen.append(out)
+                if len(seen) == 2:
+                    llm.abort("mine")
+            return seen
+
+        seen = asyncio.run(asyncio.wait_for(streamed(), 60))
+        final = seen[-1]
+        assert final.finished and final.outputs[0].finish_reason == "abort"  # type: ignore[attr-defined]
+        assert len(final.outputs[0].token_ids) < 200  # type: ignore[attr-defined]
+
+        # generate() blocked in another thread returns the aborted request's output
+        import threading
+
+        got: list[object] = []
+        t = threading.Thread(target=lambda: got.extend(llm.generate([[4, 5, 6]], long, use_tqdm=False)))
+        t.start()
+        while not llm._states:  # the request is registered
+            t.join(0.01)
+        llm.abort(next(iter(llm._states)))
+        t.join(60)
+        assert not t.is_alive() and got[0].outputs[0].finish_reason == "abort"  # type: ignore[attr-defined]
+        llm.abort("req-unknown")  # an unknown id: nothing happens
+        for _ in range(500):  # the engine frees them on its next loop step
+            if llm.stats().num_running == 0:
+                break
+            time.sleep(0.01)
+        assert llm.stats().num_running == 0
+    with pytest.raises(EngineDeadError, match="this LLM was shut down .*create a new LLM"):
+        llm.generate([1, 2], long, use_tqdm=False)
+
+
+def test_automatic_request_ids_skip_a_callers_own(tiny_model):
+    path = tiny_model("LlamaForCausalLM", tokenizer=True)
+    with _llm(path) as llm:
+        taken = f"req-{llm._next_id().split('-')[1]}"  # the next automatic id would follow this one
+        nxt = f"req-{int(taken.split('-')[1]) + 1}"
+
+        async def both() -> tuple[object, ...]:
+            long = SamplingParams(max_tokens=200, **GREEDY)
+            gen = llm.generate_async([1, 2], long, request_id=nxt, streaming=True)
+            first = await gen.__anext__()  # running now, under the id the next automatic one would take
+            outs = await asyncio.to_thread(llm.generate, [3, 4], SamplingParams(max_tokens=2, **GREEDY))
+            await gen.aclose()
+            return first, outs
+
+        _, outs = asyncio.run(both())
+        assert outs[0].request_id != nxt and outs[0].finished  # type: ignore[index]
 
 
 def test_fatal_engine_error_reaches_every_caller(tiny_model):

@@ -57,6 +57,7 @@ def _gen(llm, prompt, **kw):
 def test_models_health_version(server):
     h = server.headers
     assert httpx.get(server.url("/health")).json() == {"status": "ok"}  # no key needed
+    assert httpx.head(server.url("/health")).status_code == 200  # load balancers probe with HEAD too
     models = httpx.get(server.url("/v1/models"), headers=h).json()
     assert [m["id"] for m in models["data"]] == [MODEL_NAME]
     assert models["data"][0]["max_model_len"] == 256

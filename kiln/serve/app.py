@@ -104,7 +104,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         state.check_model(model_id)
         return card()
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # load balancers probe with either
     async def health() -> Response:
         if not state.client.is_alive():
             return error_response(APIError(503, "The engine loop is dead.", UNAVAILABLE, code="engine_dead"))
