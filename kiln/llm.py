@@ -118,6 +118,7 @@ class LLM:
         self._executor = (ProcessExecutor if use_process else ThreadExecutor)(cfg, self._on_output)
         self.vocab_size: int = int(self._executor.info["vocab_size"])
         self.engine_info: dict[str, Any] = dict(self._executor.info)
+        self._stats = EngineStats(num_free_blocks=int(self.engine_info["num_free_blocks"]))  # until a step
         # the engine may have picked the token budget (its card's, when none was given)
         self.limits = replace(limits, max_num_tokens=int(self.engine_info["max_num_tokens"]))
         self.engine_info["startup_seconds"] = time.perf_counter() - t_start

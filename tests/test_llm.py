@@ -290,6 +290,8 @@ def test_abort_gives_the_waiting_caller_its_final_output(tiny_model):
     path = tiny_model("LlamaForCausalLM", tokenizer=True)
     long = SamplingParams(max_tokens=200, **GREEDY)
     with _llm(path) as llm:
+        idle_free = llm.stats().num_free_blocks  # known before any step: every usable block
+        assert idle_free == llm.engine_info["num_blocks"] - 1  # all but the null block
 
         async def streamed() -> list[object]:
             seen = []
@@ -320,7 +322,7 @@ def test_abort_gives_the_waiting_caller_its_final_output(tiny_model):
             if llm.stats().num_running == 0:
                 break
             time.sleep(0.01)
-        assert llm.stats().num_running == 0
+        assert llm.stats().num_running == 0 and llm.stats().num_free_blocks == idle_free
     with pytest.raises(EngineDeadError, match="this LLM was shut down .*create a new LLM"):
         llm.generate([1, 2], long, use_tqdm=False)
 

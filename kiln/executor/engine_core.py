@@ -136,6 +136,7 @@ class EngineCore:
         return {
             "vocab_size": int(self.engine.vocab_size),
             "num_blocks": int(self.engine.num_blocks),
+            "num_free_blocks": int(self.scheduler.stats().num_free_blocks),  # at start: every usable block
             "device": str(self.engine.device),
             "dtype": str(self.engine.dtype).replace("torch.", ""),
             "compile_seconds": float(self.engine.compile_seconds),
