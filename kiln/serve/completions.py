@@ -35,9 +35,10 @@ def _prompt_items(req: CompletionRequest) -> list[str | list[int]]:
     return list(p)  # type: ignore[arg-type]
 
 
-def _tokenize(req: CompletionRequest, state: ServerState) -> list[tuple[str | None, list[int]]]:
-    """(text, token ids) of every prompt; runs in the tokenizer thread."""
-    items = _prompt_items(req)
+def _tokenize(
+    items: list[str | list[int]], req: CompletionRequest, state: ServerState
+) -> list[tuple[str | None, list[int]]]:
+    """(text, token ids) of every prompt (``_prompt_items``); runs in the tokenizer thread."""
     if not items:
         raise bad_request("prompt must not be empty.", "prompt")
     out: list[tuple[str | None, list[int]]] = []
@@ -53,7 +54,8 @@ def _tokenize(req: CompletionRequest, state: ServerState) -> list[tuple[str | No
 
 async def create_completion(req: CompletionRequest, request: Request, state: ServerState) -> Response:
     bridge.check_completion_request(req, state)
-    num_prompts = len(_prompt_items(req))
+    items = _prompt_items(req)
+    num_prompts = len(items)
     limit = state.config.max_queued_requests
     if num_prompts > limit:  # each prompt is one queued engine request: this one could never be admitted
         raise bad_request(
@@ -63,7 +65,7 @@ async def create_completion(req: CompletionRequest, request: Request, state: Ser
             "prompt",
         )
     state.client.check_admission(num_prompts)  # fail fast (503) before any tokenizer work
-    prompts = await state.in_tokenizer_thread(_tokenize, req, state)
+    prompts = await state.in_tokenizer_thread(_tokenize, items, req, state)
     for _text, ids in prompts:
         bridge.check_prompt_ids(ids, state.vocab_size)
         bridge.check_context(len(ids), req.max_tokens, state.max_seq_len, chat=False)
