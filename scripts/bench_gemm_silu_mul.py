@@ -146,6 +146,7 @@ def main() -> None:
     ap.add_argument("--shape", action="append", default=[], help="K,N (hidden, intermediate); repeatable")
     ap.add_argument("--rows", type=int, nargs="+", default=[2048, 8192, 8448])
     ap.add_argument("--sweep", action="store_true", help="time each configuration of the sweep")
+    ap.add_argument("--only", type=int, nargs="+", default=None, help="with --sweep: these entries (0-based)")
     ap.add_argument("--iters", type=int, default=20, help="timed graph replays (median)")
     ap.add_argument("--reps", type=int, default=10, help="calls in each replayed graph")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -159,6 +160,9 @@ def main() -> None:
 
     from kiln.plugins.triton.gemm_silu_mul import default_config
 
+    if args.only is not None and any(not 0 <= i < len(sweep_configs()) for i in args.only):
+        ap.error(f"--only takes entries 0..{len(sweep_configs()) - 1} of the sweep, got {args.only}")
+
     presets = args.preset if args.preset is not None else ([] if args.shape else DEFAULT_PRESETS)
     shapes = [preset_shape(p) for p in presets]
     shapes += [(int(a), int(b)) for a, b in (s.split(",") for s in args.shape)]
@@ -169,6 +173,8 @@ def main() -> None:
     for k, n in shapes:
         for rows in args.rows:
             configs = sweep_configs() if args.sweep else [default_config(rows, n, k)]
+            if args.sweep and args.only is not None:
+                configs = [configs[i] for i in args.only]
             results += bench_shape(k, n, rows, configs, args)
     if args.json:
         with open(args.json, "w") as f:

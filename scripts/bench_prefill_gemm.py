@@ -9,6 +9,10 @@ for each row count, every layer's projection (q|k|v, o, gate|up, down) back to b
 in microseconds a layer, TFLOP/s and microseconds per 1,000 tokens (what a token budget trades).
 Outputs are checked against an fp32 product on a slice before anything is timed.
 
+``--blas cublas cublaslt`` times every size under each of torch's BLAS back ends in turn
+(``torch.backends.cuda.preferred_blas_library``: cuBLAS's ``cublasGemmEx``, or cuBLASLt with its own
+heuristic), to tell whether either picks faster kernels for a shape.
+
 ``--residual`` times instead the two projections whose output joins the residual stream (o and down)
 with what follows them, two ways: ``F.linear`` then the fused residual add + RMSNorm kernel (as the
 engine runs them), against ``torch.addmm(residual, x, W^T)`` (cuBLAS adds the residual in its
@@ -125,6 +129,10 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--device", default="cuda")
     ap.add_argument(
+        "--blas", nargs="+", default=None, choices=["cublas", "cublaslt"],
+        help="time each size under these BLAS back ends in turn (default: torch's own choice)",
+    )
+    ap.add_argument(
         "--residual", action="store_true", help="o and down + residual add + RMSNorm: apart or in cuBLAS"
     )
     args = ap.parse_args()
@@ -141,18 +149,22 @@ def main() -> None:
     # Sizes in interleaved rounds, each round starting one size later, after a warm-up pass: a card's
     # clocks fall as it heats under GEMMs, and the size timed first on a cold card looked ~10% faster.
     time_rows(shapes, args.rows[0], 3, dev)
-    runs: dict[int, list[dict[str, float]]] = {rows: [] for rows in args.rows}
+    blases = args.blas or [None]
+    cases = [(rows, blas) for rows in args.rows for blas in blases]
+    runs: dict[tuple[int, str | None], list[dict[str, float]]] = {case: [] for case in cases}
     for r in range(args.rounds):
-        for rows in args.rows[r % len(args.rows) :] + args.rows[: r % len(args.rows)]:
-            runs[rows].append(time_rows(shapes, rows, args.iters, dev))
+        for rows, blas in cases[r % len(cases) :] + cases[: r % len(cases)]:
+            if blas is not None and dev.type == "cuda":
+                torch.backends.cuda.preferred_blas_library(blas)
+            runs[rows, blas].append(time_rows(shapes, rows, args.iters, dev))
     report = []
-    for rows in args.rows:
-        us = {s: statistics.median(run[s] for run in runs[rows]) for s in shapes}
+    for rows, blas in cases:
+        us = {s: statistics.median(run[s] for run in runs[rows, blas]) for s in shapes}
         total = sum(us.values())
         tflops = flops_per_row * rows / total / 1e6
         print(f"{rows:>6} " + " ".join(f"{us[s]:>9.1f}" for s in shapes)
-              + f" {total:>9.1f} {tflops:>8.1f} {total / rows * 1e3:>9.1f}")  # fmt: skip
-        report.append(dict(rows=rows, us=us, layer_us=total, tflops=tflops))
+              + f" {total:>9.1f} {tflops:>8.1f} {total / rows * 1e3:>9.1f}" + (f"  {blas}" if blas else ""))  # fmt: skip
+        report.append(dict(rows=rows, blas=blas, us=us, layer_us=total, tflops=tflops))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(preset=args.preset, device=name, torch=torch.__version__, rounds=args.rounds,

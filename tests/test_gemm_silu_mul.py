@@ -167,6 +167,17 @@ def test_bench_script_smoke(tmp_path):
     assert all(r["us"] > 0 for r in rows)
 
 
+def test_bench_script_only_picks_sweep_entries_and_refuses_others():
+    base = [sys.executable, str(ROOT / "scripts" / "bench_gemm_silu_mul.py"), "--shape", "48,40", "--rows", "40",
+            "--iters", "1", "--reps", "1", "--device", "cuda" if ON_GPU else "cpu", "--sweep"]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run(base + ["--only", "0", "7"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("fused ") == 2 and " g4 " in done.stdout
+    bad = subprocess.run(base + ["--only", "99"], env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--only takes entries 0.." in bad.stderr
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device (compiled Triton kernels)")
 @pytest.mark.parametrize("name", ["default", "tiled+tma", "persistent", "flattened"])
