@@ -269,41 +269,6 @@ def test_worker_reads_a_burst_of_messages_a_budget_at_a_time():
     assert one_at_a_time(True) == [("shutdown",)]
 
 
-def test_idle_worker_polls_the_pipe_before_it_blocks_and_sleeps_while_the_writer_needs_the_gil():
-    # A blocking receive spins (poll) for up to spin_s, so a request arriving then finds the worker
-    # running; while may_spin() says the outbox's writer needs the GIL, it sleeps between polls.
-    import multiprocessing as mp
-    import threading
-
-    from kiln.executor.client import pipe_receiver
-
-    reader, writer = mp.Pipe(duplex=False)
-
-    def cpu_seconds_of_a_blocking_receive(may_spin: bool) -> tuple[float, list]:
-        timer = threading.Timer(0.3, writer.send_bytes, args=(codec.encode(("abort", "r")),))
-        timer.start()
-        t0 = time.thread_time()
-        got = pipe_receiver(reader, budget_s=0.0, spin_s=0.2, may_spin=lambda: may_spin)(True)
-        timer.join()
-        return time.thread_time() - t0, got
-
-    spun, got = cpu_seconds_of_a_blocking_receive(True)
-    assert got == [("abort", "r")] and spun > 0.05  # ~0.2 s of polling, then a blocking read
-    slept, got = cpu_seconds_of_a_blocking_receive(False)  # ~4,000 short sleeps, then a blocking read
-    assert got == [("abort", "r")] and slept < spun
-
-
-@pytest.mark.parametrize("raw", ["abc", "-1", "nan"])
-def test_a_bad_idle_spin_setting_is_refused_in_the_callers_process(monkeypatch, raw):
-    from kiln.executor.client import idle_spin_s
-
-    monkeypatch.setenv("KILN_IDLE_SPIN_MS", raw)
-    with pytest.raises(ValueError, match="KILN_IDLE_SPIN_MS must be a number of milliseconds >= 0"):
-        idle_spin_s()
-    monkeypatch.setenv("KILN_IDLE_SPIN_MS", "2.5")
-    assert idle_spin_s() == 0.0025
-
-
 def test_worker_outbox_hands_over_a_message_with_tokens_before_send_returns():
     # The loop waits for the write of a message with tokens (the front end's first token must not wait
     # for the GIL the loop holds while launching the next step); one without tokens is only queued.

@@ -104,7 +104,7 @@ class _Outbox:
 
     def send(self, msg: tuple[Any, ...]) -> None:
         data = codec.encode(msg)
-        idle = self.idle()
+        idle = self._written == self._queued
         self._queued += 1
         if self.wait_s <= 0 or msg[0] != "updates" or not msg[1] or not idle:
             self._queue.put((data, None))
@@ -112,11 +112,6 @@ class _Outbox:
         written = threading.Event()
         self._queue.put((data, written))
         written.wait(self.wait_s)  # releases the GIL: the writer takes it at once
-
-    def idle(self) -> bool:
-        """Whether every queued message is written (the writer thread then waits on its queue, without
-        the GIL)."""
-        return self._written == self._queued
 
     def _write(self) -> None:
         while (item := self._queue.get()) is not None:
@@ -142,43 +137,13 @@ class _Outbox:
 RECEIVE_BUDGET_S = 0.002
 
 
-def idle_spin_s() -> float:
-    """How long the idle worker polls the pipe before it blocks in a read (``KILN_IDLE_SPIN_MS``,
-    default 5; 0 blocks at once). A request arriving meanwhile finds the worker running: no wake-up
-    of a sleeping thread (on a VM, of a halted vCPU) and warm caches for its decode. The cost is one
-    busy core for at most that long each time the engine runs out of work."""
-    raw = os.environ.get("KILN_IDLE_SPIN_MS", "5")
-    try:
-        ms = float(raw)
-    except ValueError:
-        raise ValueError(f"KILN_IDLE_SPIN_MS must be a number of milliseconds >= 0, got {raw!r}") from None
-    if not ms >= 0:
-        raise ValueError(f"KILN_IDLE_SPIN_MS must be a number of milliseconds >= 0, got {raw!r}")
-    return ms / 1e3
-
-
-SPIN_YIELD_S = 50e-6
-
-
-def pipe_receiver(
-    inbox: Any,
-    budget_s: float = RECEIVE_BUDGET_S,
-    spin_s: float = 0.0,
-    may_spin: Callable[[], bool] = lambda: True,
-) -> Callable[[bool], list[tuple[Any, ...]]]:
+def pipe_receiver(inbox: Any, budget_s: float = RECEIVE_BUDGET_S) -> Callable[[bool], list[tuple[Any, ...]]]:
     """The worker loop's ``receive`` over the front end's pipe: (wait for one message if ``block``) then
-    what else has arrived, for at most ``budget_s``; a closed pipe reads as a shutdown. A blocking
-    receive first polls for up to ``spin_s``, sleeping between polls while ``may_spin()`` says another
-    thread of the worker needs the GIL the polling holds (the outbox is still writing)."""
+    what else has arrived, for at most ``budget_s``; a closed pipe reads as a shutdown."""
 
     def receive(block: bool) -> list[tuple[Any, ...]]:
         msgs = []
         try:
-            if block and spin_s > 0:
-                deadline = time.perf_counter() + spin_s
-                while not inbox.poll(0) and time.perf_counter() < deadline:
-                    if not may_spin():
-                        time.sleep(SPIN_YIELD_S)  # lets the writer take the GIL
             if block or inbox.poll(0):
                 msgs.append(tuple(codec.decode(inbox.recv_bytes())))
             deadline = time.perf_counter() + budget_s
@@ -195,7 +160,7 @@ def _worker_main(cfg_bytes: bytes, inbox: Any, outbox_conn: Any) -> None:
     """Entry point of the worker process: build the engine, report ready, run the loop."""
     outbox = _Outbox(outbox_conn)
     send = outbox.send
-    receive = pipe_receiver(inbox, spin_s=idle_spin_s(), may_spin=outbox.idle)
+    receive = pipe_receiver(inbox)
     try:
         core = EngineCore(codec.decode(cfg_bytes))
     except Exception as e:  # noqa: BLE001 - the front end raises it
@@ -220,7 +185,6 @@ class ProcessExecutor(ExecutorClient):
     """The engine loop in its own process, so the front end's Python never holds the step loop."""
 
     def __init__(self, cfg: EngineCoreConfig, on_output: OnOutput, startup_timeout: float = 1800.0) -> None:
-        idle_spin_s()  # a bad KILN_IDLE_SPIN_MS fails here, in the caller, not in the worker
         ctx = mp.get_context("spawn")
         worker_in, self._to_worker = ctx.Pipe(duplex=False)
         self._from_worker, worker_out = ctx.Pipe(duplex=False)
