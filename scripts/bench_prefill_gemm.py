@@ -129,7 +129,10 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--device", default="cuda")
     ap.add_argument(
-        "--blas", nargs="+", default=None, choices=["cublas", "cublaslt"],
+        "--blas",
+        nargs="+",
+        default=None,
+        choices=["cublas", "cublaslt"],
         help="time each size under these BLAS back ends in turn (default: torch's own choice)",
     )
     ap.add_argument(
@@ -162,8 +165,9 @@ def main() -> None:
         us = {s: statistics.median(run[s] for run in runs[rows, blas]) for s in shapes}
         total = sum(us.values())
         tflops = flops_per_row * rows / total / 1e6
+        label = f"  {blas}" if blas else ""
         print(f"{rows:>6} " + " ".join(f"{us[s]:>9.1f}" for s in shapes)
-              + f" {total:>9.1f} {tflops:>8.1f} {total / rows * 1e3:>9.1f}" + (f"  {blas}" if blas else ""))  # fmt: skip
+              + f" {total:>9.1f} {tflops:>8.1f} {total / rows * 1e3:>9.1f}{label}")  # fmt: skip
         report.append(dict(rows=rows, blas=blas, us=us, layer_us=total, tflops=tflops))
     if args.json:
         with open(args.json, "w") as f:

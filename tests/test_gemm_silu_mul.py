@@ -168,8 +168,9 @@ def test_bench_script_smoke(tmp_path):
 
 
 def test_bench_script_only_picks_sweep_entries_and_refuses_others():
-    base = [sys.executable, str(ROOT / "scripts" / "bench_gemm_silu_mul.py"), "--shape", "48,40", "--rows", "40",
-            "--iters", "1", "--reps", "1", "--device", "cuda" if ON_GPU else "cpu", "--sweep"]  # fmt: skip
+    base = [sys.executable, str(ROOT / "scripts" / "bench_gemm_silu_mul.py"), "--shape", "48,40",
+            "--rows", "40", "--iters", "1", "--reps", "1", "--device", "cuda" if ON_GPU else "cpu",
+            "--sweep"]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     done = subprocess.run(base + ["--only", "0", "7"], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
