@@ -235,6 +235,41 @@ def test_edited_config_and_foreign_weights_are_refused(engine_copy, tiny_model):
         load_model(d)
 
 
+def _damage(path: str, at: int = 256) -> None:
+    """Overwrite 64 bytes of a safetensors file's data (past its header) with 0xFF: NaNs, size kept."""
+    with open(path, "r+b") as f:
+        header = int.from_bytes(f.read(8), "little")
+        f.seek(8 + header + at)
+        f.write(b"\xff" * 64)
+
+
+def test_damaged_weights_of_the_right_size_are_refused_by_name(engine_copy, tiny_model, tmp_path):
+    # a shard whose size the plan (or nothing) checks, with damaged bytes: a clear error naming the
+    # tensor, where it used to load and decode its NaN logits as EOS
+    _damage(os.path.join(engine_copy, "rank0.safetensors"))
+    named = r"NaN or infinite values in \['[a-z_.0-9]+'\]; rebuild the engine"
+    with pytest.raises(EnginePlanError, match=named):
+        load_model(engine_copy)
+    with pytest.raises(ValueError, match=r"NaN or infinite values .* rebuild the engine"):
+        LLM(engine_copy)
+    checkpoint = str(tmp_path / "checkpoint")
+    shutil.copytree(tiny_model(), checkpoint)
+    (shard,) = [f for f in os.listdir(checkpoint) if f.endswith(".safetensors")]
+    _damage(os.path.join(checkpoint, shard))
+    with pytest.raises(ValueError, match=r"NaN or infinite values in .*the checkpoint is damaged"):
+        load_model(checkpoint)
+
+
+def test_finiteness_check_reads_every_chunk_and_skips_integer_tensors(monkeypatch):
+    monkeypatch.setattr(loader, "_FINITE_CHUNK", 7)
+    late = torch.zeros(50)
+    late[-1] = float("inf")
+    state = {"ok": torch.ones(3, 5), "late": late, "ids": torch.arange(4), "empty": torch.empty(0),
+             "nan": torch.tensor([[1.0, float("nan")]], dtype=torch.bfloat16)}  # fmt: skip
+    assert loader.non_finite_tensors(state) == ["late", "nan"]
+    assert loader.non_finite_tensors({"ids": torch.arange(3)}) == []
+
+
 def test_build_refuses_bad_outputs(engine, tmp_path):
     src, out = engine
     with pytest.raises(ValueError, match="already an engine directory"):
