@@ -312,6 +312,11 @@ def test_tokenize_detokenize(server, llm):
     assert r["max_model_len"] == 256
     back = httpx.post(server.url("/detokenize"), headers=h, json={"tokens": r["tokens"]}).json()
     assert back["prompt"] == PROMPTS[1]
+    eos = llm.tokenizer.eos_token_ids[0]
+    kept = httpx.post(server.url("/detokenize"), headers=h,
+                      json={"tokens": r["tokens"] + [eos], "skip_special_tokens": False}).json()  # fmt: skip
+    assert kept["prompt"] == llm.tokenizer.decode(r["tokens"] + [eos], skip_special_tokens=False)
+    assert kept["prompt"] != back["prompt"]  # the special token is in the text
     chat = httpx.post(server.url("/tokenize"), headers=h, json={"messages": MESSAGES}).json()
     assert chat["tokens"] == llm.tokenizer.apply_chat_template(MESSAGES, chat_template=TEMPLATE)
 

@@ -145,7 +145,9 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         if body.tokens:
             check_prompt_ids(body.tokens, state.vocab_size, "tokens")
         try:
-            text = await state.in_tokenizer_thread(state.llm.tokenizer.decode, body.tokens)
+            text = await state.in_tokenizer_thread(
+                state.llm.tokenizer.decode, body.tokens, skip_special_tokens=body.skip_special_tokens
+            )
         except Exception as e:  # noqa: BLE001 - ids the tokenizer has no text for
             raise APIError(400, f"Could not decode these tokens: {e}", param="tokens") from None
         return DetokenizeResponse(prompt=text)

@@ -167,8 +167,12 @@ class TokenizeRequest(_Strict):
 
 
 class DetokenizeRequest(_Strict):
+    """``skip_special_tokens`` (default true, as generated text is decoded) false keeps BOS, EOS and
+    the chat template's markers in the text."""
+
     model: str | None = None
     tokens: list[int]
+    skip_special_tokens: bool = True
 
 
 # ---------------------------------------------------------------------------------------------- responses
