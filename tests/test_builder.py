@@ -260,13 +260,14 @@ def test_damaged_weights_of_the_right_size_are_refused_by_name(engine_copy, tiny
         load_model(checkpoint)
 
 
-def test_finiteness_check_reads_every_chunk_and_skips_integer_tensors(monkeypatch):
-    monkeypatch.setattr(loader, "_FINITE_CHUNK", 7)
+def test_finiteness_check_finds_nan_and_both_infinities_and_skips_integer_tensors():
     late = torch.zeros(50)
     late[-1] = float("inf")
     state = {"ok": torch.ones(3, 5), "late": late, "ids": torch.arange(4), "empty": torch.empty(0),
-             "nan": torch.tensor([[1.0, float("nan")]], dtype=torch.bfloat16)}  # fmt: skip
-    assert loader.non_finite_tensors(state) == ["late", "nan"]
+             "nan": torch.tensor([[1.0, float("nan")]], dtype=torch.bfloat16),
+             "low": torch.tensor([float("-inf"), 0.0], dtype=torch.float16),
+             "scalar": torch.tensor(2.0)}  # fmt: skip
+    assert loader.non_finite_tensors(state) == ["late", "nan", "low"]
     assert loader.non_finite_tensors({"ids": torch.arange(3)}) == []
 
 

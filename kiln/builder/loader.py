@@ -189,25 +189,20 @@ def _install(
     return model, build_model_info(cfg, read_generation_config(model_dir), dtype)
 
 
-# Elements a finiteness check reads at a time: its boolean temporary stays at 64 MB for any tensor size.
-_FINITE_CHUNK = 1 << 26
-
-
 def non_finite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
     """Names of the floating tensors holding a NaN or an infinity: damaged bytes of a shard whose size
-    is right (a trained model's weights are finite). One reduction a chunk on the tensors' device and
-    one read back at the end: the weights are read once more, at the device's bandwidth."""
-    names, flags = [], []
+    is right (a trained model's weights are finite). A tensor's min and max carry any NaN or infinity
+    it holds: one reduction a tensor on its device, no temporary, one read back at the end (isfinite
+    would make a boolean copy, and runs ~45x slower on the CPU)."""
+    names, ends = [], []
     for name, t in state.items():
-        if not t.is_floating_point() or t.numel() == 0:
-            continue
-        flat = t.reshape(-1)
-        ok = torch.stack([chunk.isfinite().all() for chunk in flat.split(_FINITE_CHUNK)]).all()
-        names.append(name)
-        flags.append(ok)
-    if not flags:
+        if t.is_floating_point() and t.numel() > 0:
+            lo, hi = torch.aminmax(t)
+            names.append(name)
+            ends.append(torch.stack([lo.float(), hi.float()]))
+    if not ends:
         return []
-    finite = torch.stack(flags).tolist()  # one read back (the state lives on one device)
+    finite = torch.stack(ends).isfinite().all(dim=1).tolist()  # the state lives on one device
     return [n for n, ok in zip(names, finite, strict=True) if not ok]
 
 
