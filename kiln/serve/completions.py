@@ -223,4 +223,8 @@ async def _stream(
             )
     except Exception as e:  # noqa: BLE001 - mid-stream: an error event, then [DONE]
         yield event(as_api_error(e).body())
+    finally:
+        # closed at a yield (client gone while a chunk was being sent): `async for` leaves ``stream``
+        # open, and only closing it aborts the engine requests now rather than when it is collected
+        await stream.aclose()
     yield DONE

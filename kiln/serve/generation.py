@@ -39,37 +39,46 @@ async def collect(gens: list[AsyncIterator[RequestOutput]]) -> list[RequestOutpu
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-_END = object()
-
-
 async def merge(gens: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Interleave the outputs of several prompts as (prompt index, cumulative output)."""
-    queue: asyncio.Queue[tuple[int, object]] = asyncio.Queue()
+    """Interleave the outputs of several prompts as (prompt index, cumulative output).
+
+    Each prompt keeps only its newest output until the consumer takes it: outputs are cumulative, so a
+    client that reads slowly (or not at all) gets fewer, larger updates and nothing piles up in memory.
+    """
+    latest: dict[int, RequestOutput] = {}
+    errors: list[BaseException] = []
+    ended = 0
+    news = asyncio.Event()
 
     async def pump(i: int, g: AsyncIterator[RequestOutput]) -> None:
+        nonlocal ended
         try:
             async for out in g:
-                queue.put_nowait((i, out))
+                latest[i] = out
+                news.set()
         except asyncio.CancelledError:
             raise
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            queue.put_nowait((i, e))
+            errors.append(e)
         finally:
             with contextlib.suppress(BaseException):
                 await g.aclose()  # type: ignore[attr-defined]
-            queue.put_nowait((i, _END))
+            ended += 1
+            news.set()
 
     tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(gens)]
-    remaining = len(tasks)
     try:
-        while remaining:
-            i, item = await queue.get()
-            if item is _END:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise as_api_error(item)
+        while True:
+            if errors:
+                raise as_api_error(errors[0])
+            if latest:
+                i = next(iter(latest))  # the prompt waiting longest: a dict keeps insertion order
+                yield i, latest.pop(i)
+            elif ended == len(tasks):
+                return
             else:
-                yield i, item  # type: ignore[misc]
+                await news.wait()
+                news.clear()
     finally:
         for t in tasks:
             t.cancel()
