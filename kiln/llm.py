@@ -21,6 +21,7 @@ from kiln.output_processor import RequestState
 from kiln.outputs import RequestOutput
 from kiln.prompt_input import (
     PromptType,
+    as_params_list,
     as_prompt_list,
     check_request,
     prompt_token_ids,
@@ -131,22 +132,10 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Run prompts to completion; outputs come back in the order of the prompts."""
+        """Run prompts to completion; outputs come back in the order of the prompts. A request the engine
+        fails (its error names the prompt) or an interrupt ends the call and aborts the rest of the batch."""
         prompt_list = as_prompt_list(prompts)
-        if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params_list = [sampling_params or self.default_sampling_params()] * len(prompt_list)
-        elif isinstance(sampling_params, (list, tuple)):
-            params_list = list(sampling_params)
-            if len(params_list) != len(prompt_list):
-                raise ValueError(
-                    f"got {len(params_list)} sampling params for {len(prompt_list)} prompts; "
-                    "pass one SamplingParams or one per prompt"
-                )
-        else:
-            raise InvalidRequestError(
-                "sampling_params must be a SamplingParams or a list of them, one per prompt; "
-                f"got {type(sampling_params).__name__}"
-            )
+        params_list = as_params_list(sampling_params, len(prompt_list), self.default_sampling_params)
         validate_params(params_list)
         prepared = []
         for i, (p, sp) in enumerate(zip(prompt_list, params_list, strict=True)):
@@ -156,7 +145,8 @@ class LLM:
                 if len(prompt_list) > 1:  # say which prompt of the batch
                     e.args = (f"prompt {i}: {e.args[0]}", *e.args[1:])
                 raise
-        results: dict[str, RequestOutput | Exception] = {}
+        results: dict[int, RequestOutput | Exception] = {}  # by prompt index
+        errors: list[tuple[int, Exception]] = []
         done = threading.Condition()
         from tqdm.auto import tqdm
 
@@ -165,32 +155,46 @@ class LLM:
         )
         t0, n_out = time.perf_counter(), 0
 
-        def sink_for(rid: str) -> Sink:
+        def sink_for(i: int) -> Sink:
             def sink(item: RequestOutput | Exception) -> None:
                 with done:
-                    results[rid] = item
+                    results[i] = item
+                    if isinstance(item, Exception):
+                        errors.append((i, item))
                     done.notify_all()
                 bar.update(1)
 
             return sink
 
-        ids = [self._next_id() for _ in prepared]
-        items = [(rid, text, token_ids, sp, sink_for(rid), False)
-                 for rid, (text, token_ids, sp) in zip(ids, prepared, strict=True)]  # fmt: skip
-        # Every prompt is validated above, before any is sent. Then messages of _SUBMIT_CHUNK requests:
-        # the first one already fills the engine's first steps, and the engine runs while the rest are
-        # registered, encoded and queued (~0.1-0.2 ms of host work a request on both sides).
-        for i in range(0, len(items), _SUBMIT_CHUNK):
-            self._submit(items[i : i + _SUBMIT_CHUNK])
-        with done:
-            while len(results) < len(ids):
-                done.wait(timeout=0.5)
-                if self._dead is not None and len(results) < len(ids):
-                    break
-        bar.close()
+        items = [
+            (None, text, token_ids, sp, sink_for(i), False)
+            for i, (text, token_ids, sp) in enumerate(prepared)
+        ]
+        ids: list[str] = []
+        try:
+            # Every prompt is validated above, before any is sent. Then messages of _SUBMIT_CHUNK requests:
+            # the first one already fills the engine's first steps, and the engine runs while the rest are
+            # registered, encoded and queued (~0.1-0.2 ms of host work a request on both sides).
+            for i in range(0, len(items), _SUBMIT_CHUNK):
+                ids += self._submit(items[i : i + _SUBMIT_CHUNK])
+            with done:
+                while len(results) < len(items) and not errors and self._dead is None:
+                    done.wait(timeout=0.5)
+        finally:
+            bar.close()
+            # a failed request, an interrupt or a dead engine ends the call: the rest must not run on
+            with done:
+                unfinished = [rid for i, rid in enumerate(ids) if i not in results]
+            for rid in unfinished:
+                self._abort(rid, deliver=False)
+        if errors:
+            i, err = errors[0]
+            if len(items) > 1 and not isinstance(err, EngineDeadError):  # say which prompt of the batch
+                err.args = (f"prompt {i}: {err.args[0]}", *err.args[1:])
+            raise err
         outs: list[RequestOutput] = []
-        for rid in ids:
-            item = results.get(rid) or EngineDeadError(self._dead_message())
+        for i in range(len(items)):
+            item = results.get(i) or EngineDeadError(self._dead_message())
             if isinstance(item, Exception):
                 raise item
             outs.append(item)
@@ -210,15 +214,16 @@ class LLM:
 
         Closing the generator before the end aborts the request and frees its KV cache.
         """
+        if request_id is not None and not isinstance(request_id, str):
+            raise InvalidRequestError(f"request_id must be a string, got {request_id!r}", param="request_id")
         prompt_text, token_ids, sp = self._prepare(prompt, sampling_params or self.default_sampling_params())
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput | Exception] = asyncio.Queue()
-        rid = request_id or self._next_id()
 
         def sink(item: RequestOutput | Exception) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+            loop.call_soon_threadsafe(queue.put_nowait, item)  # raises once the loop is closed
 
-        self._submit([(rid, prompt_text, token_ids, sp, sink, streaming)])
+        rid = self._submit([(request_id or None, prompt_text, token_ids, sp, sink, streaming)])[0]
         finished = False
         try:
             while True:
@@ -259,13 +264,15 @@ class LLM:
         with self._lock:
             state = self._states.pop(request_id, None)
             sink = self._sinks.pop(request_id, (None, False))[0]
-        if state is None:
-            return
-        if self._dead is None and not self._closed:
+            if state is None:
+                return
+            state.aborted = True
+            sent = state.sent  # if not, _submit tells the engine once it has sent the request
+        if sent and self._dead is None and not self._closed:
             self._executor.abort(request_id)
         if deliver and sink is not None:
             state.abort()
-            sink(state.output())
+            self._deliver([(request_id, sink, state.output())])
 
     def startup_summary(self) -> str:
         """One line: start-up time and where it went (load, compile, CUDA-graph capture, warm-up steps)."""
@@ -336,23 +343,47 @@ class LLM:
         check_request(ids, sp, self.vocab_size, self.limits.max_batch_size, self.max_seq_len)
         return text, ids, sp
 
-    def _submit(self, items: list[tuple[str, str | None, list[int], SamplingParams, Sink, bool]]) -> None:
-        """Register and send requests: (request id, prompt text, token ids, params, sink, stream) each."""
+    def _submit(
+        self, items: Sequence[tuple[str | None, str | None, list[int], SamplingParams, Sink, bool]]
+    ) -> list[str]:
+        """Register and send requests: (request id or None for an automatic one, prompt text, token ids,
+        params, sink, stream) each; returns their ids. Nothing is registered if a given id is taken."""
         if self._closed or self._dead is not None:
             raise EngineDeadError(self._dead_message())
-        states = [RequestState(rid, text, ids, sp, self.tokenizer) for rid, text, ids, sp, _, _ in items]
+        states = [RequestState("", text, ids, sp, self.tokenizer) for _, text, ids, sp, _, _ in items]
         with self._lock:
             for rid, *_ in items:
-                if rid in self._states:
+                if rid is not None and rid in self._states:
                     raise InvalidRequestError(f"request id {rid!r} is already running", param="request_id")
             for state, (rid, _, _, _, sink, stream) in zip(states, items, strict=True):
-                self._states[rid] = state
-                self._sinks[rid] = (sink, stream)
+                # automatic ids are drawn here, under the lock, so that no caller's id can take one meanwhile
+                state.request_id = rid if rid is not None else self._next_id()
+                self._states[state.request_id] = state
+                self._sinks[state.request_id] = (sink, stream)
         eos = self.tokenizer.eos_token_ids
-        self._executor.submit(
-            *(Request(rid, ids, sp, eos_token_ids=eos, arrival_time=state.metrics.arrival_time)
-              for state, (rid, _, ids, sp, _, _) in zip(states, items, strict=True))
-        )  # fmt: skip
+        try:
+            self._executor.submit(
+                *(Request(s.request_id, s.prompt_token_ids, s.params, eos_token_ids=eos,
+                          arrival_time=s.metrics.arrival_time) for s in states)
+            )  # fmt: skip
+        except BaseException:  # (an interrupt while encoding): none of them may be left behind
+            self._sent(states)
+            for s in states:
+                self._abort(s.request_id, deliver=False)
+            raise
+        self._sent(states)
+        return [s.request_id for s in states]
+
+    def _sent(self, states: list[RequestState]) -> None:
+        """The engine has these requests now. Those aborted (from another thread) while they were being
+        sent are aborted in the engine only now: an abort that reached it first would be lost."""
+        with self._lock:
+            for s in states:
+                s.sent = True
+            late = [s.request_id for s in states if s.aborted]
+        if self._dead is None and not self._closed:
+            for rid in late:
+                self._executor.abort(rid)
 
     def _on_output(self, msg: tuple[Any, ...]) -> None:
         """Called from the executor's thread (or the reader of the worker process)."""
@@ -363,7 +394,7 @@ class LLM:
             return
         if kind != "updates":
             return
-        deliveries: list[tuple[Sink, RequestOutput | Exception]] = []
+        deliveries: list[tuple[str, Sink, RequestOutput | Exception]] = []
         with self._lock:
             if msg[2] is not None:  # (a step's updates carry stats only now and then)
                 self._stats = msg[2]
@@ -378,7 +409,7 @@ class LLM:
                         if up.rejected
                         else RequestFailedError(up.error)
                     )
-                    deliveries.append((self._sinks[up.request_id][0], err))
+                    deliveries.append((up.request_id, self._sinks[up.request_id][0], err))
                     del self._states[up.request_id], self._sinks[up.request_id]
                     touched.pop(up.request_id, None)
                     continue
@@ -391,17 +422,25 @@ class LLM:
             for rid, state in touched.items():
                 sink, stream = self._sinks[rid]
                 if state.finished:
-                    deliveries.append((sink, state.output()))
+                    deliveries.append((rid, sink, state.output()))
                     del self._states[rid], self._sinks[rid]
                 elif stream:
-                    deliveries.append((sink, state.output()))
-        for sink, item in deliveries:
-            sink(item)
+                    deliveries.append((rid, sink, state.output()))
+        self._deliver(deliveries)
+
+    def _deliver(self, deliveries: Sequence[tuple[str, Sink, RequestOutput | Exception]]) -> None:
+        """Hand outputs to their callers, outside the lock. A caller that can no longer take one (its event
+        loop was closed) loses its request, which is aborted; the engine and every other request go on."""
+        for rid, sink, item in deliveries:
+            try:
+                sink(item)
+            except Exception as e:  # noqa: BLE001 - this thread is the engine loop or the pipe's reader
+                log.warning("request %s: its output could not be delivered (%s); aborting it", rid, e)
+                self._abort(rid, deliver=False)
 
     def _fail_all(self, err: Exception) -> None:
         with self._lock:
-            sinks = [s for s, _ in self._sinks.values()]
+            deliveries = [(rid, sink, err) for rid, (sink, _) in self._sinks.items()]
             self._states.clear()
             self._sinks.clear()
-        for sink in sinks:
-            sink(err)
+        self._deliver(deliveries)

@@ -57,6 +57,8 @@ class RequestState:
         )
         self.num_cached_tokens = 0
         self.metrics = RequestMetrics(arrival_time=time.time())
+        self.sent = False  # the engine has been sent the request
+        self.aborted = False  # the caller aborted it (maybe before it was sent)
         # Longest text a stop string could still need to complete: held back while streaming.
         self._holdback = max((len(s) for s in params.stop_list), default=1) - 1
 

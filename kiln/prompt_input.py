@@ -6,7 +6,7 @@ a bad prompt in a batch fails the call while the engine and every other request 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from kiln.errors import ContextLengthExceededError, InvalidRequestError
@@ -27,6 +27,27 @@ def as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptTyp
             "prompts must be a non-empty list of strings or token-id lists", param="prompt"
         )
     return list(prompts)
+
+
+def as_params_list(
+    sampling_params: SamplingParams | Sequence[SamplingParams] | None,
+    num_prompts: int,
+    default: Callable[[], SamplingParams],
+) -> list[SamplingParams]:
+    """One SamplingParams (``default()`` for None) for every prompt, or a list of one per prompt."""
+    if sampling_params is None or isinstance(sampling_params, SamplingParams):
+        return [sampling_params or default()] * num_prompts
+    if isinstance(sampling_params, (list, tuple)):
+        if len(sampling_params) != num_prompts:
+            raise ValueError(
+                f"got {len(sampling_params)} sampling params for {num_prompts} prompts; "
+                "pass one SamplingParams or one per prompt"
+            )
+        return list(sampling_params)
+    raise InvalidRequestError(
+        "sampling_params must be a SamplingParams or a list of them, one per prompt; "
+        f"got {type(sampling_params).__name__}"
+    )
 
 
 def validate_params(params: list[SamplingParams]) -> None:

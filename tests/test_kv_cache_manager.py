@@ -204,6 +204,23 @@ def test_free_delay_steps():
     assert kv.num_free_blocks == 4 and kv.num_pending_blocks == 0
 
 
+def test_pending_blocks_are_released_at_once_when_no_step_is_in_flight():
+    kv = make(num_blocks=5, free_delay_steps=1)
+    prompt = list(range(9))
+    kv.begin_step(1)
+    run_seq(kv, 0, prompt)
+    kv.free(0)
+    run_seq(kv, 1, prompt)  # hits the pending cached blocks: their queue entries go stale
+    kv.free(1)
+    assert kv.num_free_blocks == 0 and kv.num_pending_blocks == 4
+    kv.pool.release_pending()
+    kv.check_integrity()
+    assert kv.num_free_blocks == 4 and kv.num_pending_blocks == 0
+    assert run_seq(kv, 2, prompt) == 8  # still cached
+    kv.begin_step(2)
+    kv.check_integrity()
+
+
 def test_pending_cached_block_can_be_hit_and_is_released_once():
     kv = make(num_blocks=5, free_delay_steps=2)
     prompt = list(range(9))

@@ -61,7 +61,15 @@ class BlockPool:
         """Set the current step; blocks whose delay ran out become allocatable."""
         assert step >= self.step, f"steps go forward: {step} < {self.step}"
         self.step = step
-        while self._pending and self._pending[0][0] <= step:
+        self._release_pending(step)
+
+    def release_pending(self) -> None:
+        """No step is in flight any more, so none can write a pending block: all become allocatable now
+        (an engine gone idle would otherwise keep them until its next step)."""
+        self._release_pending(None)
+
+    def _release_pending(self, step: int | None) -> None:
+        while self._pending and (step is None or self._pending[0][0] <= step):
             ready, b = self._pending.popleft()
             if self._pending_ready.get(b) != ready:
                 continue  # stale: the block was hit while pending (and maybe released again since)

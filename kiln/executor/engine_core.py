@@ -168,7 +168,15 @@ class EngineCore:
     def abort(
         self, request_id: str, seq_index: int | None, reason: str, stop_reason: str | None
     ) -> list[SequenceUpdate]:
-        return self.scheduler.abort(request_id, seq_index=seq_index, reason=reason, stop_reason=stop_reason)
+        ups = self.scheduler.abort(request_id, seq_index=seq_index, reason=reason, stop_reason=stop_reason)
+        self._release_blocks_if_idle()
+        return ups
+
+    def _release_blocks_if_idle(self) -> None:
+        """Freed blocks wait a step before reuse while a step in flight may write them (overlap); with
+        none in flight they are free at once, and an idle engine reports its whole pool free."""
+        if not self._launched:
+            self.scheduler.kv.pool.release_pending()
 
     def has_work(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._launched)
@@ -207,6 +215,7 @@ class EngineCore:
         out.prompt_logprobs = step.prompt_logprobs
         t1 = time.perf_counter()
         updates = self.scheduler.update(step.batch, out)
+        self._release_blocks_if_idle()
         t2 = time.perf_counter()
         self._record(step, updates, t2 - t0, step.schedule_time + (t2 - t1), t1 - tw, t2 - step.started)
         return updates
