@@ -266,8 +266,8 @@ def test_finiteness_check_finds_nan_and_both_infinities_and_skips_integer_tensor
     state = {"ok": torch.ones(3, 5), "late": late, "ids": torch.arange(4), "empty": torch.empty(0),
              "nan": torch.tensor([[1.0, float("nan")]], dtype=torch.bfloat16),
              "low": torch.tensor([float("-inf"), 0.0], dtype=torch.float16),
-             "scalar": torch.tensor(2.0)}  # fmt: skip
-    assert loader.non_finite_tensors(state) == ["late", "nan", "low"]
+             "scalar": torch.tensor(2.0), "wide": torch.tensor([1e300], dtype=torch.float64)}  # fmt: skip
+    assert loader.non_finite_tensors(state) == ["late", "nan", "low"]  # 1e300 is finite in float64
     assert loader.non_finite_tensors({"ids": torch.arange(3)}) == []
 
 

@@ -199,7 +199,7 @@ def non_finite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
         if t.is_floating_point() and t.numel() > 0:
             lo, hi = torch.aminmax(t)
             names.append(name)
-            ends.append(torch.stack([lo.float(), hi.float()]))
+            ends.append(torch.stack([lo.double(), hi.double()]))  # exact for every float dtype
     if not ends:
         return []
     finite = torch.stack(ends).isfinite().all(dim=1).tolist()  # the state lives on one device
