@@ -98,7 +98,11 @@ class RequestState:
                 seq.logprobs.append(entry)
         if seq.detok is not None:
             prev_len = len(seq.text)
-            seq.text += seq.detok.add(up.new_token_ids)
+            new_ids = up.new_token_ids
+            # A stop token (EOS, stop_token_ids) ends the text without adding its own, as in vLLM
+            if up.finish_reason == "stop" and not self.params.include_stop_str_in_output:
+                new_ids = new_ids[:-1]
+            seq.text += seq.detok.add(new_ids)
             if up.finished:
                 seq.text += seq.detok.flush()
             if self._match_stop(seq, prev_len):
@@ -114,11 +118,11 @@ class RequestState:
         # min_tokens holds back stop strings too, as it does EOS and stop_token_ids (vLLM does the same)
         if not stops or len(seq.text) == prev_len or len(seq.token_ids) < self.params.min_tokens:
             return False
-        # Only a match that ends in the new text is new; it may start up to holdback chars earlier.
-        start = max(0, prev_len - self._holdback)
+        # Only a match that ends in the new text is new (one in older text was held back by min_tokens).
+        # Of those, the one that starts first wins, so the text never holds a stop string.
         best: tuple[int, str] | None = None
         for s in stops:
-            idx = seq.text.find(s, start)
+            idx = seq.text.find(s, max(0, prev_len - len(s) + 1))
             if idx >= 0 and (best is None or idx < best[0]):
                 best = (idx, s)
         if best is None:

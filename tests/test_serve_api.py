@@ -226,8 +226,20 @@ def test_stop_strings_and_stop_token_ids(client, llm):
         temperature=0,
         extra_body={"ignore_eos": True, "stop_token_ids": [tok]},
     )
-    assert by_id.choices[0].finish_reason == "stop"
+    assert by_id.choices[0].finish_reason == "stop" and by_id.choices[0].stop_reason == tok
     assert by_id.usage.completion_tokens == base.token_ids.index(tok) + 1
+    # the stop token's own text is left out of the text, as vLLM does, streamed or not
+    before = llm.tokenizer.decode(base.token_ids[: base.token_ids.index(tok)])
+    assert by_id.choices[0].text == before
+    streamed = client.completions.create(
+        model=MODEL_NAME,
+        prompt=PROMPTS[1],
+        max_tokens=24,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True, "stop_token_ids": [tok]},
+    )
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == before
 
 
 def test_logprobs_both_endpoints(client, llm):
