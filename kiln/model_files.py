@@ -13,6 +13,7 @@ from typing import Any
 
 from kiln.builder.model_config import (
     as_id_tuple,
+    integer,
     merge_ids,
     read_generation_config,
     read_hf_config,
@@ -35,7 +36,7 @@ class ModelFiles:
 
     @property
     def max_position_embeddings(self) -> int:
-        return int(self.config.get("max_position_embeddings") or 2048)
+        return integer(self.config, "max_position_embeddings", 2048)
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:

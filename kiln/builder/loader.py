@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -47,12 +48,16 @@ log = logging.getLogger(__name__)
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 
 
+INDEX_FILE = "model.safetensors.index.json"
+# Weights kiln cannot read, named in the error when a checkpoint has no safetensors.
+_OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
+
+
 def checkpoint_files(model_dir: str) -> list[str]:
     """The safetensors files of a checkpoint: from model.safetensors.index.json when present."""
-    index = os.path.join(model_dir, "model.safetensors.index.json")
+    index = os.path.join(model_dir, INDEX_FILE)
     if os.path.isfile(index):
-        weight_map = read_json(index).get("weight_map") or {}
-        files = sorted(set(weight_map.values()))
+        files = sorted(set(index_weight_map(index).values()))
         missing = [f for f in files if not os.path.isfile(os.path.join(model_dir, f))]
         if missing:
             raise FileNotFoundError(f"{index} lists files that are not in {model_dir!r}: {missing}")
@@ -62,11 +67,27 @@ def checkpoint_files(model_dir: str) -> list[str]:
     hf_named = [f for f in files if f.startswith("model")]
     files = hf_named or files
     if not files:
+        other = sorted(f for f in os.listdir(model_dir) if f.endswith(_OTHER_WEIGHTS))
+        found = f" (it has {other[:3]})" if other else ""
         raise FileNotFoundError(
-            f"no *.safetensors weights in {model_dir!r}; kiln loads safetensors checkpoints only "
-            "(convert .bin weights with transformers' save_pretrained(safe_serialization=True))"
+            f"no *.safetensors weights in {model_dir!r}{found}; kiln loads safetensors checkpoints only. "
+            "Convert the checkpoint with transformers: AutoModelForCausalLM.from_pretrained(DIR)"
+            ".save_pretrained(NEW_DIR) writes safetensors; copy the tokenizer files beside them"
         )
     return [os.path.join(model_dir, f) for f in files]
+
+
+def index_weight_map(index: str) -> dict[str, str]:
+    """The ``weight_map`` (tensor name -> shard file) of a safetensors index."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index} has no 'weight_map' object naming the shard of each tensor")
+    bad = [f for f in weight_map.values() if not isinstance(f, str) or not f.endswith(".safetensors")]
+    if bad:
+        raise ValueError(
+            f"{index}: 'weight_map' names files that are not safetensors: {sorted(set(map(str, bad)))[:5]}"
+        )
+    return weight_map
 
 
 def load_model_config(model_dir: str) -> ModelConfig:
@@ -225,22 +246,29 @@ def runtime_state_dict(
     state: dict[str, torch.Tensor] = {}
     loaded_parts: set[str] = set()
     unexpected: list[str] = []
+    seen: dict[str, str] = {}  # tensor name -> the file it came from
     tied = model.config.tie_word_embeddings
     for path in files:
-        with safe_open(path, framework="pt", device="cpu") as f:
+        with _open_safetensors(path) as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                if name in seen:  # e.g. a stale single-file copy beside the shards: which one is right?
+                    raise ValueError(
+                        f"checkpoint tensor {name!r} is in both {os.path.basename(seen[name])} and "
+                        f"{os.path.basename(path)}; remove the file that does not belong to the checkpoint"
+                    )
+                seen[name] = path
                 if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
                     continue  # a tied checkpoint may still store the head; it equals the embedding
                 if name in routes:
                     target, start, rows = routes[name]
-                    tensor = f.get_tensor(name)
+                    tensor = _read_tensor(f, name, path)
                     _check_shape(name, tuple(tensor.shape), (rows, *expected[target][1:]), path)
                     if target not in state:  # the fused tensor, allocated once at its final size
                         state[target] = torch.empty(expected[target], dtype=dtype, device=device)
                     state[target][start : start + rows].copy_(tensor)
                     loaded_parts.add(name)
                 elif name in expected:
-                    tensor = f.get_tensor(name)
+                    tensor = _read_tensor(f, name, path)
                     _check_shape(name, tuple(tensor.shape), expected[name], path)
                     state[name] = tensor.to(device=device, dtype=dtype)
                 else:
@@ -249,8 +277,32 @@ def runtime_state_dict(
     missing = [n for n in expected if n not in state and n not in fused_targets]
     missing += sorted(src for src in routes if src not in loaded_parts)
     if missing or unexpected:
-        raise ValueError(_mismatch_message(missing, unexpected, model.config))
+        raise ValueError(_mismatch_message(missing, unexpected, model.config) + _index_note(missing, files))
     return state
+
+
+def _open_safetensors(path: str) -> Any:
+    try:
+        return safe_open(path, framework="pt", device="cpu")
+    except Exception as e:  # noqa: BLE001 - SafetensorError is no ValueError: name the file
+        with open(path, "rb") as raw:
+            lfs = raw.read(64).startswith(b"version https://git-lfs")
+        if lfs:  # a clone without git-lfs holds small text pointers in place of the weights
+            raise ValueError(
+                f"checkpoint file {path} is a Git LFS pointer; fetch the weights with `git lfs pull`"
+            ) from e
+        raise ValueError(
+            f"checkpoint file {path} is not readable safetensors ({e}); fetch the checkpoint again"
+        ) from e
+
+
+def _read_tensor(f: Any, name: str, path: str) -> torch.Tensor:
+    try:
+        return f.get_tensor(name)
+    except Exception as e:  # noqa: BLE001 - a truncated file fails here, as SafetensorError
+        raise ValueError(
+            f"cannot read tensor {name!r} from {path} ({e}); the file is damaged: fetch the checkpoint again"
+        ) from e
 
 
 def _check_shape(name: str, got: tuple[int, ...], want: tuple[int, ...], path: str) -> None:
@@ -259,6 +311,19 @@ def _check_shape(name: str, got: tuple[int, ...], want: tuple[int, ...], path: s
             f"checkpoint tensor {name!r} in {os.path.basename(path)} has shape {list(got)}, "
             f"but the model config implies {list(want)}; the checkpoint and config.json disagree"
         )
+
+
+def _index_note(missing: list[str], files: list[str]) -> str:
+    """Where the checkpoint's index says missing tensors are (a shard that lost them, or a wrong index)."""
+    index = os.path.join(os.path.dirname(files[0]), INDEX_FILE) if files else ""
+    if not missing or not os.path.isfile(index):
+        return ""
+    weight_map = index_weight_map(index)
+    listed = {n: weight_map[n] for n in missing[:10] if n in weight_map}
+    if not listed:
+        return f"; {INDEX_FILE} does not list them either"
+    where = ", ".join(f"{n!r} in {f}" for n, f in listed.items())
+    return f"; {INDEX_FILE} lists {where}, but the tensors are not there"
 
 
 def _mismatch_message(missing: list[str], unexpected: list[str], cfg: ModelConfig) -> str:

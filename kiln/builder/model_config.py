@@ -144,16 +144,20 @@ def architecture_of(hf: dict[str, Any]) -> str:
     archs = hf.get("architectures") or []
     if not archs:
         raise ValueError("config.json has no 'architectures' entry; cannot tell which model class to build")
-    return str(archs[0])
+    if not isinstance(archs, list) or not isinstance(archs[0], str):
+        raise ValueError(f"config.json 'architectures' must be a list of names, got {archs!r}")
+    return archs[0]
 
 
 def as_id_tuple(value: Any) -> tuple[int, ...]:
     """eos_token_id may be absent, an int or a list of ints."""
     if value is None:
         return ()
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool):
         return (value,)
-    return tuple(int(v) for v in value)
+    if isinstance(value, list | tuple) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return tuple(value)
+    raise ValueError(f"eos_token_id must be an integer or a list of integers, got {value!r}")
 
 
 def merge_ids(*groups: tuple[int, ...]) -> tuple[int, ...]:
@@ -177,6 +181,24 @@ def require(hf: dict[str, Any], key: str) -> Any:
     return hf[key]
 
 
+def integer(hf: dict[str, Any], key: str, default: int | None = None, minimum: int = 1) -> int:
+    """An integer field (``default`` when absent; required when ``default`` is None), at least ``minimum``."""
+    value = require(hf, key) if default is None else get(hf, key, default)
+    # bool is an int to Python, and a float like 64.0 can come from a hand-edited config
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"config.json field {key!r} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def number(hf: dict[str, Any], key: str, default: float) -> float:
+    value = get(hf, key, default)
+    if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"config.json field {key!r} must be a positive number, got {value!r}")
+    return float(value)
+
+
 def checkpoint_dtype_of(hf: dict[str, Any]) -> torch.dtype:
     name = hf.get("torch_dtype") or hf.get("dtype") or "float32"
     name = str(name).replace("torch.", "")
@@ -187,6 +209,9 @@ def checkpoint_dtype_of(hf: dict[str, Any]) -> torch.dtype:
 
 def parse_rope(hf: dict[str, Any]) -> RopeConfig:
     """Accept the transformers 5 ``rope_parameters`` dict or the older ``rope_theta`` + ``rope_scaling``."""
+    for key in ("rope_parameters", "rope_scaling"):
+        if not isinstance(hf.get(key) or {}, dict):
+            raise ValueError(f"config.json field {key!r} must be an object, got {hf[key]!r}")
     params = dict(hf.get("rope_parameters") or {})
     scaling = dict(hf.get("rope_scaling") or {})
     merged = {**scaling, **params}
@@ -215,28 +240,34 @@ def parse_common(hf: dict[str, Any], **flags: Any) -> ModelConfig:
     """The fields every Llama-style family shares; ``flags`` sets the family-specific ones."""
     if get(hf, "hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act {hf.get('hidden_act')!r} is not supported; supported: 'silu'")
-    hidden = int(require(hf, "hidden_size"))
-    heads = int(require(hf, "num_attention_heads"))
-    num_layers = int(require(hf, "num_hidden_layers"))
-    kv_heads = int(get(hf, "num_key_value_heads", heads))
+    hidden = integer(hf, "hidden_size")
+    heads = integer(hf, "num_attention_heads")
+    num_layers = integer(hf, "num_hidden_layers")
+    kv_heads = integer(hf, "num_key_value_heads", heads)
     if heads % kv_heads != 0:
         raise ValueError(
-            f"num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})"
+            f"config.json: num_attention_heads ({heads}) must be a multiple of "
+            f"num_key_value_heads ({kv_heads})"
         )
-    head_dim = int(get(hf, "head_dim", hidden // heads))
+    if hf.get("head_dim") is None and hidden % heads != 0:
+        raise ValueError(
+            f"config.json: hidden_size ({hidden}) is not a multiple of num_attention_heads ({heads}) "
+            "and there is no head_dim"
+        )
+    head_dim = integer(hf, "head_dim", hidden // heads)
     flags.setdefault("sliding_windows", (0,) * num_layers)
     return ModelConfig(
         architecture=architecture_of(hf),
         model_type=str(hf.get("model_type", "")),
-        vocab_size=int(require(hf, "vocab_size")),
+        vocab_size=integer(hf, "vocab_size"),
         hidden_size=hidden,
-        intermediate_size=int(require(hf, "intermediate_size")),
+        intermediate_size=integer(hf, "intermediate_size"),
         num_layers=num_layers,
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
-        max_position_embeddings=int(get(hf, "max_position_embeddings", 2048)),
-        rms_norm_eps=float(get(hf, "rms_norm_eps", 1e-6)),
+        max_position_embeddings=integer(hf, "max_position_embeddings", 2048),
+        rms_norm_eps=number(hf, "rms_norm_eps", 1e-6),
         rope=parse_rope(hf),
         tie_word_embeddings=bool(get(hf, "tie_word_embeddings", False)),
         checkpoint_dtype=checkpoint_dtype_of(hf),

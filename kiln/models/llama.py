@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kiln.builder.model_config import ModelConfig, get, parse_common
+from kiln.builder.model_config import ModelConfig, get, integer, parse_common
 from kiln.models.decoder import DecoderForCausalLM
 
 
@@ -18,7 +18,7 @@ def llama_config(hf: dict[str, Any]) -> ModelConfig:
 
 def mistral_config(hf: dict[str, Any]) -> ModelConfig:
     # Mistral applies its sliding window (when set) to every layer.
-    window = int(get(hf, "sliding_window", 0))
+    window = integer(hf, "sliding_window", 0, minimum=0)
     num_layers = int(hf.get("num_hidden_layers") or 0)
     return parse_common(hf, sliding_windows=(window,) * num_layers)
 
