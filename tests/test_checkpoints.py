@@ -14,7 +14,7 @@ from test_models import PROMPT, run_single_prefill
 from tiny_models import hf_greedy, load_hf_model
 
 from kiln.builder.build import build_engine
-from kiln.builder.loader import load_model
+from kiln.builder.loader import index_weight_map, load_model
 from kiln.cli import main
 from kiln.model_files import ModelFiles
 from kiln.models.registry import parse_model_config
@@ -228,3 +228,31 @@ def test_variants_greedy_tokens_match_transformers(tiny_model, arch, overrides, 
     assert info.dtype == dtype and all(p.dtype == dtype for p in model.parameters())
     prompt = PROMPT[:16]
     assert _greedy(model, prompt, 8) == hf_greedy(load_hf_model(path, dtype), prompt, 8)[0]
+
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ({"rope_scaling": {"rope_type": "linear", "factor": "x"}}, r"rope_scaling field 'factor' must be"),
+        ({"rope_scaling": {**LLAMA3, "original_max_position_embeddings": 8192.5}},
+         r"'original_max_position_embeddings' must be an integer"),
+        ({"rope_theta": True}, r"field 'rope_theta' must be a number"),
+        ({"head_dim": 7}, r"head_dim \(7\) must be even"),
+        ({"hidden_act": "gelu"}, r"field 'hidden_act' 'gelu' is not supported; supported: 'silu'"),
+    ],
+)  # fmt: skip
+def test_rope_and_head_fields_are_named_in_their_errors(tiny_model, edit, message):
+    hf = json.load(open(os.path.join(tiny_model(), "config.json")))
+    hf.pop("rope_parameters", None)
+    with pytest.raises(ValueError, match=message):
+        parse_model_config({**hf, **edit})
+
+
+def test_an_index_naming_a_file_outside_the_checkpoint_is_refused(tmp_path):
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"lm_head.weight": "../elsewhere.safetensors"}}))
+    with pytest.raises(ValueError, match=r"not safetensors beside the index: \['../elsewhere.safetensors'\]"):
+        index_weight_map(str(index))

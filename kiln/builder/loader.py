@@ -82,10 +82,15 @@ def index_weight_map(index: str) -> dict[str, str]:
     weight_map = read_json(index).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise ValueError(f"{index} has no 'weight_map' object naming the shard of each tensor")
-    bad = [f for f in weight_map.values() if not isinstance(f, str) or not f.endswith(".safetensors")]
+    bad = [
+        f
+        for f in weight_map.values()
+        if not isinstance(f, str) or not f.endswith(".safetensors") or os.path.basename(f) != f
+    ]
     if bad:
         raise ValueError(
-            f"{index}: 'weight_map' names files that are not safetensors: {sorted(set(map(str, bad)))[:5]}"
+            f"{index}: 'weight_map' names files that are not safetensors beside the index: "
+            f"{sorted(set(map(str, bad)))[:5]}"
         )
     return weight_map
 

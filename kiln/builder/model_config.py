@@ -215,31 +215,44 @@ def parse_rope(hf: dict[str, Any]) -> RopeConfig:
     params = dict(hf.get("rope_parameters") or {})
     scaling = dict(hf.get("rope_scaling") or {})
     merged = {**scaling, **params}
-    theta = float(merged.get("rope_theta", hf.get("rope_theta") or 10000.0))
-    rope_type = merged.get("rope_type") or merged.get("type") or "default"
-    partial = float(merged.get("partial_rotary_factor", hf.get("partial_rotary_factor") or 1.0))
-    original = merged.get("original_max_position_embeddings")
+    field = "rope_parameters" if params else "rope_scaling"
+
+    def num(key: str, default: float | None, fallback: Any = None) -> float | None:
+        value = merged.get(key, fallback)
+        if value is None:
+            return default
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise ValueError(f"config.json {field} field {key!r} must be a number, got {value!r}")
+        return float(value)
+
+    original = num("original_max_position_embeddings", None)
+    if original is not None and not original.is_integer():
+        raise ValueError(
+            f"config.json {field} field 'original_max_position_embeddings' must be an integer, got {original}"
+        )
     return RopeConfig(
-        theta=theta,
-        rope_type=str(rope_type),
-        factor=float(merged.get("factor") or 1.0),
-        low_freq_factor=float(merged.get("low_freq_factor") or 1.0),
-        high_freq_factor=float(merged.get("high_freq_factor") or 4.0),
+        theta=num("rope_theta", 10000.0, hf.get("rope_theta")) or 10000.0,
+        rope_type=str(merged.get("rope_type") or merged.get("type") or "default"),
+        factor=num("factor", 1.0) or 1.0,
+        low_freq_factor=num("low_freq_factor", 1.0) or 1.0,
+        high_freq_factor=num("high_freq_factor", 4.0) or 4.0,
         original_max_position_embeddings=None if original is None else int(original),
-        beta_fast=float(merged.get("beta_fast") or 32.0),
-        beta_slow=float(merged.get("beta_slow") or 1.0),
-        mscale=merged.get("mscale"),
-        mscale_all_dim=merged.get("mscale_all_dim"),
-        attention_factor=merged.get("attention_factor"),
+        beta_fast=num("beta_fast", 32.0) or 32.0,
+        beta_slow=num("beta_slow", 1.0) or 1.0,
+        mscale=num("mscale", None),
+        mscale_all_dim=num("mscale_all_dim", None),
+        attention_factor=num("attention_factor", None),
         truncate=bool(merged.get("truncate", True)),
-        partial_rotary_factor=partial,
+        partial_rotary_factor=num("partial_rotary_factor", 1.0, hf.get("partial_rotary_factor")) or 1.0,
     )
 
 
 def parse_common(hf: dict[str, Any], **flags: Any) -> ModelConfig:
     """The fields every Llama-style family shares; ``flags`` sets the family-specific ones."""
     if get(hf, "hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act {hf.get('hidden_act')!r} is not supported; supported: 'silu'")
+        raise ValueError(
+            f"config.json field 'hidden_act' {hf.get('hidden_act')!r} is not supported; supported: 'silu'"
+        )
     hidden = integer(hf, "hidden_size")
     heads = integer(hf, "num_attention_heads")
     num_layers = integer(hf, "num_hidden_layers")
@@ -255,6 +268,8 @@ def parse_common(hf: dict[str, Any], **flags: Any) -> ModelConfig:
             "and there is no head_dim"
         )
     head_dim = integer(hf, "head_dim", hidden // heads)
+    if head_dim % 2:
+        raise ValueError(f"config.json: head_dim ({head_dim}) must be even for rotary position embeddings")
     flags.setdefault("sliding_windows", (0,) * num_layers)
     return ModelConfig(
         architecture=architecture_of(hf),
