@@ -142,8 +142,7 @@ class LLM:
             try:
                 prepared.append(self._prepare(p, sp, validated=True))
             except InvalidRequestError as e:
-                if len(prompt_list) > 1:  # say which prompt of the batch
-                    e.args = (f"prompt {i}: {e.args[0]}", *e.args[1:])
+                _naming_prompt(e, i, len(prompt_list))
                 raise
         results: dict[int, RequestOutput | Exception] = {}  # by prompt index
         errors: list[tuple[int, Exception]] = []
@@ -189,9 +188,7 @@ class LLM:
                 self._abort(rid, deliver=False)
         if errors:
             i, err = errors[0]
-            if len(items) > 1 and not isinstance(err, EngineDeadError):  # say which prompt of the batch
-                err.args = (f"prompt {i}: {err.args[0]}", *err.args[1:])
-            raise err
+            raise err if isinstance(err, EngineDeadError) else _naming_prompt(err, i, len(items))
         outs: list[RequestOutput] = []
         for i in range(len(items)):
             item = results.get(i) or EngineDeadError(self._dead_message())
@@ -444,3 +441,10 @@ class LLM:
             self._states.clear()
             self._sinks.clear()
         self._deliver(deliveries)
+
+
+def _naming_prompt(err: Exception, index: int, num_prompts: int) -> Exception:
+    """``err`` with "prompt N: " before its message when the call had several prompts."""
+    if num_prompts > 1 and err.args:
+        err.args = (f"prompt {index}: {err.args[0]}", *err.args[1:])
+    return err
